@@ -1,0 +1,436 @@
+"""StandardSolver: the epoch loop, best state, EMA, checkpoints, resume and fine-tuning.
+
+A task fills in `build_model`, `build_dataloaders`, `run_step`, `evaluate`, `generate` (and
+`show`); this class owns the rest. One epoch reads as the recipe itself (`run_epoch`): train,
+valid under EMA weights, update the best state, evaluate and generate under the best weights,
+then `commit()` saves everything registered with `register_stateful`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+import typing as tp
+from abc import abstractmethod
+from pathlib import Path
+
+import flashy
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import checkpoint
+from .best_state import BestState, copy_state
+from .ema import ModuleDictEMA
+from .rng import RNGState
+from .sampler import ResumableBatchSampler
+
+logger = logging.getLogger(__name__)
+STAGES = ('train', 'valid', 'evaluate', 'generate')
+PRETRAINED_ENV = 'SOLVER_PRETRAINED_DIR'
+
+
+class SolverError(RuntimeError):
+    """A user-fixable problem with a run (config, continue_from, state that does not fit)."""
+
+
+def pretrained_dir() -> Path:
+    """Where `//pretrained/NAME` is looked up: $SOLVER_PRETRAINED_DIR, else `pretrained/` at the root."""
+    default = Path(__file__).resolve().parent.parent / 'pretrained'
+    return Path(os.environ.get(PRETRAINED_ENV, default))
+
+
+class StandardSolver(flashy.BaseSolver):
+    """Base class of task solvers. See the module docstring and README.md for the tour."""
+
+    #: the valid metric that decides the best state, and its direction
+    best_metric_name: str = 'loss'
+    best_metric_lower_is_better: bool = True
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        # flashy registers the DictConfig itself, which `weights_only` loading refuses: the
+        # resolved config goes into the checkpoint metadata as a plain dict instead.
+        del self.stateful.sources['xp.cfg']
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dataloaders: dict[str, tp.Iterable] = {}
+        self.best_state = BestState(lower_is_better=self.best_metric_lower_is_better)
+        self.ema: ModuleDictEMA | None = None
+        self.rng = RNGState()
+        self.progress = {'step': 0, 'train_batches': 0}
+        self._started = time.time()
+        self.build_dataloaders()
+        self.build_model()
+        self.register_stateful('best_state', 'rng', 'progress')
+
+    # -- what a task provides ---------------------------------------------------------------
+
+    @abstractmethod
+    def build_model(self) -> None:
+        """Create the model(s), optimizer(s)...; register them with `register_stateful` etc."""
+
+    @abstractmethod
+    def build_dataloaders(self) -> None:
+        """Fill `self.dataloaders` with 'train', 'valid' (and 'evaluate', 'generate') iterables."""
+
+    @abstractmethod
+    def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
+        """One training (under `self.is_training`) or validation step on a batch; returns metrics."""
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, float]:
+        """Evaluation stage, run under the best state."""
+
+    @abstractmethod
+    def generate(self) -> dict[str, float]:
+        """Generation stage, run under the best state: write samples people can open."""
+
+    def show(self) -> None:
+        """Describe the model (sizes, parameter counts) in the log."""
+        for name in self.stateful.sources:
+            value = self.registered(name)
+            if isinstance(value, nn.Module):
+                size = sum(p.numel() for p in value.parameters())
+                logger.info("%s: %s parameters (%.1f MB float32)", name, f"{size:,}", size * 4 / 2**20)
+
+    def load_from_pretrained(self, name: str) -> checkpoint.Checkpoint:
+        """The checkpoint of a pretrained model called `name` (for `continue_from=//pretrained/NAME`).
+
+        Looks for `<pretrained dir>/<name>.th` (see `pretrained_dir`), a file written by
+        `scripts/export_checkpoint.py`. Tasks with other sources of weights override this.
+        """
+        folder = pretrained_dir()
+        path = folder / f'{name}.th'
+        if not path.exists():
+            known = sorted(p.stem for p in folder.glob('*.th')) if folder.exists() else []
+            raise SolverError(
+                f"No pretrained model '{name}': looked for {path} ({PRETRAINED_ENV} sets the folder). "
+                f"Known names: {known or 'none'}.")
+        return checkpoint.read_checkpoint(path)
+
+    # -- registration -----------------------------------------------------------------------
+
+    def registered(self, name: str) -> tp.Any:
+        """The object registered as `name` (a dotted attribute path of the solver)."""
+        value: tp.Any = self
+        for part in name.split('.'):
+            value = getattr(value, part)
+        return value
+
+    def register_best_state(self, *names: str) -> None:
+        """Keep a copy of these states from the epoch with the best valid metric."""
+        for name in names:
+            self.best_state.register(name, self.stateful.sources[name])
+
+    def register_ema(self, *names: str) -> None:
+        """Keep an exponential moving average of these modules (when `optim.ema.use`)."""
+        ema = self.cfg.optim.ema
+        if not ema.use:
+            return
+        modules = {name: getattr(self, name) for name in names}
+        self.ema = ModuleDictEMA(modules, decay=ema.decay, updates=ema.updates)
+        self.register_stateful('ema')
+
+    # -- temporary swaps ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _swap(self, states: dict[str, tp.Any]) -> tp.Iterator[None]:
+        sources = {name: self.stateful.sources[name] for name in states}
+        saved = {name: copy_state(source.state_dict()) for name, source in sources.items()}
+        try:
+            for name, state in states.items():
+                sources[name].load_state_dict(state)
+            yield
+        finally:
+            for name, state in saved.items():
+                sources[name].load_state_dict(state)
+
+    def swap_best_state(self) -> tp.ContextManager[None]:
+        """Run the block with the best states loaded; the live ones come back even on error."""
+        return self._swap(self.best_state.states)
+
+    def swap_ema_state(self) -> tp.ContextManager[None]:
+        """Run the block with EMA weights loaded (nothing happens when EMA is off)."""
+        return self._swap(self.ema.state if self.ema is not None else {})
+
+    # -- the run ------------------------------------------------------------------------------
+
+    @property
+    def is_training(self) -> bool:
+        return self._current_stage == 'train'
+
+    def run(self) -> None:
+        """Restore, then run the remaining epochs (or the single stage of `execute_only`)."""
+        self.show()
+        self.restore()
+        if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
+            self.init_tensorboard(sub_dir='tensorboard')
+        if self.cfg.execute_only:
+            self.run_one_stage(self.cfg.execute_only)
+            return
+        epochs = self.cfg.optim.epochs
+        if self.epoch > epochs:
+            logger.info("Experiment %s is complete: %d of %d epochs done. Nothing to do.",
+                        self.xp.sig, len(self.history), epochs)
+            return
+        for _ in range(self.epoch, epochs + 1):
+            self.run_epoch()
+            self.commit()
+
+    def run_epoch(self) -> None:
+        """One epoch: train; valid under EMA; best state; evaluate and generate under best."""
+        self.run_stage('train', self.train)
+        with torch.no_grad(), self.swap_ema_state():
+            metrics = self.run_stage('valid', self.valid)
+            self.update_best_state(metrics)
+        for stage in ('evaluate', 'generate'):
+            if self.should_run_stage(stage):
+                with self.swap_best_state():
+                    self.run_stage(stage, getattr(self, stage))
+
+    def run_one_stage(self, stage: str) -> None:
+        """`execute_only=<stage>`: run one stage on the best state, without touching the history."""
+        if stage not in ('valid', 'evaluate', 'generate'):
+            raise SolverError(f"execute_only={stage!r}: expected one of valid, evaluate, generate.")
+        if not self.history and self.best_state.metric is None and not self.cfg.continue_from:
+            logger.warning("execute_only=%s on an experiment with no checkpoint: using fresh weights.",
+                           stage)
+        with torch.no_grad(), self.swap_best_state():
+            self.run_stage(stage, getattr(self, stage))
+
+    def should_run_stage(self, stage: str) -> bool:
+        every = self.cfg.get(stage, {}).get('every')
+        last = self.epoch == self.cfg.optim.epochs
+        return bool(every) and (self.epoch % every == 0 or last)
+
+    def update_best_state(self, metrics: dict[str, float]) -> None:
+        if self.best_metric_name not in metrics:
+            raise SolverError(f"The valid stage returned no '{self.best_metric_name}' metric "
+                              f"(best_metric_name); it returned {sorted(metrics)}.")
+        value = metrics[self.best_metric_name]
+        if self.best_state.is_better(value):
+            logger.info("New best state: valid %s = %.4f", self.best_metric_name, value)
+            self.best_state.update(value)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        return self.common_train_valid('train')
+
+    def valid(self) -> dict[str, float]:
+        return self.common_train_valid('valid')
+
+    def common_train_valid(self, stage: str) -> dict[str, float]:
+        """Iterate a stage's loader, calling `run_step`, with progress lines and averaged metrics."""
+        loader = self.dataloaders[stage]
+        total = len(loader)  # type: ignore[arg-type]
+        if stage == 'train':
+            if self.cfg.optim.updates_per_epoch:
+                total = self.cfg.optim.updates_per_epoch
+            sampler = getattr(loader, 'batch_sampler', None)
+            if isinstance(sampler, ResumableBatchSampler):
+                sampler.position = self.progress['train_batches']
+        average = flashy.averager()
+        metrics: dict[str, float] = {}
+        progress = Progress(stage, self.epoch, total, self.cfg.logging.log_updates)
+        for idx, batch in zip(range(total), loader):
+            metrics = average(self.run_step(idx, batch, {}))
+            if stage == 'train':
+                self.progress['train_batches'] += 1
+                self.progress['step'] += 1
+                if self.ema is not None:
+                    self.ema.step()
+            progress.update(idx + 1, metrics)
+        return flashy.distrib.average_metrics(metrics, total)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_meta(self) -> dict[str, tp.Any]:
+        return {
+            'epoch': len(self.history),
+            'step': self.progress['step'],
+            'sig': self.xp.sig,
+            'config': OmegaConf.to_container(self.cfg, resolve=True),
+            'versions': versions(),
+        }
+
+    def commit(self, save_checkpoint: bool = True) -> None:
+        """Close the epoch: history += metrics, checkpoints saved, then Dora's history updated."""
+        self.history.append(self._pending_metrics)
+        self._start_epoch()
+        if save_checkpoint and flashy.distrib.is_rank_zero():
+            self.save_checkpoints()
+        if flashy.distrib.is_rank_zero():
+            self.xp.link.update_history(self.history)
+
+    def save_checkpoints(self) -> None:
+        cfg = self.cfg.checkpoint
+        epoch = len(self.history)
+        state = self.state_dict()
+        meta = self.checkpoint_meta()
+        if cfg.save_last:
+            checkpoint.write_checkpoint(self.checkpoint_path, state, meta)
+        if cfg.save_every and epoch % cfg.save_every == 0:
+            keep = cfg.keep_every_states
+            kept_state = {k: v for k, v in state.items() if not keep or k in keep}
+            checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(self.folder, epoch),
+                                        kept_state, meta)
+            for path in checkpoint.prune_epoch_checkpoints(self.folder, cfg.keep_last):
+                logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s)", path.name, cfg.keep_last)
+
+    def restore(self) -> bool:
+        """Load this experiment's newest intact checkpoint, else `continue_from`; say which."""
+        checkpoint.clean_stray_files(self.folder)
+        own = checkpoint.load_newest_intact(self.folder)
+        if own is not None:
+            if self.cfg.continue_from:
+                logger.info("continue_from=%s ignored: this experiment has its own checkpoint %s, "
+                            "which wins.", self.cfg.continue_from, own.path)
+            self.load_own_state(own)
+            logger.info("Resumed from %s (epoch %d, step %d).", own.path, len(self.history),
+                        self.progress['step'])
+            self.replay_history()
+            return True
+        if self.cfg.continue_from:
+            source = self.resolve_continue_from(str(self.cfg.continue_from))
+            self.load_best_state_from(source)
+            return True
+        return False
+
+    def load_own_state(self, ckpt: checkpoint.Checkpoint) -> None:
+        state = dict(ckpt.state)
+        state.pop('xp.sig', None)
+        expected = {name for name in self.stateful.sources if name != 'xp.sig'}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise SolverError(
+                f"{ckpt.path} does not fit this solver: missing states {sorted(missing)}, unexpected "
+                f"states {sorted(unexpected)}. Was it written by another solver or config?")
+        try:
+            for name, value in state.items():
+                self.stateful.sources[name].load_state_dict(value)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise SolverError(f"{ckpt.path} does not fit this model: {err}") from err
+
+    def resolve_continue_from(self, value: str) -> checkpoint.Checkpoint:
+        """`//sig/SIG`, `//pretrained/NAME`, a checkpoint file or an experiment folder."""
+        if value.startswith('//pretrained/'):
+            return self.load_from_pretrained(value[len('//pretrained/'):])
+        if value.startswith('//sig/'):
+            sig = value[len('//sig/'):]
+            path = self.folder.parent / sig
+            if not path.is_dir():
+                raise SolverError(f"continue_from={value}: no experiment '{sig}' in {path.parent}.")
+        else:
+            path = Path(value).expanduser()
+        if path.is_dir():
+            found = checkpoint.load_newest_intact(path)
+            if found is None:
+                raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
+                                  f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
+            return found
+        if path.is_file():
+            return checkpoint.read_checkpoint(path)
+        raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
+                          "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
+
+    def load_best_state_from(self, source: checkpoint.Checkpoint) -> None:
+        """Fine-tune start: take only the source's best state; optimizer, EMA... start fresh."""
+        best = source.state.get('best_state', {}).get('states')
+        if not best:
+            raise SolverError(f"{source.path} has no best state to continue from.")
+        ignored = list(self.cfg.checkpoint.ignore_state_keys or [])
+        best = drop_keys(best, ignored)
+        unknown = set(best) - set(self.best_state.sources)
+        if unknown:
+            raise SolverError(f"{source.path}: best state has {sorted(unknown)}, which this solver "
+                              f"does not register (it has {sorted(self.best_state.sources)}).")
+        for name, state in best.items():
+            target = self.registered(name)
+            try:
+                if isinstance(target, nn.Module):
+                    load_module_state(target, state, ignored, name)
+                else:
+                    self.stateful.sources[name].load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise SolverError(f"{source.path} does not fit this model: {err}") from err
+            self.best_state.states[name] = copy_state(self.stateful.sources[name].state_dict())
+        if self.ema is not None:
+            self.ema = ModuleDictEMA(self.ema.modules, self.ema.decay, self.ema.updates)
+        logger.info("Continuing from the best state of %s (%s)%s.", source.path, ', '.join(best),
+                    f", ignoring {ignored}" if ignored else '')
+
+    def replay_history(self) -> None:
+        for epoch, stages in enumerate(self.history, start=1):
+            for stage, metrics in stages.items():
+                shown = ' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in metrics.items())
+                logger.info("[replay] epoch %d %s | %s", epoch, stage, shown)
+
+
+def drop_keys(states: dict[str, tp.Any], ignored: list[str]) -> dict[str, tp.Any]:
+    """States without the entries of `checkpoint.ignore_state_keys`.
+
+    'model' drops a whole state; 'model.head' drops every key of the 'model' state that is
+    'head' or starts with 'head.'.
+    """
+    kept = {name: state for name, state in states.items() if name not in ignored}
+    for key in ignored:
+        name, _, prefix = key.partition('.')
+        if prefix and name in kept and isinstance(kept[name], dict):
+            kept[name] = {k: v for k, v in kept[name].items()
+                          if not (k == prefix or str(k).startswith(prefix + '.'))}
+    return kept
+
+
+def load_module_state(module: nn.Module, state: dict[str, tp.Any], ignored: list[str], name: str) -> None:
+    """Load a module's state; only keys dropped on purpose may be missing; name any misfit."""
+    result = module.load_state_dict(state, strict=False)
+    allowed = [key[len(name) + 1:] for key in ignored if key.startswith(name + '.')]
+    missing = [k for k in result.missing_keys if not any(k == a or k.startswith(a + '.') for a in allowed)]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"state '{name}': missing keys {missing}, unexpected keys {result.unexpected_keys}")
+
+
+class Progress:
+    """Progress lines for a stage: position, rate, ETA and running metrics, every few steps."""
+
+    def __init__(self, stage: str, epoch: int, total: int, every: int) -> None:
+        self.stage, self.epoch, self.total = stage, epoch, total
+        self.every = max(1, every)
+        self.begin = time.time()
+
+    def update(self, done: int, metrics: dict[str, float]) -> None:
+        if done % self.every and done != self.total:
+            return
+        elapsed = time.time() - self.begin
+        rate = done / max(elapsed, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        shown = ' | '.join(f"{k} {v:.4f}" for k, v in metrics.items())
+        logger.info("%s | epoch %d | %d/%d | %.2f steps/s | ETA %s | %s", self.stage.capitalize(),
+                    self.epoch, done, self.total, rate, _duration(eta), shown)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """Library versions and the git commit of the code, for the checkpoint metadata."""
+    import importlib.metadata as md
+    import subprocess
+    found = {'torch': str(torch.__version__)}
+    for package in ('solver', 'flashy', 'dora-search', 'hydra-core', 'numpy'):
+        with contextlib.suppress(md.PackageNotFoundError):
+            found[package] = md.version(package)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found['git'] = subprocess.run(
+            ['git', 'rev-parse', 'HEAD'], cwd=Path(__file__).parent, capture_output=True, text=True,
+            timeout=5).stdout.strip()
+    return found

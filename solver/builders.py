@@ -1,0 +1,94 @@
+"""Builders from config: the solver class, optimizers, schedulers and data loaders."""
+
+from __future__ import annotations
+
+import importlib
+import typing as tp
+from pathlib import Path
+
+import flashy
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from .sampler import ResumableBatchSampler
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / 'config'
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def known_solvers() -> list[str]:
+    """Solver configs available as `solver=<name>` (files under config/solver/)."""
+    root = CONFIG_DIR / 'solver'
+    return sorted(str(p.relative_to(root).with_suffix('')) for p in root.rglob('*.yaml'))
+
+
+def get_solver(cfg: DictConfig) -> tp.Any:
+    """Instantiate the solver class that `solver_class` names (e.g. solver.drums.DrumRNNSolver)."""
+    name = cfg.get('solver_class')
+    if not name or '.' not in str(name):
+        raise ConfigError(f"solver_class={name!r} does not name a class; pick a solver config with "
+                          f"solver=<name>, one of {known_solvers()}.")
+    module_name, _, class_name = str(name).rpartition('.')
+    try:
+        klass = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"solver_class={name}: cannot import it ({err}). Known solver configs: "
+                          f"{known_solvers()}.") from err
+    return klass(cfg)
+
+
+def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD from `optim.optimizer`, `optim.lr` and `optim.<name>` options."""
+    name = str(optim.optimizer).lower()
+    options = dict(optim.get(name, {}) or {})
+    if name == 'adam':
+        return torch.optim.Adam(params, lr=optim.lr, **options)
+    if name == 'adamw':
+        return torch.optim.AdamW(params, lr=optim.lr, **options)
+    if name == 'sgd':
+        return torch.optim.SGD(params, lr=optim.lr, **options)
+    raise ConfigError(f"optim.optimizer={optim.optimizer!r} is unknown; use adam, adamw or sgd.")
+
+
+def get_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig | None,
+                     total_updates: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """None, 'cosine' (to zero over the run, with `warmup` steps) or 'step' (`step_size`, `gamma`)."""
+    name = schedule.get('lr_scheduler') if schedule else None
+    if not name:
+        return None
+    assert schedule is not None
+    if name == 'cosine':
+        warmup = int(schedule.get('warmup', 0))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_updates - warmup))
+            return 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if name == 'step':
+        return torch.optim.lr_scheduler.StepLR(optimizer, schedule.step_size, schedule.get('gamma', 0.1))
+    raise ConfigError(f"schedule.lr_scheduler={name!r} is unknown; use null, cosine or step.")
+
+
+def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
+                     collate_fn: tp.Callable | None = None) -> DataLoader:
+    """Training loader over a resumable, rank-aware batch stream (see `sampler`)."""
+    sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
+                                    rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                      num_workers=cfg.dataset.num_workers)
+
+
+def get_eval_loader(dataset: Dataset, cfg: DictConfig, collate_fn: tp.Callable | None = None) -> DataLoader:
+    """In-order loader for valid/evaluate; each rank takes its own share."""
+    world, rank = flashy.distrib.world_size(), flashy.distrib.rank()
+    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    subset = torch.utils.data.Subset(dataset, indices)
+    batch = max(1, cfg.dataset.batch_size // world)
+    return DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate_fn,
+                      num_workers=cfg.dataset.num_workers)
