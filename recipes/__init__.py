@@ -1,0 +1,1 @@
+"""Dora grids: `dora grid <name>` runs the `explorer` of `recipes/<name>.py`."""
