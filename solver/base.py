@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 import typing as tp
@@ -26,7 +27,9 @@ from . import checkpoint
 from .best_state import BestState, copy_state
 from .ema import ModuleDictEMA
 from .rng import RNGState
+from .preemption import PreemptionHandler
 from .sampler import ResumableBatchSampler
+from .writer import CheckpointWriter, SaveMode
 
 logger = logging.getLogger(__name__)
 STAGES = ('train', 'valid', 'evaluate', 'generate')
@@ -35,6 +38,10 @@ PRETRAINED_ENV = 'SOLVER_PRETRAINED_DIR'
 
 class SolverError(RuntimeError):
     """A user-fixable problem with a run (config, continue_from, state that does not fit)."""
+
+
+class DivergenceError(ArithmeticError):
+    """The training loss went non-finite (or spiked): the trigger of a rollback."""
 
 
 def pretrained_dir() -> Path:
@@ -61,8 +68,15 @@ class StandardSolver(flashy.BaseSolver):
         self.best_state = BestState(lower_is_better=self.best_metric_lower_is_better)
         self.ema: ModuleDictEMA | None = None
         self.rng = RNGState()
-        self.progress = {'step': 0, 'train_batches': 0}
-        self._started = time.time()
+        # Position of the run, saved with it: optimizer steps, batches drawn from the training
+        # stream (steps + batches skipped by rollbacks), and the train stage's partial epoch.
+        self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
+        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.checkpoint.async_save else SaveMode.SYNC)
+        self.preemption = PreemptionHandler()
+        self._started = self._last_save = time.time()
+        self._save_cost = self._checkpoint_time = 0.0
+        self._rollbacks = 0
+        self._loss_mean: float | None = None
         self.build_dataloaders()
         self.build_model()
         self.register_stateful('best_state', 'rng', 'progress')
@@ -164,7 +178,11 @@ class StandardSolver(flashy.BaseSolver):
         return self._current_stage == 'train'
 
     def run(self) -> None:
-        """Restore, then run the remaining epochs (or the single stage of `execute_only`)."""
+        """Restore, then run the remaining epochs (or the single stage of `execute_only`).
+
+        Whatever happens, the last checkpoint save is durable (or its error raised) before
+        this returns; a preemption signal saves at the next step and leaves (`preemption`).
+        """
         self.show()
         self.restore()
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
@@ -177,9 +195,29 @@ class StandardSolver(flashy.BaseSolver):
             logger.info("Experiment %s is complete: %d of %d epochs done. Nothing to do.",
                         self.xp.sig, len(self.history), epochs)
             return
-        for _ in range(self.epoch, epochs + 1):
-            self.run_epoch()
-            self.commit()
+        self.writer.prepare(self.state_dict())
+        self.log_checkpoint_policy()
+        try:
+            with self.preemption:
+                for _ in range(self.epoch, epochs + 1):
+                    self.run_epoch()
+                    self.commit()
+                    if self.preemption.requested:
+                        self.leave_after_save()
+        finally:
+            self.writer.close()
+
+    def log_checkpoint_policy(self) -> None:
+        cfg = self.cfg.checkpoint
+        rollback = cfg.rollback
+        logger.info(
+            "Checkpoints: %s saves; latest every epoch%s%s%s. Rollback on %s loss: %s.",
+            self.writer.mode.value,
+            f", every {cfg.every_steps} steps" if cfg.every_steps else '',
+            f", every {cfg.every_minutes} min" if cfg.every_minutes else '',
+            f", mid-epoch interval chosen for <= {cfg.max_overhead:.1%} overhead" if cfg.max_overhead else '',
+            'non-finite' + (f" or > {rollback.spike_factor}x running mean" if rollback.spike_factor else ''),
+            f"up to {rollback.max_rollbacks} times" if rollback.max_rollbacks else 'off')
 
     def run_epoch(self) -> None:
         """One epoch: train; valid under EMA; best state; evaluate and generate under best."""
@@ -196,7 +234,7 @@ class StandardSolver(flashy.BaseSolver):
         """`execute_only=<stage>`: run one stage on the best state, without touching the history."""
         if stage not in ('valid', 'evaluate', 'generate'):
             raise SolverError(f"execute_only={stage!r}: expected one of valid, evaluate, generate.")
-        if not self.history and self.best_state.metric is None and not self.cfg.continue_from:
+        if self.best_state.metric is None and not self.cfg.continue_from:
             logger.warning("execute_only=%s on an experiment with no checkpoint: using fresh weights.",
                            stage)
         with torch.no_grad(), self.swap_best_state():
@@ -219,33 +257,111 @@ class StandardSolver(flashy.BaseSolver):
     # -- stages ------------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        return self.common_train_valid('train')
+        """The train stage; a diverging loss rolls back to the last checkpoint (`rollback`)."""
+        while True:
+            try:
+                return self.common_train_valid('train')
+            except DivergenceError as err:
+                self.rollback(err)
 
     def valid(self) -> dict[str, float]:
         return self.common_train_valid('valid')
 
     def common_train_valid(self, stage: str) -> dict[str, float]:
-        """Iterate a stage's loader, calling `run_step`, with progress lines and averaged metrics."""
+        """Iterate a stage's loader, calling `run_step`, with progress lines and averaged metrics.
+
+        In the train stage the position in the data stream, the step within the epoch and the
+        running sums of the metrics are part of the state (`self.progress`), so a checkpoint
+        taken mid-epoch resumes at the exact batch with the exact running averages.
+        """
+        train = stage == 'train'
         loader = self.dataloaders[stage]
         total = len(loader)  # type: ignore[arg-type]
-        if stage == 'train':
-            if self.cfg.optim.updates_per_epoch:
-                total = self.cfg.optim.updates_per_epoch
+        sums: dict[str, float] = {}
+        done = 0
+        if train:
+            total = self.cfg.optim.updates_per_epoch or total
             sampler = getattr(loader, 'batch_sampler', None)
             if isinstance(sampler, ResumableBatchSampler):
                 sampler.position = self.progress['train_batches']
-        average = flashy.averager()
+            sums, done = self.progress['sums'], self.progress['epoch_step']
+            if done:
+                logger.info("Resuming the train stage at step %d of %d.", done, total)
+        progress = Progress(stage, self.epoch, total, self.cfg.logging.log_updates, start=done)
         metrics: dict[str, float] = {}
-        progress = Progress(stage, self.epoch, total, self.cfg.logging.log_updates)
-        for idx, batch in zip(range(total), loader):
-            metrics = average(self.run_step(idx, batch, {}))
-            if stage == 'train':
-                self.progress['train_batches'] += 1
-                self.progress['step'] += 1
-                if self.ema is not None:
-                    self.ema.step()
-            progress.update(idx + 1, metrics)
+        for idx, batch in zip(range(done, total), loader):
+            step_metrics = self.run_step(idx, batch, {})
+            if train:
+                self.check_divergence(step_metrics)
+            for key, value in step_metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+            done = idx + 1
+            metrics = {key: value / done for key, value in sums.items()}
+            if train:
+                self.after_train_step(done, total)
+            progress.update(done, metrics)
+        if train:
+            self.progress.update(epoch_step=0, sums={})
         return flashy.distrib.average_metrics(metrics, total)
+
+    def after_train_step(self, done: int, total: int) -> None:
+        """Bookkeeping after an optimizer step; mid-epoch checkpoint or preemption save."""
+        self.progress['train_batches'] += 1
+        self.progress['step'] += 1
+        self.progress['epoch_step'] = done
+        if self.ema is not None:
+            self.ema.step()
+        if done < total and (self.preemption.requested or self.mid_epoch_save_due()):
+            self.save_checkpoints(mid_epoch=True)
+        if self.preemption.requested:
+            self.leave_after_save()
+
+    def mid_epoch_save_due(self) -> bool:
+        cfg = self.cfg.checkpoint
+        since = time.time() - self._last_save
+        if cfg.every_steps and self.progress['step'] % cfg.every_steps == 0:
+            return True
+        if cfg.every_minutes and since >= 60 * cfg.every_minutes:
+            return True
+        # checkpoint.max_overhead: save as often as keeps blocked time under that share.
+        return bool(cfg.max_overhead) and self._save_cost > 0 and since >= self._save_cost / cfg.max_overhead
+
+    # -- divergence and rollback -------------------------------------------------------------------
+
+    def check_divergence(self, metrics: dict[str, float]) -> None:
+        """Raise DivergenceError on a non-finite loss (or a spike, if configured)."""
+        rollback = self.cfg.checkpoint.rollback
+        if not rollback.max_rollbacks or 'loss' not in metrics:
+            return
+        loss = metrics['loss']
+        mean = self._loss_mean
+        if not math.isfinite(loss):
+            raise DivergenceError(f"loss is {loss}")
+        if rollback.spike_factor and mean is not None and loss > rollback.spike_factor * mean:
+            raise DivergenceError(f"loss {loss:.4g} > {rollback.spike_factor} x running mean {mean:.4g}")
+        self._loss_mean = loss if mean is None else 0.98 * mean + 0.02 * loss
+
+    def rollback(self, err: DivergenceError) -> None:
+        """Reload the newest intact checkpoint and skip the batches that led to the divergence."""
+        self._rollbacks += 1
+        limit = self.cfg.checkpoint.rollback.max_rollbacks
+        bad_batch = self.progress['train_batches']  # the batch whose step diverged
+        if self._rollbacks > limit:
+            raise SolverError(f"Training diverged ({err}) at step {self.progress['step'] + 1} after "
+                              f"{limit} rollbacks (checkpoint.rollback.max_rollbacks); stopping. "
+                              "Lower optim.lr or enable gradient clipping (optim.max_norm).")
+        self.writer.wait()
+        ckpt = checkpoint.load_newest_intact(self.folder)
+        if ckpt is None:
+            raise SolverError(f"Training diverged ({err}) at step {self.progress['step'] + 1}, before "
+                              "any checkpoint to roll back to. Lower optim.lr or save earlier "
+                              "(checkpoint.every_steps).")
+        self.load_own_state(ckpt)
+        skipped = (self.progress['train_batches'], bad_batch)
+        self.progress['train_batches'] = bad_batch + 1
+        self._loss_mean = None
+        logger.warning("Rollback %d/%d: %s. Reloaded %s (step %d) and skipped training batches %d-%d.",
+                       self._rollbacks, limit, err, ckpt.path, self.progress['step'], *skipped)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -253,6 +369,7 @@ class StandardSolver(flashy.BaseSolver):
         return {
             'epoch': len(self.history),
             'step': self.progress['step'],
+            'epoch_step': self.progress['epoch_step'],
             'sig': self.xp.sig,
             'config': OmegaConf.to_container(self.cfg, resolve=True),
             'versions': versions(),
@@ -262,25 +379,39 @@ class StandardSolver(flashy.BaseSolver):
         """Close the epoch: history += metrics, checkpoints saved, then Dora's history updated."""
         self.history.append(self._pending_metrics)
         self._start_epoch()
-        if save_checkpoint and flashy.distrib.is_rank_zero():
+        if save_checkpoint:
             self.save_checkpoints()
         if flashy.distrib.is_rank_zero():
             self.xp.link.update_history(self.history)
 
-    def save_checkpoints(self) -> None:
+    def save_checkpoints(self, mid_epoch: bool = False) -> None:
+        """Save the latest checkpoint and, at epoch ends, `checkpoint_<epoch>.th` by the keep policy."""
+        if not flashy.distrib.is_rank_zero():
+            return
         cfg = self.cfg.checkpoint
         epoch = len(self.history)
-        state = self.state_dict()
-        meta = self.checkpoint_meta()
-        if cfg.save_last:
-            checkpoint.write_checkpoint(self.checkpoint_path, state, meta)
-        if cfg.save_every and epoch % cfg.save_every == 0:
-            keep = cfg.keep_every_states
-            kept_state = {k: v for k, v in state.items() if not keep or k in keep}
-            checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(self.folder, epoch),
-                                        kept_state, meta)
+        targets: dict[Path, tp.Sequence[str] | None] = {}
+        if cfg.save_last or mid_epoch:
+            targets[self.checkpoint_path] = None
+        if not mid_epoch and cfg.save_every and epoch % cfg.save_every == 0:
+            targets[checkpoint.epoch_checkpoint_path(self.folder, epoch)] = cfg.keep_every_states
+        if not targets:
+            return
+        stats = self.writer.save(self.state_dict(), targets, self.checkpoint_meta())
+        self._last_save = time.time()
+        self._save_cost = stats.blocked
+        self._checkpoint_time += stats.blocked
+        logger.info("Checkpoint %s (epoch %d, step %d): loop blocked %.3fs; previous save durable "
+                    "after %.3fs; %.2f%% of run time spent checkpointing.",
+                    ', '.join(p.name for p in targets), epoch, self.progress['step'], stats.blocked,
+                    stats.durable, 100 * self._checkpoint_time / max(time.time() - self._started, 1e-9))
+        if not mid_epoch:
             for path in checkpoint.prune_epoch_checkpoints(self.folder, cfg.keep_last):
                 logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s)", path.name, cfg.keep_last)
+
+    def leave_after_save(self) -> tp.NoReturn:
+        self.writer.close()
+        self.preemption.leave()
 
     def restore(self) -> bool:
         """Load this experiment's newest intact checkpoint, else `continue_from`; say which."""
@@ -399,8 +530,8 @@ def load_module_state(module: nn.Module, state: dict[str, tp.Any], ignored: list
 class Progress:
     """Progress lines for a stage: position, rate, ETA and running metrics, every few steps."""
 
-    def __init__(self, stage: str, epoch: int, total: int, every: int) -> None:
-        self.stage, self.epoch, self.total = stage, epoch, total
+    def __init__(self, stage: str, epoch: int, total: int, every: int, start: int = 0) -> None:
+        self.stage, self.epoch, self.total, self.start = stage, epoch, total, start
         self.every = max(1, every)
         self.begin = time.time()
 
@@ -408,7 +539,7 @@ class Progress:
         if done % self.every and done != self.total:
             return
         elapsed = time.time() - self.begin
-        rate = done / max(elapsed, 1e-9)
+        rate = (done - self.start) / max(elapsed, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
         shown = ' | '.join(f"{k} {v:.4f}" for k, v in metrics.items())
         logger.info("%s | epoch %d | %d/%d | %.2f steps/s | ETA %s | %s", self.stage.capitalize(),

@@ -81,7 +81,13 @@ def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
     sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
                                     rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
-                      num_workers=cfg.dataset.num_workers)
+                      num_workers=cfg.dataset.num_workers, generator=_own_generator(seed))
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A loader draws its workers' base seed from this, not from the global RNG: otherwise
+    creating an iterator (once per epoch, or again on resume) would shift the training RNG."""
+    return torch.Generator().manual_seed(seed)
 
 
 def get_eval_loader(dataset: Dataset, cfg: DictConfig, collate_fn: tp.Callable | None = None) -> DataLoader:
@@ -91,4 +97,4 @@ def get_eval_loader(dataset: Dataset, cfg: DictConfig, collate_fn: tp.Callable |
     subset = torch.utils.data.Subset(dataset, indices)
     batch = max(1, cfg.dataset.batch_size // world)
     return DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate_fn,
-                      num_workers=cfg.dataset.num_workers)
+                      num_workers=cfg.dataset.num_workers, generator=_own_generator(0))

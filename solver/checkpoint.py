@@ -265,3 +265,29 @@ def prune_epoch_checkpoints(folder: Path, keep_last: int | None) -> list[Path]:
     if removed:
         fsync_dir(Path(folder))
     return removed
+
+
+def load_source(path: Path) -> Checkpoint:
+    """A checkpoint file, or the newest intact checkpoint of an experiment folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = load_newest_intact(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint ({LATEST} or checkpoint_<epoch>.th).")
+        return found
+    return read_checkpoint(path)
+
+
+def export_best_state(source: Path, target: Path) -> Checkpoint:
+    """Write the best state of `source` (file or experiment folder) alone to `target`.
+
+    The result is a checkpoint like any other (digests, atomic write) holding only
+    `{'best_state': ...}`: what `continue_from` and `//pretrained/NAME` take from a file.
+    """
+    ckpt = load_source(source)
+    if 'best_state' not in ckpt.state:
+        raise CheckpointError(f"{ckpt.path} has no best state to export.")
+    meta = dict(ckpt.meta, exported_from=str(ckpt.path))
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(Path(target), {'best_state': ckpt.state['best_state']}, meta)
+    return read_checkpoint(Path(target))
