@@ -26,8 +26,8 @@ from torch import nn
 from . import checkpoint
 from .best_state import BestState, copy_state
 from .ema import ModuleDictEMA
-from .rng import RNGState
 from .preemption import PreemptionHandler
+from .rng import RNGState
 from .sampler import ResumableBatchSampler
 from .writer import CheckpointWriter, SaveMode
 

@@ -116,7 +116,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     flat = tensor.detach().reshape(-1)
     if not flat.is_contiguous() or flat.device.type != 'cpu':
         flat = flat.contiguous().cpu()
-    data = flat.view(torch.uint8).numpy() if flat.numel() else b''
+    data: tp.Any = flat.view(torch.uint8).numpy() if flat.numel() else b''
     return xxhash.xxh3_64_hexdigest(data)
 
 

@@ -16,7 +16,7 @@ class RNGState:
     """`state_dict()` captures Python's, NumPy's and torch's global generators; load restores them."""
 
     def state_dict(self) -> dict[str, tp.Any]:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = tp.cast(tuple, np.random.get_state(legacy=True))
         state: dict[str, tp.Any] = {
             'python': random.getstate(),
             'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),

@@ -44,7 +44,7 @@ def seed_everything(seed: int) -> None:
 @hydra_main(config_path='../config', config_name='config', version_base='1.3')
 def main(cfg: DictConfig) -> None:
     xp = get_xp()
-    flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name='solver.log.{rank}')
+    flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
     logger.info("Experiment %s in %s", xp.sig, xp.folder)
     init_distributed(cfg)
     seed_everything(cfg.seed)
