@@ -424,6 +424,8 @@ class StandardSolver(flashy.BaseSolver):
             self.load_own_state(own)
             logger.info("Resumed from %s (epoch %d, step %d).", own.path, len(self.history),
                         self.progress['step'])
+            if flashy.distrib.is_rank_zero():  # a kill between save and history update
+                self.xp.link.update_history(self.history)
             self.replay_history()
             return True
         if self.cfg.continue_from:
@@ -459,7 +461,7 @@ class StandardSolver(flashy.BaseSolver):
         else:
             path = Path(value).expanduser()
         if path.is_dir():
-            found = checkpoint.load_newest_intact(path)
+            found = checkpoint.load_newest_intact(path, resumable=False)
             if found is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")

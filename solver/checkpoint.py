@@ -25,6 +25,7 @@ import pickle
 import re
 import typing as tp
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,24 +91,30 @@ def candidates(folder: Path) -> list[Path]:
 # Integrity
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
+_CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)
 
 
 def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
     """The structure of `obj` with each tensor replaced by its dtype and shape (collected).
 
-    Raises TypeError for anything but tensors, plain containers and plain scalars: such a value
-    would make the file need arbitrary pickles, which loading refuses.
+    Raises TypeError for anything but tensors, plain containers and plain scalars (keys
+    included): such a value would make the file need arbitrary pickles, which loading refuses.
+    Exact types are checked, since a subclass (defaultdict, a str enum) pickles as its class.
     """
-    if type(obj) in _PLAIN:
+    kind = type(obj)
+    if kind in _PLAIN:
         return obj
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
         return ('tensor', str(obj.dtype), tuple(obj.shape))
-    if isinstance(obj, dict):
+    if kind in (dict, OrderedDict):
+        for key in obj:
+            if type(key) not in _PLAIN:
+                raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
         return {key: _walk(value, tensors) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_walk(value, tensors) for value in obj)
-    raise TypeError(f"cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__} ({obj!r:.60}): "
+    if kind in _CONTAINERS:
+        return kind(_walk(value, tensors) for value in obj)
+    raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({obj!r:.60}): "
                     "store tensors, plain containers and plain scalars only")
 
 
@@ -131,7 +138,10 @@ def digests(state: tp.Any) -> dict[str, tp.Any]:
 
 
 def verify(path: Path, payload: tp.Any) -> Checkpoint:
-    """Check format, version and digests of a loaded payload; raise naming what is wrong."""
+    """Check format, version and digests of a loaded payload; raise naming what is wrong.
+
+    The digests cover the metadata as well as the state: a damaged epoch or config is caught too.
+    """
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
         raise CorruptCheckpointError(
             f"{path} is not a solver checkpoint (it loads, but has no '{FORMAT}' header). "
@@ -140,8 +150,11 @@ def verify(path: Path, payload: tp.Any) -> Checkpoint:
     if version != VERSION:
         raise CorruptCheckpointError(
             f"{path} has checkpoint format version {version}; this code reads version {VERSION}.")
-    expected = payload.get('digests') or {}
-    actual = digests(payload['state'])
+    missing = [key for key in ('meta', 'state', 'digests') if not isinstance(payload.get(key), dict)]
+    if missing:
+        raise CorruptCheckpointError(f"{path} is damaged: its {missing} entries are missing or wrong.")
+    expected = payload['digests']
+    actual = digests({'meta': payload['meta'], 'state': payload['state']})
     if expected.get('skeleton') != actual['skeleton']:
         raise CorruptCheckpointError(f"{path} is damaged: its structure does not match its digest.")
     bad = [i for i, (a, b) in enumerate(zip(expected.get('tensors', []), actual['tensors'])) if a != b]
@@ -149,7 +162,7 @@ def verify(path: Path, payload: tp.Any) -> Checkpoint:
         raise CorruptCheckpointError(
             f"{path} is damaged: {len(bad) or 'some'} of {len(actual['tensors'])} tensors "
             "do not match their digests.")
-    return Checkpoint(path=Path(path), state=payload['state'], meta=payload.get('meta', {}))
+    return Checkpoint(path=Path(path), state=payload['state'], meta=payload['meta'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +210,7 @@ def clean_stray_files(folder: Path) -> None:
 def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> None:
     """Write `state` and `meta` to `path` atomically, with digests of the state."""
     payload = {'format': FORMAT, 'version': VERSION, 'meta': meta,
-               'state': state, 'digests': digests(state)}
+               'state': state, 'digests': digests({'meta': meta, 'state': state})}
     try:
         with atomic_open(Path(path)) as f:
             torch.save(payload, f)
@@ -223,32 +236,47 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
+        unsafe = [line.strip() for line in str(err).splitlines() if 'unsupported global' in line.lower()]
+        if not unsafe:
+            raise CorruptCheckpointError(f"{path} is damaged and cannot be unpickled: "
+                                         f"{str(err).splitlines()[0]}") from err
         raise UnsafeCheckpointError(
             f"Refused to load {path}: it needs arbitrary Python objects to unpickle, which could "
-            f"run code. Only plain tensors and containers are loaded. ({str(err).splitlines()[0]})"
+            f"run code; only tensors and plain containers are loaded. Do not load it with "
+            f"weights_only=False unless you wrote it yourself. ({unsafe[0]})"
         ) from err
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
         raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
     return verify(path, payload)
 
 
-def load_newest_intact(folder: Path) -> Checkpoint | None:
+def load_newest_intact(folder: Path, resumable: bool = True) -> Checkpoint | None:
     """The newest checkpoint of `folder` that verifies, reporting each damaged one on the way.
 
-    Returns None when the folder has no checkpoint at all. Raises when checkpoints exist but none
-    is intact: a damaged experiment never silently restarts from scratch.
+    With `resumable`, epoch files that hold only some states (`checkpoint.keep_every_states`)
+    are passed over: they cannot resume a run. Returns None when the folder has no checkpoint at
+    all. Raises when checkpoints exist but none is usable: a damaged experiment never silently
+    restarts from scratch.
     """
     tried = candidates(folder)
     errors = []
     for path in tried:
         try:
-            return read_checkpoint(path)
+            found = read_checkpoint(path)
         except CheckpointError as err:
             logger.error("Skipping damaged checkpoint: %s", err)
             errors.append(str(err))
+            continue
+        if resumable and found.meta.get('partial'):
+            message = (f"{path} holds only {found.meta['partial']} (checkpoint.keep_every_states): "
+                       "it cannot resume a run.")
+            logger.warning("Skipping %s", message)
+            errors.append(message)
+            continue
+        return found
     if tried:
         raise CorruptCheckpointError(
-            f"Every checkpoint of {folder} is damaged, refusing to start over silently:\n  "
+            f"No checkpoint of {folder} can resume the run, refusing to start over silently:\n  "
             + "\n  ".join(errors)
             + "\nMove them away (or delete the experiment folder) to train from scratch.")
     return None
@@ -271,7 +299,7 @@ def load_source(path: Path) -> Checkpoint:
     """A checkpoint file, or the newest intact checkpoint of an experiment folder."""
     path = Path(path)
     if path.is_dir():
-        found = load_newest_intact(path)
+        found = load_newest_intact(path, resumable=False)
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint ({LATEST} or checkpoint_<epoch>.th).")
         return found

@@ -109,8 +109,11 @@ class CheckpointWriter:
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float) -> None:
         for path, names in targets.items():
-            subset = state if not names else {k: v for k, v in state.items() if k in names}
-            checkpoint.write_checkpoint(path, subset, meta)
+            if names:
+                subset = {k: v for k, v in state.items() if k in names}
+                checkpoint.write_checkpoint(path, subset, dict(meta, partial=sorted(subset)))
+            else:
+                checkpoint.write_checkpoint(path, state, meta)
         self.last.durable = time.perf_counter() - begin
         logger.debug("Checkpoint durable after %.3fs: %s", self.last.durable, [p.name for p in targets])
         for listener in self.listeners:

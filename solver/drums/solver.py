@@ -1,0 +1,145 @@
+"""DrumRNNSolver: Magenta's Drums RNN (drum_kit) trained and sampled on the StandardSolver."""
+
+from __future__ import annotations
+
+import logging
+import math
+import typing as tp
+from pathlib import Path
+
+import flashy
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .. import builders
+from ..base import SolverError, StandardSolver
+from . import data, midi
+from .encoding import NUM_EVENTS, STEPS_PER_BAR, pitches_to_event
+from .model import DrumRNN, finalize_metrics, sample, sequence_metrics
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+KICK = pitches_to_event([36])
+
+
+def resolve_path(value: str | Path) -> Path:
+    """A config path as given if it exists, else relative to the project root (data/drums)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+class DrumRNNSolver(StandardSolver):
+    best_metric_name = 'loss'
+
+    def build_dataloaders(self) -> None:
+        cfg = self.cfg.dataset
+        self.corpus = data.load_corpus(resolve_path(cfg.path), min_bars=cfg.min_bars,
+                                       window_steps=cfg.window_steps, fractions=tuple(cfg.splits))
+        logger.info("%s", self.corpus.summary())
+        for split in ('valid', 'evaluate'):
+            if not self.corpus.windows[split]:
+                raise SolverError(f"dataset.path {self.corpus.root}: no file landed in the {split} split; "
+                                  "add files or change dataset.splits.")
+        self.dataloaders['train'] = builders.get_train_loader(
+            self.corpus.dataset('train'), self.cfg, seed=self.cfg.seed, collate_fn=data.collate)
+        for split in ('valid', 'evaluate'):
+            self.dataloaders[split] = builders.get_eval_loader(
+                self.corpus.dataset(split), self.cfg, collate_fn=data.collate)
+        self.unigram = torch.from_numpy(data.event_frequencies(self.corpus.windows['train'])).double()
+
+    def build_model(self) -> None:
+        cfg = self.cfg.model
+        self.model = DrumRNN(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout,
+                             attention_length=cfg.attention_length).to(self.device)
+        self.optimizer = builders.get_optimizer(self.model.parameters(), self.cfg.optim)
+        self.register_stateful('model', 'optimizer')
+        self.register_best_state('model')
+        self.register_ema('model')
+
+    # -- train and valid ------------------------------------------------------------------------
+
+    def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
+        inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
+        logits, _ = self.model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, NUM_EVENTS), targets.reshape(-1),
+                               ignore_index=data.IGNORE_INDEX)
+        if self.is_training:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.max_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_norm)
+            self.optimizer.step()
+        with torch.no_grad():
+            sums = sequence_metrics(logits.detach(), targets)
+        return finalize_metrics(sums)
+
+    def valid(self) -> dict[str, float]:
+        return self.split_metrics('valid')
+
+    @torch.no_grad()
+    def split_metrics(self, split: str) -> dict[str, float]:
+        """Magenta's metrics over a whole split, from summed counts (exact, not batch averages)."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for batch in self.dataloaders[split]:
+            inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
+            logits, _ = self.model(inputs)
+            for key, value in sequence_metrics(logits, targets).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        self.model.train()
+        keys = sorted(totals)
+        summed = flashy.distrib.all_reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64)) \
+            if flashy.distrib.is_distributed() else torch.tensor([totals[k] for k in keys])
+        return finalize_metrics(dict(zip(keys, summed.tolist())))
+
+    # -- evaluate: the model beside two baselines --------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.split_metrics('evaluate')
+        metrics.update(self.baselines(self.corpus.windows['evaluate']))
+        return metrics
+
+    def baselines(self, windows: list[np.ndarray]) -> dict[str, float]:
+        """'Repeat the event one bar earlier' accuracy and the train split's unigram perplexity."""
+        probs = (self.unigram + 1) / (self.unigram.sum() + NUM_EVENTS)  # add-one smoothing
+        nll, count, repeat_correct, repeat_count = 0.0, 0, 0, 0
+        for window in windows:
+            labels = torch.from_numpy(window[1:].astype(np.int64))
+            nll -= probs[labels].log().sum().item()
+            count += len(labels)
+            repeat_correct += int((window[STEPS_PER_BAR:] == window[:-STEPS_PER_BAR]).sum())
+            repeat_count += max(0, len(window) - STEPS_PER_BAR)
+        return {'baseline_unigram_perplexity': math.exp(nll / max(count, 1)),
+                'baseline_repeat_bar_accuracy': repeat_correct / max(repeat_count, 1)}
+
+    # -- generate: MIDI files and piano rolls ------------------------------------------------------
+
+    def primer(self) -> torch.Tensor:
+        cfg = self.cfg.generate
+        if not cfg.primer:
+            return torch.tensor([KICK])
+        events = midi.read_drum_events(resolve_path(cfg.primer))
+        return torch.from_numpy(events[:cfg.get('primer_steps', STEPS_PER_BAR)].astype(np.int64))
+
+    def generate(self) -> dict[str, float]:
+        """Sample `generate.num_samples` tracks; write each as MIDI and a piano-roll PNG."""
+        if not flashy.distrib.is_rank_zero():
+            return {}
+        cfg = self.cfg.generate
+        folder = self.folder / 'samples' / f'epoch_{self.epoch}'
+        folder.mkdir(parents=True, exist_ok=True)
+        # A generator of its own, so that sampling never shifts the training RNG streams.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
+        primer = self.primer().to(self.device)
+        hits = []
+        for index in range(cfg.num_samples):
+            events = sample(self.model, primer, cfg.num_steps, cfg.temperature, generator=generator)
+            events = events.cpu().numpy()
+            name = f'sample_{index:02d}'
+            midi.write_drum_midi(events, folder / f'{name}.mid', qpm=cfg.qpm)
+            midi.save_piano_roll(events, folder / f'{name}.png',
+                                 title=f'{self.xp.sig} epoch {self.epoch} {name} (T={cfg.temperature})')
+            hits.append(float((events != 0).mean()))
+        logger.info("Wrote %d samples to %s", cfg.num_samples, folder)
+        return {'nonsilent_steps': float(np.mean(hits))}

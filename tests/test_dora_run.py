@@ -1,0 +1,327 @@
+"""Real `dora run` processes of the regression solver: train, resume, continue_from, keep policy,
+execute_only, refusals, the experiment lock, and kill -9 in the middle of a save.
+
+Each run takes a few seconds. Runs that several tests only read are module-scoped fixtures;
+a test that changes an experiment works on a copy of its Dora folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from solver import checkpoint
+
+REGRESSION = ('solver=regression',)
+TRAINED = (*REGRESSION, 'checkpoint.save_every=1')  # 3 epochs, checkpoint_<epoch>.th for each
+KEPT = (*REGRESSION, 'optim.epochs=4', 'checkpoint.save_every=1', 'checkpoint.keep_last=2',
+        'checkpoint.keep_every_states=[best_state]')
+# A model whose checkpoint is ~34 MB, one update per epoch: saves long enough to be killed in.
+BIG = (*REGRESSION, 'model.hidden_size=2048', 'dataset.dim=1024', 'optim.updates_per_epoch=1',
+       'dataset.eval_size=32')
+
+
+def history(folder: Path) -> list[dict]:
+    return json.loads((folder / 'history.json').read_text())
+
+
+def without_durations(entry: dict) -> dict:
+    return {stage: {k: v for k, v in metrics.items() if k != 'duration'} for stage, metrics in entry.items()}
+
+
+def last_lines(output: str, count: int = 5) -> str:
+    return '\n'.join(output.strip().splitlines()[-count:])
+
+
+def copy_dora_dir(source: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
+    """A private copy of a shared experiment, for a test that changes it."""
+    dora_dir = tmp_path / 'dora'
+    shutil.copytree(source.dora_dir, dora_dir, symlinks=True)
+    return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / source.folder.name)
+
+
+def run_xp(dora_tools: tp.Any, dora_dir: Path, *overrides: str) -> SimpleNamespace:
+    code, output = dora_tools.run(dora_dir, 'run', *overrides)
+    assert code == 0, output
+    return SimpleNamespace(dora_dir=dora_dir, folder=dora_tools.folder(dora_dir, *overrides), output=output)
+
+
+@pytest.fixture(scope='module')
+def trained(dora_tools, tmp_path_factory) -> SimpleNamespace:
+    """A finished 3-epoch experiment with an epoch checkpoint per epoch (read only: copy to change)."""
+    return run_xp(dora_tools, tmp_path_factory.mktemp('trained'), *TRAINED)
+
+
+# -- training and resuming ------------------------------------------------------------------------
+
+def test_train_writes_a_checkpoint_and_one_history_entry_per_epoch(trained):
+    assert len(history(trained.folder)) == 3
+    latest = checkpoint.read_checkpoint(trained.folder / 'checkpoint.th')
+    assert latest.meta['epoch'] == 3 and latest.meta['sig'] == trained.folder.name
+    assert latest.state['history'] == history(trained.folder)
+
+
+def test_save_every_writes_an_epoch_checkpoint_each_epoch(trained):
+    assert [checkpoint.read_checkpoint(trained.folder / f'checkpoint_{e}.th').meta['epoch'] for e in (1, 2, 3)] \
+        == [1, 2, 3]
+
+
+def test_rerun_of_a_finished_experiment_changes_nothing(dora_tools, trained, tmp_path):
+    xp = copy_dora_dir(trained, tmp_path)
+    before = {name: (xp.folder / name).read_bytes() for name in ('history.json', 'checkpoint.th')}
+    code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
+    assert code == 0, output
+    assert 'is complete' in output
+    assert 'Train Summary' not in output
+    assert {name: (xp.folder / name).read_bytes() for name in before} == before
+
+
+@pytest.fixture(scope='module')
+def resumed(dora_tools, trained, tmp_path_factory) -> SimpleNamespace:
+    """The trained experiment cut back to its epoch-1 checkpoint, then rerun."""
+    xp = copy_dora_dir(trained, tmp_path_factory.mktemp('resumed'))
+    shutil.copyfile(xp.folder / 'checkpoint_1.th', xp.folder / 'checkpoint.th')
+    for epoch in (2, 3):
+        (xp.folder / f'checkpoint_{epoch}.th').unlink()
+    xp.code, xp.output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
+    return xp
+
+
+def test_rerun_resumes_at_the_epoch_of_the_checkpoint(resumed, trained):
+    assert resumed.code == 0, resumed.output
+    assert f"Resumed from {resumed.folder / 'checkpoint.th'} (epoch 1," in resumed.output
+    assert 'Train Summary | Epoch 1 ' not in resumed.output
+    assert len(history(resumed.folder)) == 3
+    assert history(resumed.folder)[0] == history(trained.folder)[0]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_metrics(resumed, trained):
+    assert [without_durations(e) for e in history(resumed.folder)] == \
+        [without_durations(e) for e in history(trained.folder)]
+
+
+def test_rerun_repairs_a_history_json_left_behind_by_a_kill_after_the_save(dora_tools, trained, tmp_path):
+    xp = copy_dora_dir(trained, tmp_path)
+    full = history(xp.folder)
+    (xp.folder / 'history.json').write_text(json.dumps(full[:2]))
+    code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
+    assert code == 0, output
+    assert history(xp.folder) == full
+
+
+# -- continue_from ------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def continued(dora_tools, trained) -> SimpleNamespace:
+    """A new experiment started from the trained one's best state; lr 0 keeps the weights it got."""
+    xp = run_xp(dora_tools, trained.dora_dir, *REGRESSION, f'continue_from=//sig/{trained.folder.name}',
+                'optim.lr=0', 'optim.epochs=1')
+    assert xp.folder != trained.folder
+    return xp
+
+
+def test_continue_from_sig_says_it_took_the_best_state_of_the_source(continued, trained):
+    assert f"Continuing from the best state of {trained.folder / 'checkpoint.th'}" in continued.output
+
+
+def test_continue_from_sig_starts_from_the_source_best_weights(continued, trained):
+    source = checkpoint.read_checkpoint(trained.folder / 'checkpoint.th').state['best_state']['states']['model']
+    model = checkpoint.read_checkpoint(continued.folder / 'checkpoint.th').state['model']
+    assert source.keys() == model.keys()
+    assert all(torch.equal(model[key], source[key]) for key in source)
+
+
+def test_continue_from_sig_starts_with_a_fresh_optimizer(continued, trained):
+    source = torch.load(trained.folder / 'checkpoint.th', weights_only=True)['state']
+    new = torch.load(continued.folder / 'checkpoint.th', weights_only=True)['state']
+    own_steps = new['progress']['step']
+    assert own_steps == 16 and source['progress']['step'] == 48  # one epoch of 512 / 32; three
+    assert [s['step'].item() for s in new['optimizer']['state'].values()] == [own_steps] * 4
+
+
+def test_continue_from_is_ignored_once_the_experiment_has_its_own_checkpoint(dora_tools, continued, trained):
+    before = (continued.folder / 'checkpoint.th').read_bytes()
+    code, output = dora_tools.run(continued.dora_dir, 'run', *REGRESSION,
+                                  f'continue_from=//sig/{trained.folder.name}', 'optim.lr=0', 'optim.epochs=1')
+    assert code == 0, output
+    assert 'ignored' in output and f"Resumed from {continued.folder / 'checkpoint.th'}" in output
+    assert (continued.folder / 'checkpoint.th').read_bytes() == before
+
+
+def test_continue_from_an_experiment_folder_takes_its_best_state(dora, trained):
+    code, output = dora('run', *REGRESSION, f'continue_from={trained.folder}', 'optim.epochs=1')
+    assert code == 0, output
+    assert f"Continuing from the best state of {trained.folder / 'checkpoint.th'}" in output
+
+
+def test_continue_from_an_unknown_sig_fails_naming_it(dora):
+    code, output = dora('run', *REGRESSION, 'continue_from=//sig/0badc0de', 'optim.epochs=1')
+    assert code != 0
+    assert '0badc0de' in last_lines(output)
+
+
+def test_continue_from_a_missing_path_fails_naming_the_path(dora):
+    code, output = dora('run', *REGRESSION, 'continue_from=/no/such/path', 'optim.epochs=1')
+    assert code != 0
+    assert '/no/such/path' in last_lines(output)
+
+
+# -- keep policy --------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def kept(dora_tools, tmp_path_factory) -> SimpleNamespace:
+    return run_xp(dora_tools, tmp_path_factory.mktemp('kept'), *KEPT)
+
+
+def test_keep_last_leaves_only_the_newest_epoch_checkpoints(kept):
+    assert sorted(p.name for p in kept.folder.glob('checkpoint*.th')) == \
+        ['checkpoint.th', 'checkpoint_3.th', 'checkpoint_4.th']
+
+
+def test_keep_every_states_limits_epoch_checkpoints_to_those_states(kept):
+    epoch = checkpoint.read_checkpoint(kept.folder / 'checkpoint_4.th')
+    assert set(epoch.state) == {'best_state'}
+    assert {'model', 'optimizer', 'best_state'} <= set(checkpoint.read_checkpoint(kept.folder / 'checkpoint.th').state)
+
+
+def test_a_damaged_latest_checkpoint_with_partial_epoch_files_names_keep_every_states(
+        dora_tools, kept, tmp_path):
+    xp = copy_dora_dir(kept, tmp_path)
+    (xp.folder / 'checkpoint.th').write_bytes(b'')
+    code, output = dora_tools.run(xp.dora_dir, 'run', *KEPT)
+    assert code != 0
+    assert 'keep_every_states' in last_lines(output, 2)
+
+
+# -- execute_only, refusals ------------------------------------------------------------------------
+
+def test_execute_only_evaluate_runs_evaluate_and_leaves_the_history(dora_tools, trained, tmp_path):
+    xp = copy_dora_dir(trained, tmp_path)
+    before = (xp.folder / 'history.json').read_bytes()
+    code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED, 'execute_only=evaluate')
+    assert code == 0, output
+    assert 'Evaluate Summary' in output and 'Train Summary' not in output
+    assert (xp.folder / 'history.json').read_bytes() == before
+
+
+def test_an_unknown_solver_fails_listing_the_available_ones(dora):
+    code, output = dora('run', 'solver=nope')
+    assert code != 0
+    assert 'nope' in output and 'regression' in output and 'drum_rnn' in output
+
+
+class RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(dora, dora_tools, dora_dir, tmp_path):
+    folder = dora_tools.folder(dora_dir, *REGRESSION)
+    folder.mkdir(parents=True)
+    marker = tmp_path / 'pwned'
+    torch.save({'format': checkpoint.FORMAT, 'version': checkpoint.VERSION, 'state': RunsCode(marker)},
+               folder / 'checkpoint.th')
+    code, output = dora('run', *REGRESSION)
+    assert code != 0
+    assert 'Refused' in output and 'arbitrary' in output
+    assert not marker.exists()
+
+
+# -- processes: the lock, kill -9 ------------------------------------------------------------------
+
+class Training:
+    """`dora run` in the background, in its own process group, with its output in a file."""
+
+    def __init__(self, dora_tools: tp.Any, dora_dir: Path, *overrides: str) -> None:
+        self.folder = dora_tools.folder(dora_dir, *overrides)
+        self.log = dora_dir.parent / f'run_{time.monotonic_ns()}.log'
+        dora_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, 'w') as out:
+            self.proc = subprocess.Popen(['dora', 'run', *overrides], cwd=dora_tools.root,
+                                         env=dora_tools.env(dora_dir), stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_for(self, condition: tp.Callable[[], bool], what: str, timeout: float = 60) -> None:
+        """Poll `condition` until it holds; fail if the run ends first (the timeout is a safety net)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.log.read_text()}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout}s:\n{self.log.read_text()}"
+            time.sleep(0.001)
+
+    def wait_for_lock(self) -> None:
+        lock = self.folder / '.lock'
+        self.wait_for(lambda: lock.exists() and lock.read_text().strip() == str(self.proc.pid),
+                      'lock taken by the run')
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def training(dora_tools, dora_dir):
+    started: list[Training] = []
+
+    def start(*overrides: str) -> Training:
+        started.append(Training(dora_tools, dora_dir, *overrides))
+        return started[-1]
+    yield start
+    for run in started:
+        run.kill()
+
+
+def assert_latest_checkpoint_is_intact(folder: Path) -> None:
+    if (folder / 'checkpoint.th').exists():
+        checkpoint.read_checkpoint(folder / 'checkpoint.th')
+
+
+def test_a_second_run_of_a_running_experiment_is_refused_naming_the_pid(dora, training):
+    first = training(*BIG, 'optim.epochs=1000')
+    first.wait_for_lock()
+    code, output = dora('run', *BIG, 'optim.epochs=1000')
+    assert first.proc.poll() is None, 'the first run must still hold the experiment'
+    assert code != 0
+    assert f'pid {first.proc.pid}' in output
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_completes(dora, training):
+    run = training(*BIG)
+    latest, temporary = run.folder / 'checkpoint.th', run.folder / f'.checkpoint.th.tmp.{run.proc.pid}'
+    run.wait_for(latest.exists, 'first checkpoint')
+    run.wait_for(temporary.exists, 'second save')
+    run.kill()
+    assert checkpoint.read_checkpoint(latest).meta['epoch'] >= 1  # 1, unless the save won the race
+    code, output = dora('run', *BIG)
+    assert code == 0, output
+    assert 'Resumed from' in output and len(history(run.folder)) == 3
+    assert not list(run.folder.glob('.checkpoint*.tmp.*'))
+
+
+def test_kill_at_random_moments_never_leaves_a_damaged_checkpoint(dora, training):
+    moments = random.Random(1234)
+    for _ in range(3):
+        run = training(*BIG)
+        run.wait_for_lock()
+        time.sleep(moments.uniform(0.0, 1.5))
+        run.kill()
+        assert_latest_checkpoint_is_intact(run.folder)
+    code, output = dora('run', *BIG)
+    assert code == 0, output
+    assert len(history(run.folder)) == 3
+    assert_latest_checkpoint_is_intact(run.folder)
