@@ -134,8 +134,8 @@ class DrumRNNSolver(StandardSolver):
         primer = self.primer().to(self.device)
         hits = []
         for index in range(cfg.num_samples):
-            events = sample(self.model, primer, cfg.num_steps, cfg.temperature, generator=generator)
-            events = events.cpu().numpy()
+            events = sample(self.model, primer, cfg.num_steps, cfg.temperature,
+                            generator=generator).cpu().numpy()
             name = f'sample_{index:02d}'
             midi.write_drum_midi(events, folder / f'{name}.mid', qpm=cfg.qpm)
             midi.save_piano_roll(events, folder / f'{name}.png',
