@@ -34,8 +34,11 @@ class DrumRNNSolver(StandardSolver):
 
     def build_dataloaders(self) -> None:
         cfg = self.cfg.dataset
-        self.corpus = data.load_corpus(resolve_path(cfg.path), min_bars=cfg.min_bars,
-                                       window_steps=cfg.window_steps, fractions=tuple(cfg.splits))
+        try:
+            self.corpus = data.load_corpus(resolve_path(cfg.path), min_bars=cfg.min_bars,
+                                           window_steps=cfg.window_steps, fractions=tuple(cfg.splits))
+        except ValueError as err:  # no usable data, or dataset.* values that cannot work
+            raise SolverError(str(err)) from err
         logger.info("%s", self.corpus.summary())
         for split in ('valid', 'evaluate'):
             if not self.corpus.windows[split]:
