@@ -7,12 +7,10 @@ import math
 import typing as tp
 from pathlib import Path
 
-import flashy
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from .. import builders
+from .. import builders, distrib
 from ..base import SolverError, StandardSolver
 from . import data, midi
 from .encoding import NUM_EVENTS, STEPS_PER_BAR, pitches_to_event
@@ -53,8 +51,9 @@ class DrumRNNSolver(StandardSolver):
 
     def build_model(self) -> None:
         cfg = self.cfg.model
-        self.model = DrumRNN(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout,
-                             attention_length=cfg.attention_length).to(self.device)
+        model = DrumRNN(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout,
+                        attention_length=cfg.attention_length).to(self.device)
+        self.model = self.distribute(model, units=model.layers)
         self.optimizer = builders.get_optimizer(self.model.parameters(), self.cfg.optim)
         self.register_stateful('model', 'optimizer')
         self.register_best_state('model')
@@ -65,16 +64,14 @@ class DrumRNNSolver(StandardSolver):
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
         inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
         logits, _ = self.model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, NUM_EVENTS), targets.reshape(-1),
-                               ignore_index=data.IGNORE_INDEX)
+        sums = sequence_metrics(logits, targets)
+        loss = sums['loss_sum'] / sums['count']
         if self.is_training:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.optim.max_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_norm)
             self.optimizer.step()
-        with torch.no_grad():
-            sums = sequence_metrics(logits.detach(), targets)
         return finalize_metrics(sums)
 
     def valid(self) -> dict[str, float]:
@@ -91,10 +88,7 @@ class DrumRNNSolver(StandardSolver):
             for key, value in sequence_metrics(logits, targets).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         self.model.train()
-        keys = sorted(totals)
-        summed = flashy.distrib.all_reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64)) \
-            if flashy.distrib.is_distributed() else torch.tensor([totals[k] for k in keys])
-        return finalize_metrics(dict(zip(keys, summed.tolist())))
+        return finalize_metrics(distrib.sum_metrics(totals))
 
     # -- evaluate: the model beside two baselines --------------------------------------------------
 
@@ -126,11 +120,14 @@ class DrumRNNSolver(StandardSolver):
         return torch.from_numpy(events[:cfg.get('primer_steps', STEPS_PER_BAR)].astype(np.int64))
 
     def generate(self) -> dict[str, float]:
-        """Sample `generate.num_samples` tracks; write each as MIDI and a piano-roll PNG."""
-        if not flashy.distrib.is_rank_zero():
-            return {}
+        """Sample `generate.num_samples` tracks; write each as MIDI and a piano-roll PNG.
+
+        Every rank samples the same tracks (a sharded model needs all ranks for a forward);
+        rank 0 writes them.
+        """
         cfg = self.cfg.generate
         folder = self.folder / 'samples' / f'epoch_{self.epoch}'
+        writes = distrib.is_rank_zero()
         folder.mkdir(parents=True, exist_ok=True)
         # A generator of its own, so that sampling never shifts the training RNG streams.
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
@@ -140,9 +137,11 @@ class DrumRNNSolver(StandardSolver):
             events = sample(self.model, primer, cfg.num_steps, cfg.temperature,
                             generator=generator).cpu().numpy()
             name = f'sample_{index:02d}'
-            midi.write_drum_midi(events, folder / f'{name}.mid', qpm=cfg.qpm)
-            midi.save_piano_roll(events, folder / f'{name}.png',
-                                 title=f'{self.xp.sig} epoch {self.epoch} {name} (T={cfg.temperature})')
+            if writes:
+                midi.write_drum_midi(events, folder / f'{name}.mid', qpm=cfg.qpm)
+                midi.save_piano_roll(events, folder / f'{name}.png',
+                                     title=f'{self.xp.sig} epoch {self.epoch} {name} (T={cfg.temperature})')
             hits.append(float((events != 0).mean()))
-        logger.info("Wrote %d samples to %s", cfg.num_samples, folder)
+        if writes:
+            logger.info("Wrote %d samples to %s", cfg.num_samples, folder)
         return {'nonsilent_steps': float(np.mean(hits))}
