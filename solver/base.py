@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import time
 import typing as tp
 from abc import abstractmethod
@@ -23,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, distrib, sharded
 from .best_state import BestState, copy_state
 from .ema import ModuleDictEMA
 from .preemption import PreemptionHandler
@@ -135,6 +136,16 @@ class StandardSolver(flashy.BaseSolver):
             value = getattr(value, part)
         return value
 
+    def distribute(self, module: nn.Module, units: tp.Iterable[nn.Module] = ()) -> nn.Module:
+        """The module ready for data-parallel training: DDP, or FSDP2 with `fsdp.use=true`.
+
+        Call it in `build_model` before creating the optimizer, and use what it returns as the
+        model (`self.model = self.distribute(MyModel().to(self.device))`). Its state stays the
+        module's own (no 'module.' prefix): checkpoints load in any number of processes. `units`
+        are blocks sharded one by one under FSDP (see `distrib.wrap_model`).
+        """
+        return distrib.wrap_model(module, self.cfg, units)
+
     def register_best_state(self, *names: str) -> None:
         """Keep a copy of these states from the epoch with the best valid metric."""
         for name in names:
@@ -185,6 +196,7 @@ class StandardSolver(flashy.BaseSolver):
         """
         self.show()
         self.restore()
+        distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
             self.init_tensorboard(sub_dir='tensorboard')
         if self.cfg.execute_only:
@@ -199,10 +211,10 @@ class StandardSolver(flashy.BaseSolver):
         self.log_checkpoint_policy()
         try:
             with self.preemption:
-                for _ in range(self.epoch, epochs + 1):
+                while self.epoch <= epochs:  # a rollback may reload an earlier epoch
                     self.run_epoch()
                     self.commit()
-                    if self.preemption.requested:
+                    if self.agree_to_stop()[0]:
                         self.leave_after_save()
         finally:
             self.writer.close()
@@ -217,7 +229,7 @@ class StandardSolver(flashy.BaseSolver):
             f", every {cfg.every_minutes} min" if cfg.every_minutes else '',
             f", mid-epoch interval chosen for <= {cfg.max_overhead:.1%} overhead" if cfg.max_overhead else '',
             'non-finite' + (f" or > {rollback.spike_factor}x running mean" if rollback.spike_factor else ''),
-            f"up to {rollback.max_rollbacks} times" if rollback.max_rollbacks else 'off')
+            f"up to {rollback.max_rollbacks} times" if rollback.max_rollbacks else 'off, stop at once')
 
     def run_epoch(self) -> None:
         """One epoch: train; valid under EMA; best state; evaluate and generate under best."""
@@ -302,7 +314,7 @@ class StandardSolver(flashy.BaseSolver):
             progress.update(done, metrics)
         if train:
             self.progress.update(epoch_step=0, sums={})
-        return flashy.distrib.average_metrics(metrics, total)
+        return distrib.average_metrics(metrics, total)
 
     def after_train_step(self, done: int, total: int) -> None:
         """Bookkeeping after an optimizer step; mid-epoch checkpoint or preemption save."""
@@ -311,10 +323,21 @@ class StandardSolver(flashy.BaseSolver):
         self.progress['epoch_step'] = done
         if self.ema is not None:
             self.ema.step()
-        if done < total and (self.preemption.requested or self.mid_epoch_save_due()):
+        preempted, save_due = self.agree_to_stop(self.mid_epoch_save_due())
+        if done < total and (preempted or save_due):
             self.save_checkpoints(mid_epoch=True)
-        if self.preemption.requested:
+        if preempted and done < total:  # at the epoch's end, commit() saves first
             self.leave_after_save()
+
+    def agree_to_stop(self, *flags: bool) -> tuple[bool, ...]:
+        """(preempted, *flags), each true if true on any rank: a signal that reached one rank
+        stops all at the same step, and a save one rank finds due is made by all. Ranks that
+        decided apart would wait forever in each other's collectives."""
+        preempted, *agreed = distrib.any_rank(self.preemption.requested, *flags)
+        if preempted and not self.preemption.requested:
+            logger.warning("Another rank was asked to stop: saving at this step, then stopping.")
+            self.preemption.received = signal.SIGTERM
+        return (preempted, *agreed)
 
     def mid_epoch_save_due(self) -> bool:
         cfg = self.cfg.checkpoint
@@ -331,14 +354,17 @@ class StandardSolver(flashy.BaseSolver):
     def check_divergence(self, metrics: dict[str, float]) -> None:
         """Raise DivergenceError on a non-finite loss (or a spike, if configured)."""
         rollback = self.cfg.checkpoint.rollback
-        if not rollback.max_rollbacks or 'loss' not in metrics:
+        if 'loss' not in metrics:  # max_rollbacks=0 still checks: it stops at the first divergence
             return
         loss = metrics['loss']
         mean = self._loss_mean
+        problem = None
         if not math.isfinite(loss):
-            raise DivergenceError(f"loss is {loss}")
-        if rollback.spike_factor and mean is not None and loss > rollback.spike_factor * mean:
-            raise DivergenceError(f"loss {loss:.4g} > {rollback.spike_factor} x running mean {mean:.4g}")
+            problem = f"loss is {loss}"
+        elif rollback.spike_factor and mean is not None and loss > rollback.spike_factor * mean:
+            problem = f"loss {loss:.4g} > {rollback.spike_factor} x running mean {mean:.4g}"
+        if distrib.any_rank(problem is not None)[0]:  # all ranks roll back (or stop) together
+            raise DivergenceError(problem or "the loss diverged on another rank")
         self._loss_mean = loss if mean is None else 0.98 * mean + 0.02 * loss
 
     def rollback(self, err: DivergenceError) -> None:
@@ -351,7 +377,7 @@ class StandardSolver(flashy.BaseSolver):
                               f"{limit} rollbacks (checkpoint.rollback.max_rollbacks); stopping. "
                               "Lower optim.lr or enable gradient clipping (optim.max_norm).")
         self.writer.wait()
-        ckpt = checkpoint.load_newest_intact(self.folder)
+        ckpt = checkpoint.load_newest_intact(self.folder, like=self.load_template())
         if ckpt is None:
             raise SolverError(f"Training diverged ({err}) at step {self.progress['step'] + 1}, before "
                               "any checkpoint to roll back to. Lower optim.lr or save earlier "
@@ -385,19 +411,25 @@ class StandardSolver(flashy.BaseSolver):
             self.xp.link.update_history(self.history)
 
     def save_checkpoints(self, mid_epoch: bool = False) -> None:
-        """Save the latest checkpoint and, at epoch ends, `checkpoint_<epoch>.th` by the keep policy."""
-        if not flashy.distrib.is_rank_zero():
-            return
+        """Save the latest checkpoint and, at epoch ends, `checkpoint_<epoch>.th` by the keep policy.
+
+        Every rank calls this: rank 0 writes a replicated state, every rank its shards of a
+        sharded one; no rank goes on before the save is complete (async: staged) everywhere.
+        """
         cfg = self.cfg.checkpoint
         epoch = len(self.history)
         targets: dict[Path, tp.Sequence[str] | None] = {}
-        if cfg.save_last or mid_epoch:
+        if cfg.save_last or mid_epoch or self.preemption.requested:  # a preempted run resumes from it
             targets[self.checkpoint_path] = None
         if not mid_epoch and cfg.save_every and epoch % cfg.save_every == 0:
             targets[checkpoint.epoch_checkpoint_path(self.folder, epoch)] = cfg.keep_every_states
         if not targets:
             return
+        if mid_epoch:  # rank 0's running sums are saved: make them the mean over ranks, which
+            sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
+            sums.update(distrib.average_metrics(sums))
         stats = self.writer.save(self.state_dict(), targets, self.checkpoint_meta())
+        distrib.barrier()
         self._last_save = time.time()
         self._save_cost = stats.blocked
         self._checkpoint_time += stats.blocked
@@ -405,7 +437,7 @@ class StandardSolver(flashy.BaseSolver):
                     "after %.3fs; %.2f%% of run time spent checkpointing.",
                     ', '.join(p.name for p in targets), epoch, self.progress['step'], stats.blocked,
                     stats.durable, 100 * self._checkpoint_time / max(time.time() - self._started, 1e-9))
-        if not mid_epoch:
+        if not mid_epoch and distrib.is_rank_zero():
             for path in checkpoint.prune_epoch_checkpoints(self.folder, cfg.keep_last):
                 logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s)", path.name, cfg.keep_last)
 
@@ -415,8 +447,11 @@ class StandardSolver(flashy.BaseSolver):
 
     def restore(self) -> bool:
         """Load this experiment's newest intact checkpoint, else `continue_from`; say which."""
-        checkpoint.clean_stray_files(self.folder)
-        own = checkpoint.load_newest_intact(self.folder)
+        if distrib.is_rank_zero():
+            checkpoint.clean_stray_files(self.folder)
+        distrib.barrier()
+        like = self.load_template()
+        own = checkpoint.load_newest_intact(self.folder, like=like)
         if own is not None:
             if self.cfg.continue_from:
                 logger.info("continue_from=%s ignored: this experiment has its own checkpoint %s, "
@@ -429,7 +464,7 @@ class StandardSolver(flashy.BaseSolver):
             self.replay_history()
             return True
         if self.cfg.continue_from:
-            source = self.resolve_continue_from(str(self.cfg.continue_from))
+            source = self.resolve_continue_from(str(self.cfg.continue_from), like)
             self.load_best_state_from(source)
             return True
         return False
@@ -449,10 +484,28 @@ class StandardSolver(flashy.BaseSolver):
         except (RuntimeError, KeyError, ValueError) as err:
             raise SolverError(f"{ckpt.path} does not fit this model: {err}") from err
 
-    def resolve_continue_from(self, value: str) -> checkpoint.Checkpoint:
+    def load_template(self) -> tp.Any:
+        """The live state a checkpoint is read into (`read_checkpoint(like=...)`), or None when
+        nothing is sharded: sharded tensors then load straight into this rank's shards.
+
+        An optimizer has per-parameter states only after its first step, so fresh ones get
+        theirs made for the template, then forgotten: the optimizer itself stays fresh.
+        """
+        if not sharded.has_dtensors(self.state_dict()):
+            return None
+        optimizers = [self.registered(name) for name in self.stateful.sources]
+        fresh = [o for o in optimizers if isinstance(o, torch.optim.Optimizer) and distrib.init_optimizer_state(o)]
+        like = self.state_dict()
+        for optimizer in fresh:
+            optimizer.state.clear()  # `like` keeps the made states, as load targets only
+        return like
+
+    def resolve_continue_from(self, value: str, like: tp.Any = None) -> checkpoint.Checkpoint:
         """`//sig/SIG`, `//pretrained/NAME`, a checkpoint file or an experiment folder."""
         if value.startswith('//pretrained/'):
-            return self.load_from_pretrained(value[len('//pretrained/'):])
+            pretrained = self.load_from_pretrained(value[len('//pretrained/'):])
+            pretrained.state = sharded.place_like(pretrained.state, like)  # into shards, if sharded
+            return pretrained
         if value.startswith('//sig/'):
             sig = value[len('//sig/'):]
             path = self.folder.parent / sig
@@ -461,13 +514,13 @@ class StandardSolver(flashy.BaseSolver):
         else:
             path = Path(value).expanduser()
         if path.is_dir():
-            found = checkpoint.load_newest_intact(path, resumable=False)
+            found = checkpoint.load_newest_intact(path, resumable=False, like=like)
             if found is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
             return found
         if path.is_file():
-            return checkpoint.read_checkpoint(path)
+            return checkpoint.read_checkpoint(path, like)
         raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
                           "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
 

@@ -91,9 +91,13 @@ def _own_generator(seed: int) -> torch.Generator:
 
 
 def get_eval_loader(dataset: Dataset, cfg: DictConfig, collate_fn: tp.Callable | None = None) -> DataLoader:
-    """In-order loader for valid/evaluate; each rank takes its own share."""
-    world, rank = flashy.distrib.world_size(), flashy.distrib.rank()
-    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    """In-order loader for valid/evaluate; each rank takes its own share.
+
+    Shares are the same size (with N ranks, up to N-1 items at the start are read twice): every
+    rank then runs the same number of forwards, which a sharded model (FSDP) needs.
+    """
+    world, rank, size = flashy.distrib.world_size(), flashy.distrib.rank(), len(dataset)  # type: ignore[arg-type]
+    indices = [index % size for index in range(rank, -(-size // world) * world, world)]
     subset = torch.utils.data.Subset(dataset, indices)
     batch = max(1, cfg.dataset.batch_size // world)
     return DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate_fn,

@@ -13,12 +13,19 @@ the structure; they are checked on load, so a flipped byte anywhere is detected,
 Files are written to a temporary file in the same folder, fsynced, renamed over the target and
 the folder fsynced: a reader sees the old file or the new one, never half of one.
 
+A state that holds DTensors (a model sharded with FSDP2) is written the same way by the same
+call, with its DTensors replaced by placeholders: the tensors themselves go, shard by shard
+from every rank, into a folder beside the file (`sharded`), whose name and per-file digests the
+file records (`'shards'`, covered by the digests). Reading gives the tensors back, each placed
+like the matching tensor of the live state passed as `like` (this rank's shard, or whole).
+
 The layer knows no solver: it saves and loads dicts. See `base.StandardSolver` for what goes in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import pickle
@@ -31,6 +38,8 @@ from pathlib import Path
 
 import torch
 import xxhash
+
+from . import archive, distrib, sharded
 
 logger = logging.getLogger(__name__)
 
@@ -118,29 +127,64 @@ def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
                     "store tensors, plain containers and plain scalars only")
 
 
+def _xxh3_without_gil() -> tp.Callable[[int, int], int] | None:
+    """python-xxhash's own XXH3_64bits through ctypes, which releases the GIL while it hashes.
+
+    xxhash's Python functions hold the GIL: hashing beside a thread that writes the file (or
+    runs training) would hold that thread up for the whole hash. None if the library does not
+    export the function or disagrees with xxhash's Python API (then that API is used).
+    """
+    try:
+        import xxhash._xxhash
+        function = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_64bits
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_uint64
+    probe = b'solver checkpoint digest'
+    if format(function(probe, len(probe)), '016x') != xxhash.xxh3_64_hexdigest(probe):
+        return None
+    return function
+
+
+_xxh3_64 = _xxh3_without_gil()
+
+
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """xxh3-64 of a tensor's bytes (about 10 GB/s here: 0.1 s per GiB)."""
+    """xxh3-64 of a tensor's bytes (about 10 GB/s here: 0.1 s per GiB), without the GIL."""
     flat = tensor.detach().reshape(-1)
     if not flat.is_contiguous() or flat.device.type != 'cpu':
         flat = flat.contiguous().cpu()
+    if _xxh3_64 is not None and flat.numel():
+        return format(_xxh3_64(flat.data_ptr(), flat.numel() * flat.element_size()), '016x')
     data: tp.Any = flat.view(torch.uint8).numpy() if flat.numel() else b''
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def digests(state: tp.Any) -> dict[str, tp.Any]:
-    """Digests of a state: one per tensor in traversal order, one for everything else."""
+def digests(state: tp.Any, ready: archive.Ready | None = None) -> dict[str, tp.Any]:
+    """Digests of a state: one per tensor in traversal order, one for everything else.
+
+    `ready(storage)`, if given, is called before a tensor is hashed: it waits for the bytes of
+    the tensor's storage (`archive.Reading.ready`), so that hashing follows right behind a read.
+    """
     tensors: list[torch.Tensor] = []
     skeleton = _walk(state, tensors)
+    hashed = []
+    for tensor in tensors:
+        if ready is not None:
+            ready(tensor.untyped_storage())
+        hashed.append(tensor_digest(tensor))
     return {
-        'tensors': [tensor_digest(t) for t in tensors],
+        'tensors': hashed,
         'skeleton': xxhash.xxh3_64_hexdigest(repr(skeleton).encode()),
     }
 
 
-def verify(path: Path, payload: tp.Any) -> Checkpoint:
+def verify(path: Path, payload: tp.Any, ready: archive.Ready | None = None) -> Checkpoint:
     """Check format, version and digests of a loaded payload; raise naming what is wrong.
 
     The digests cover the metadata as well as the state: a damaged epoch or config is caught too.
+    `ready` as in `digests`.
     """
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
         raise CorruptCheckpointError(
@@ -154,7 +198,7 @@ def verify(path: Path, payload: tp.Any) -> Checkpoint:
     if missing:
         raise CorruptCheckpointError(f"{path} is damaged: its {missing} entries are missing or wrong.")
     expected = payload['digests']
-    actual = digests({'meta': payload['meta'], 'state': payload['state']})
+    actual = digests(_covered(payload), ready)
     if expected.get('skeleton') != actual['skeleton']:
         raise CorruptCheckpointError(f"{path} is damaged: its structure does not match its digest.")
     bad = [i for i, (a, b) in enumerate(zip(expected.get('tensors', []), actual['tensors'])) if a != b]
@@ -203,28 +247,64 @@ def atomic_open(path: Path) -> tp.Iterator[tp.BinaryIO]:
 def clean_stray_files(folder: Path) -> None:
     """Remove temporary files left by a process killed in the middle of a save."""
     for tmp in Path(folder).glob('.checkpoint*.tmp.*'):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    sharded.clean(folder)
+
+
+def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
+    """What the digests of a file cover: meta, state and, for a sharded state, its shard files."""
+    return {key: payload[key] for key in ('meta', 'state', 'shards') if key in payload}
 
 
 def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> None:
-    """Write `state` and `meta` to `path` atomically, with digests of the state."""
-    payload = {'format': FORMAT, 'version': VERSION, 'meta': meta,
-               'state': state, 'digests': digests({'meta': meta, 'state': state})}
+    """Write `state` and `meta` to `path` atomically, with digests of the state.
+
+    A state with DTensors is sharded: every rank must call this (a collective). Each writes its
+    shards; rank 0 then writes the file, and no rank returns before it is durable.
+    """
+    if not sharded.has_dtensors(state):
+        _write_file(path, {'meta': meta, 'state': state})
+        return
+    group = distrib.checkpoint_group()
+    try:
+        state, shards = sharded.save_shards(path, state)
+        if shards is not None:  # rank 0, once every rank's shards are durable: the commit point
+            _write_file(path, {'meta': meta, 'state': state, 'shards': shards})
+            sharded.remove_superseded(path, keep=shards['folder'])
+    finally:
+        distrib.barrier(group)
+
+
+def _write_file(path: Path, content: dict[str, tp.Any]) -> None:
+    _walk(content, [])  # a value that cannot be saved raises here, before any file is touched
+    header = {'format': FORMAT, 'version': VERSION, **content}
     try:
         with atomic_open(Path(path)) as f:
-            torch.save(payload, f)
-    except OSError as err:
+            # The digests are computed on another thread while the tensors' bytes are written.
+            archive.save(header, f, complete=lambda header: {**header, 'digests': digests(content)})
+    except (OSError, RuntimeError) as err:
+        # The archive writer may report a failed write (full disk, size limit) as a RuntimeError
+        # raised while handling the OSError: name the OSError, which says what happened.
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
         raise CheckpointError(
-            f"Could not write checkpoint {path}: {err.strerror or err}. The previous checkpoint "
+            f"Could not write checkpoint {path}: {cause.strerror or cause}. The previous checkpoint "
             "is untouched; free disk space or fix permissions, then rerun to resume.") from err
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Load and verify a checkpoint file, safely (`weights_only`): never runs pickled code."""
+def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
+    """Load and verify a checkpoint file, safely (`weights_only`): never runs pickled code.
+
+    `like` (optional) is a live state: where it holds a DTensor, the tensor at the same place
+    in the checkpoint comes back as this rank's shard of the same layout, whichever the format
+    and the number of ranks that wrote it. Elsewhere tensors come back whole, on the CPU.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint file at {path}.")
@@ -233,8 +313,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not zipfile.is_zipfile(path):
         raise CorruptCheckpointError(
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
+    reading: archive.Reading | None = None
+    try:  # tensors read in file order as they are hashed, the disk reading ahead
+        payload, reading = archive.load(path)
+    except Exception:  # anything unusual (damage, unsafe pickles): torch.load below names it
+        pass
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
+        if reading is None:
+            payload = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = [line.strip() for line in str(err).splitlines() if 'unsupported global' in line.lower()]
         if not unsafe:
@@ -247,22 +333,38 @@ def read_checkpoint(path: Path) -> Checkpoint:
         ) from err
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
         raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
-    return verify(path, payload)
+    try:
+        ckpt = verify(path, payload, reading.ready if reading is not None else None)
+        if reading is not None:
+            reading.wait()  # every tensor was hashed, hence read: this only makes sure
+    except (OSError, EOFError) as err:  # reading a tensor record failed
+        raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
+    finally:
+        if reading is not None:
+            reading.close()
+    if 'shards' in payload:
+        try:
+            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
+        except (sharded.ShardError, OSError) as err:
+            raise CorruptCheckpointError(f"{path} cannot be loaded: {err}") from err
+    elif like is not None and sharded.has_dtensors(like):
+        ckpt.state = sharded.place_like(ckpt.state, like)
+    return ckpt
 
 
-def load_newest_intact(folder: Path, resumable: bool = True) -> Checkpoint | None:
+def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None) -> Checkpoint | None:
     """The newest checkpoint of `folder` that verifies, reporting each damaged one on the way.
 
-    With `resumable`, epoch files that hold only some states (`checkpoint.keep_every_states`)
-    are passed over: they cannot resume a run. Returns None when the folder has no checkpoint at
-    all. Raises when checkpoints exist but none is usable: a damaged experiment never silently
-    restarts from scratch.
+    `like` as in `read_checkpoint`. With `resumable`, epoch files that hold only some states
+    (`checkpoint.keep_every_states`) are passed over: they cannot resume a run. Returns None
+    when the folder has no checkpoint at all. Raises when checkpoints exist but none is usable:
+    a damaged experiment never silently restarts from scratch.
     """
     tried = candidates(folder)
     errors = []
     for path in tried:
         try:
-            found = read_checkpoint(path)
+            found = read_checkpoint(path, like)
         except CheckpointError as err:
             logger.error("Skipping damaged checkpoint: %s", err)
             errors.append(str(err))
@@ -290,6 +392,7 @@ def prune_epoch_checkpoints(folder: Path, keep_last: int | None) -> list[Path]:
     removed = [path for _, path in found[:-keep_last]]
     for path in removed:
         path.unlink(missing_ok=True)
+        sharded.remove_superseded(path)
     if removed:
         fsync_dir(Path(folder))
     return removed

@@ -14,7 +14,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders
+from . import builders, distrib
 from .base import SolverError
 from .checkpoint import CheckpointError
 from .lock import ExperimentLock, ExperimentLockedError
@@ -22,17 +22,8 @@ from .lock import ExperimentLock, ExperimentLockedError
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 DORA_DIR_ENV = 'SOLVER_DORA_DIR'
-USER_ERRORS = (SolverError, CheckpointError, ExperimentLockedError, builders.ConfigError)
-
-
-def init_distributed(cfg: DictConfig) -> None:
-    """Join the process group described by the environment (Dora, torchrun, Slurm), if any."""
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
-        return
-    backend = cfg.distributed.backend
-    if backend == 'auto':
-        backend = 'nccl' if torch.cuda.is_available() and cfg.device.startswith('cuda') else 'gloo'
-    flashy.distrib.init(backend)
+USER_ERRORS = (SolverError, CheckpointError, ExperimentLockedError, builders.ConfigError,
+               distrib.RankMismatchError)
 
 
 def seed_everything(seed: int) -> None:
@@ -46,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     xp = get_xp()
     flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
     logger.info("Experiment %s in %s", xp.sig, xp.folder)
-    init_distributed(cfg)
+    distrib.init(cfg)
     seed_everything(cfg.seed)
     if cfg.get('num_threads'):
         torch.set_num_threads(cfg.num_threads)

@@ -10,6 +10,10 @@ save is not the slow one); a background thread then hashes and writes the files,
 in `checkpoint.write_checkpoint`. At most one save is in flight: the next `save` waits for it.
 An error of a background save is raised by the next `save`, `wait` or `close`, never lost.
 
+In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
+(the others return at once), a sharded one (DTensors, FSDP2) by every rank, each its shards
+(`checkpoint.write_checkpoint`); staging then copies only this rank's shards.
+
 Listeners run after a save is durable on a thread of their own, so a slow upload or evaluation
 never stalls training or the next save; their errors are logged.
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distrib, sharded
 
 logger = logging.getLogger(__name__)
 Listener = tp.Callable[[list[Path]], None]
@@ -57,6 +61,11 @@ class StagingBuffers:
 
         def stage(obj: tp.Any) -> tp.Any:
             nonlocal index
+            if sharded.is_dtensor(obj):  # stage this rank's shard only
+                from torch.distributed.tensor import DTensor
+                local = stage(obj.to_local())
+                return DTensor.from_local(local, obj.device_mesh, obj.placements, shape=obj.shape,
+                                          stride=obj.stride(), run_check=False)
             if isinstance(obj, torch.Tensor):
                 if index == len(self.buffers):
                     self.buffers.append(torch.empty(0))
@@ -90,14 +99,22 @@ class CheckpointWriter:
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
         """Allocate and touch the staging buffers now, not at the first checkpoint."""
-        if self.mode is SaveMode.ASYNC:
+        if self.mode is SaveMode.ASYNC and self.writes(state):
             self.staging.snapshot(state)
+
+    @staticmethod
+    def writes(state: dict[str, tp.Any]) -> bool:
+        """Whether this rank writes (part of) `state`: its shards, or the whole on rank 0."""
+        return distrib.is_rank_zero() or sharded.has_dtensors(state)
 
     def save(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
              meta: dict[str, tp.Any]) -> SaveStats:
         """Write `state` to each target path (restricted to the given state names, if any)."""
         begin = time.perf_counter()
         self.wait()
+        if not self.writes(state):
+            self.last = SaveStats()
+            return self.last
         if self.mode is SaveMode.ASYNC:
             state = self.staging.snapshot(state)
             self._pending = self._io.submit(self._write, state, targets, meta, begin)

@@ -29,22 +29,37 @@ LayerState = tuple[Tensor, ...]
 State = tuple[LayerState, ...]  # one entry per layer, as that layer returns it
 
 
+def _counter(events: Tensor, start: int | Tensor) -> Tensor:
+    """The 6 binary counter features `[B or 1, T, 6]` of n = position + 1, as +1.0 / -1.0."""
+    steps = torch.arange(events.shape[-1], device=events.device)
+    start = torch.as_tensor(start, device=events.device).reshape(-1, 1)
+    n = start + steps + 1  # the position of the event being predicted
+    bits = (n[..., None] >> torch.arange(COUNTER_BITS, device=events.device)) & 1
+    return (bits * 2 - 1).float()
+
+
 def input_features(events: Tensor, start: int | Tensor = 0) -> Tensor:
     """Float `[B, T, 518]` inputs for events `[B, T]` at positions `start + t`.
 
     `start` (an int, or a tensor of one start per sequence) lets a caller continue a sequence.
     """
-    steps = torch.arange(events.shape[-1], device=events.device)
-    start = torch.as_tensor(start, device=events.device).reshape(-1, 1)
-    n = start + steps + 1  # the position of the event being predicted
-    bits = (n[..., None] >> torch.arange(COUNTER_BITS, device=events.device)) & 1
-    counter = (bits * 2 - 1).float().expand(*events.shape, COUNTER_BITS)
+    counter = _counter(events, start).expand(*events.shape, COUNTER_BITS)
     return torch.cat([F.one_hot(events, NUM_EVENTS).float(), counter], dim=-1)
+
+
+def input_gates(weight: Tensor, bias: Tensor, events: Tensor, start: int | Tensor = 0) -> Tensor:
+    """`F.linear(input_features(events, start), weight, bias)`, time-major `[T, B, out]`.
+
+    The one-hot part of the product is a column lookup, so the 518-d inputs are never built and
+    their needless gradient never computed.
+    """
+    counter = F.linear(_counter(events, start), weight[:, NUM_EVENTS:], bias).transpose(0, 1)
+    return F.embedding(events.t(), weight[:, :NUM_EVENTS].t()) + counter
 
 
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     # Inverted dropout, as F.dropout, but the mask is drawn with rand: CPU bernoulli_ is 2.5 times
-    # slower, and took 8% of a drum_kit training step.
+    # slower, and took 14% of a drum_kit training step (B=128, T=128) where this takes 5%.
     if not training or p == 0:
         return x
     return x * ((torch.rand_like(x) >= p).to(x.dtype) / (1 - p))
@@ -59,8 +74,27 @@ def _add_forget_bias(lstm: nn.LSTM | nn.LSTMCell) -> None:
                 bias[size:2 * size] += 1.0
 
 
+class EventLSTM(nn.Module):
+    """The first layer: a fused nn.LSTM on `input_features`; the state is nn.LSTM's `(h, c)`.
+
+    Computing its input gates by `input_gates` (a lookup) needs a Python-loop LSTM instead: same
+    maths, 17-23% less CPU time on one thread, but twice slower when other processes hold the CPUs
+    (two OpenMP threads synchronise on every small op), so the fused kernel stays.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.lstm = nn.LSTM(NUM_INPUTS, hidden_size)
+        _add_forget_bias(self.lstm)
+
+    def forward(self, events: Tensor, start: int | Tensor = 0,
+                state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+        output, (h, c) = self.lstm(input_features(events, start).transpose(0, 1), state)
+        return output, (h, c)
+
+
 class AttentionLSTM(nn.Module):
-    """An LSTM layer inside TF's `AttentionCellWrapper`, one step at a time.
+    """The first LSTM layer inside TF's `AttentionCellWrapper`, on events, one step at a time.
 
     Each step mixes the previous attention read into the input (`[x; attn] -> input_size`), runs
     the cell, attends (Bahdanau, from the new `[c; h]`) over a window of the last `length` outputs
@@ -69,7 +103,7 @@ class AttentionLSTM(nn.Module):
     and the input mixing is folded into the cell's input weights: the same function, fewer flops.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, length: int):
+    def __init__(self, hidden_size: int, length: int, input_size: int = NUM_INPUTS):
         super().__init__()
         self.length = length
         self.hidden_size = hidden_size
@@ -81,19 +115,21 @@ class AttentionLSTM(nn.Module):
         self.mix_output = nn.Linear(2 * hidden_size, hidden_size)
         _add_forget_bias(self.cell)
 
-    def initial_state(self, x: Tensor) -> LayerState:
-        zeros = x.new_zeros(x.shape[0], self.hidden_size)
-        return zeros, zeros, zeros, x.new_zeros(x.shape[0], self.length, self.hidden_size)
+    def initial_state(self, batch: int, like: Tensor) -> LayerState:
+        zeros = like.new_zeros(batch, self.hidden_size)
+        return zeros, zeros, zeros, like.new_zeros(batch, self.length, self.hidden_size)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
-        h, c, attn, window = self.initial_state(x) if state is None else state
-        w_x, w_attn = self.mix_input.weight.split([x.shape[-1], self.hidden_size], dim=1)
-        w_ih, cell = self.cell.weight_ih, self.cell
-        gates_x = F.linear(x, w_ih @ w_x, w_ih @ self.mix_input.bias + cell.bias_ih + cell.bias_hh)
-        w_recurrent = torch.cat([w_ih @ w_attn, cell.weight_hh], dim=1)
+    def forward(self, events: Tensor, start: int | Tensor = 0,
+                state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+        cell = self.cell
+        h, c, attn, window = self.initial_state(len(events), cell.weight_hh) if state is None else state
+        w_x, w_attn = self.mix_input.weight.split([cell.input_size, self.hidden_size], dim=1)
+        bias = cell.weight_ih @ self.mix_input.bias + cell.bias_ih + cell.bias_hh
+        gates_x = input_gates(cell.weight_ih @ w_x, bias, events, start)
+        w_recurrent = torch.cat([cell.weight_ih @ w_attn, cell.weight_hh], dim=1)
         keys = self.key(window)
         outputs = []
-        for step_gates in gates_x.unbind(1):  # unbind: indexing in the loop makes backward quadratic
+        for step_gates in gates_x.unbind(0):  # unbind: indexing in the loop makes backward quadratic
             gates = torch.addmm(step_gates, torch.cat([attn, h], dim=1), w_recurrent.t())
             i, f, g, o = gates.chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -105,16 +141,15 @@ class AttentionLSTM(nn.Module):
             window = torch.cat([window[:, 1:], output[:, None]], dim=1)
             keys = torch.cat([keys[:, 1:], self.key(output)[:, None]], dim=1)
             outputs.append(output)
-        return torch.stack(outputs, dim=1), (h, c, attn, window)
+        return torch.stack(outputs), (h, c, attn, window)
 
 
 class DrumRNN(nn.Module):
     """Stacked LSTM over drum events; `forward` returns next-event logits and the state.
 
-    Each layer is its own fused `nn.LSTM` (or `AttentionLSTM` for the first layer when
-    `attention_length > 0`), with dropout on every layer's output as Magenta's DropoutWrapper.
-    The first layer takes the 518-d float input: an embedding lookup for the one-hot part is the
-    same maths but needs a Python-loop LSTM, and measured no faster than the fused kernel.
+    The first layer is an `EventLSTM` (an `AttentionLSTM` when `attention_length > 0`); the others
+    are fused `nn.LSTM`s. Dropout follows every layer, as Magenta's DropoutWrapper. Inside, the
+    layers run time-major, the layout of torch's CPU LSTM kernels.
     """
 
     def __init__(self, hidden_size: int = 256, num_layers: int = 3, dropout: float = 0.5,
@@ -128,15 +163,11 @@ class DrumRNN(nn.Module):
         if attention_length < 0:
             raise ValueError(f"model.attention_length must be >= 0 (0: no attention), got {attention_length}")
         self.dropout = dropout
-        self.layers = nn.ModuleList()
-        for index in range(num_layers):
-            size = NUM_INPUTS if index == 0 else hidden_size
-            if index == 0 and attention_length:
-                self.layers.append(AttentionLSTM(size, hidden_size, attention_length))
-            else:
-                lstm = nn.LSTM(size, hidden_size, batch_first=True)
-                _add_forget_bias(lstm)
-                self.layers.append(lstm)
+        self.first = AttentionLSTM(hidden_size, attention_length) if attention_length else EventLSTM(hidden_size)
+        layers = [nn.LSTM(hidden_size, hidden_size) for _ in range(num_layers - 1)]
+        for lstm in layers:
+            _add_forget_bias(lstm)
+        self.layers = nn.ModuleList(layers)
         self.output = nn.Linear(hidden_size, NUM_EVENTS)
 
     def forward(self, events: Tensor, state: State | None = None,
@@ -145,13 +176,14 @@ class DrumRNN(nn.Module):
 
         Pass the returned state and `start + T` to continue the same sequences.
         """
-        x = input_features(events, start)
-        new_state = []
-        for index, layer in enumerate(self.layers):
-            x, layer_state = layer(x, None if state is None else state[index])
-            x = _dropout(x, self.dropout, self.training)
+        states = state if state is not None else (None,) * (1 + len(self.layers))
+        x, first_state = self.first(events, start, states[0])
+        new_state = [first_state]
+        for layer, layer_state in zip(self.layers, states[1:]):
+            x, layer_state = layer(_dropout(x, self.dropout, self.training), layer_state)
             new_state.append(tuple(layer_state))
-        return self.output(x), tuple(new_state)
+        x = _dropout(x, self.dropout, self.training)
+        return self.output(x.transpose(0, 1)), tuple(new_state)
 
 
 @contextmanager
@@ -164,7 +196,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def sample(model: DrumRNN, primer: Tensor, num_steps: int, temperature: float = 1.0,
+def sample(model: nn.Module, primer: Tensor, num_steps: int, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> Tensor:
     """A sequence of `num_steps` events that starts with `primer` (events `[P]`), as Magenta's generate.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import typing as tp
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from .. import builders
+from .. import builders, distrib
 from ..base import StandardSolver
 
 
@@ -34,7 +36,8 @@ class RegressionSolver(StandardSolver):
 
     def build_model(self) -> None:
         dim, hidden = self.cfg.dataset.dim, self.cfg.model.hidden_size
-        self.model = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)).to(self.device)
+        self.model = self.distribute(
+            nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)).to(self.device))
         self.optimizer = builders.get_optimizer(self.model.parameters(), self.cfg.optim)
         self.register_stateful('model', 'optimizer')
         self.register_best_state('model')
@@ -42,6 +45,8 @@ class RegressionSolver(StandardSolver):
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
         x, y = (t.to(self.device) for t in batch)
+        if self.is_training:
+            x = self.inject_faults(x)
         loss = F.mse_loss(self.model(x), y)
         if self.is_training:
             self.optimizer.zero_grad()
@@ -49,14 +54,26 @@ class RegressionSolver(StandardSolver):
             self.optimizer.step()
         return {'loss': loss.item()}
 
+    def inject_faults(self, x: torch.Tensor) -> torch.Tensor:
+        """The tests' faults (`faults.*`) at this position of the training stream: a NaN batch, or
+        a SIGTERM in the middle of the step."""
+        position = self.progress['train_batches']
+        if position in self.cfg.faults.sigterm_batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if position in self.cfg.faults.nan_batches:
+            x = torch.full_like(x, float('nan'))
+        return x
+
     def evaluate(self) -> dict[str, float]:
         losses = [self.run_step(i, batch, {})['loss'] for i, batch in enumerate(self.dataloaders['evaluate'])]
-        return {'loss': sum(losses) / len(losses)}
+        return distrib.average_metrics({'loss': sum(losses) / len(losses)}, len(losses))
 
     def generate(self) -> dict[str, float]:
         """Write the predictions on a few fixed inputs as JSON under samples/epoch_<N>/."""
         x = make_dataset(4, self.cfg.dataset.dim, seed=99).tensors[0].to(self.device)
-        folder = self.folder / 'samples' / f'epoch_{self.epoch}'
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / 'predictions.json').write_text(json.dumps(self.model(x).squeeze(1).tolist()))
+        predictions = self.model(x).squeeze(1).tolist()  # on every rank: a sharded model needs all
+        if distrib.is_rank_zero():
+            folder = self.folder / 'samples' / f'epoch_{self.epoch}'
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / 'predictions.json').write_text(json.dumps(predictions))
         return {}

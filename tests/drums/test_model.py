@@ -15,6 +15,7 @@ from solver.drums.model import (
     DrumRNN,
     finalize_metrics,
     input_features,
+    input_gates,
     sample,
     sequence_metrics,
 )
@@ -78,13 +79,20 @@ def test_stepping_with_the_state_equals_the_whole_sequence(attention_length):
     torch.testing.assert_close(torch.cat(chunks, dim=1), whole)
 
 
-def tf_attention_cell_wrapper(layer: AttentionLSTM, x: torch.Tensor) -> torch.Tensor:
+def test_input_gates_are_the_weight_times_the_input_features():
+    weight, bias = torch.randn(12, NUM_INPUTS), torch.randn(12)
+    events = torch.randint(0, NUM_EVENTS, (3, 9))
+    expected = F.linear(input_features(events, start=7), weight, bias).transpose(0, 1)
+    torch.testing.assert_close(input_gates(weight, bias, events, start=7), expected)
+
+
+def tf_attention_cell_wrapper(layer: AttentionLSTM, events: torch.Tensor) -> torch.Tensor:
     """A literal transcription of tf.contrib.rnn.AttentionCellWrapper.call around an LSTM cell."""
-    batch, hidden, length = x.shape[0], layer.hidden_size, layer.length
+    batch, hidden, length = events.shape[0], layer.hidden_size, layer.length
     h = c = attns = torch.zeros(batch, hidden)
     attn_states = torch.zeros(batch, length, hidden)
     outputs = []
-    for inputs in x.unbind(1):
+    for inputs in input_features(events).unbind(1):
         inputs = layer.mix_input(torch.cat([inputs, attns], 1))  # _linear1([inputs, attns])
         h, c = layer.cell(inputs, (h, c))
         hidden_features = layer.key(attn_states)  # conv2d(hidden, attn_w), 1x1
@@ -95,15 +103,15 @@ def tf_attention_cell_wrapper(layer: AttentionLSTM, x: torch.Tensor) -> torch.Te
         output = layer.mix_output(torch.cat([h, attns], 1))  # _linear2([cell_output, new_attns])
         attn_states = torch.cat([attn_states[:, 1:], output[:, None]], 1)
         outputs.append(output)
-    return torch.stack(outputs, 1)
+    return torch.stack(outputs)
 
 
 def test_attention_layer_computes_tf_attention_cell_wrapper():
     torch.manual_seed(0)
-    layer = AttentionLSTM(input_size=10, hidden_size=8, length=3)
-    x = torch.randn(2, 7, 10)
-    output, _ = layer(x)
-    torch.testing.assert_close(output, tf_attention_cell_wrapper(layer, x))
+    layer = AttentionLSTM(hidden_size=8, length=3)
+    events = torch.randint(0, NUM_EVENTS, (2, 7))
+    output, _ = layer(events)
+    torch.testing.assert_close(output, tf_attention_cell_wrapper(layer, events))
 
 
 def test_a_small_model_learns_a_repeated_bar():

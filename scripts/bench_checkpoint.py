@@ -1,0 +1,373 @@
+"""Checkpoint saving and loading against the limits of this machine's disk and memory (issue 5).
+
+For each size, a model + Adam state of ~260 tensors (an MLP: 65 parameters, each with Adam's
+step, exp_avg and exp_avg_sq) is saved and loaded every way we care about; every repeat runs
+all the variants in turn, so that other jobs on a shared machine slow them alike, and medians
+are printed. Ratios compare with figures of the same run:
+
+- `x disk`:   disk time / time: 1.00 = as fast as writing (or reading) the same bytes plainly;
+- `x memcpy`: time / the copy of the state into preallocated buffers (what async must pay);
+- `x sync`:   time / our synchronous save.
+
+"Cold" loads first drop the file from the page cache (fsync, then posix_fadvise DONTNEED:
+`echo 1 > /proc/sys/vm/drop_caches` works too as root, but empties every job's cache).
+
+    python scripts/bench_checkpoint.py                       # 256 MiB and 1 GiB, 3 repeats (~2 min)
+    python scripts/bench_checkpoint.py --sizes 1024 --repeats 5
+    python scripts/bench_checkpoint.py --train               # + training overhead of async saves (~6 min)
+    python scripts/bench_checkpoint.py --sizes '' --train --hidden 1024   # a smaller training benchmark
+
+`--train` trains the drum RNN (`DrumRNN`, hidden 2048 x 2 layers: about 0.85 GiB of model, Adam
+and best state) on random events, with an epoch as long as 20 synchronous saves, and compares
+the epoch time with an async save at the end of every epoch against none (runs in ABBA order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.utils.serialization as serialization
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from solver import archive, checkpoint  # noqa: E402
+from solver.drums.model import NUM_EVENTS, DrumRNN  # noqa: E402
+from solver.writer import CheckpointWriter, SaveMode  # noqa: E402
+
+MiB = 1 << 20
+CHUNK = 16 * MiB
+META = {'epoch': 1, 'step': 100, 'config': {'optim': {'lr': 1e-3}}}
+
+
+def make_state(nbytes: int) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, tp.Any]]:
+    """A model + Adam state of about `nbytes` in 260 tensors (parameters are a third of it)."""
+    width = int(math.sqrt(nbytes / 4 / 3 / 33))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(32)], nn.Linear(width, width, bias=False))
+    optimizer = torch.optim.Adam(model.parameters())
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    return model, optimizer, {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}
+
+
+def tensors_of(state: tp.Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    checkpoint._walk(state, found)
+    return found
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path: Path) -> None:
+    """Evict a file (or every file of a folder) from the page cache: the next read is cold."""
+    for file in ([path] if path.is_file() else [p for p in path.rglob('*') if p.is_file()]):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def timed(function: tp.Callable[[], tp.Any]) -> float:
+    begin = time.perf_counter()
+    function()
+    return time.perf_counter() - begin
+
+
+class SaveLoadBench:
+    """One state of a given size and every variant measured on it; `run_once` adds one repeat."""
+
+    def __init__(self, nbytes: int, folder: Path) -> None:
+        self.model, self.optimizer, self.state = make_state(nbytes)
+        self.tensors = tensors_of(self.state)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        self.copies = [torch.empty_like(t) for t in self.tensors]
+        for copy, tensor in zip(self.copies, self.tensors):
+            copy.copy_(tensor)  # touched: a second copy costs what a reused buffer costs
+        self.folder = folder
+        self.ours = folder / 'checkpoint.th'
+        self.read_buffer = torch.ones(self.nbytes + 16 * MiB, dtype=torch.uint8)
+        self.times: dict[str, list[float]] = {}
+        checkpoint.write_checkpoint(self.ours, self.state, META)  # a previous checkpoint to replace
+        self.writer = CheckpointWriter(SaveMode.ASYNC)
+        self.writer.prepare(self.state)  # as StandardSolver.run does before the first epoch
+        self.first_async: tuple[float, float] | None = None
+
+    def add(self, name: str, seconds: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+
+    # -- the limits ----------------------------------------------------------------------------
+
+    def disk_write(self) -> float:
+        path = self.folder / 'raw.bin'
+        remove(path)
+        begin = time.perf_counter()
+        with open(path, 'wb') as f:
+            for tensor in self.tensors:
+                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        return time.perf_counter() - begin
+
+    def disk_read(self, path: Path) -> float:
+        """Read the file into a preallocated (touched) buffer, 16 MiB per system call."""
+        view = memoryview(self.read_buffer.numpy())
+        size = path.stat().st_size
+        begin = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < size:
+                done += os.preadv(fd, [view[done:done + CHUNK]], done) or size
+        finally:
+            os.close(fd)
+        return time.perf_counter() - begin
+
+    def memcpy(self) -> float:
+        begin = time.perf_counter()
+        for copy, tensor in zip(self.copies, self.tensors):
+            copy.copy_(tensor)
+        return time.perf_counter() - begin
+
+    def memcpy_fresh(self) -> float:
+        return timed(lambda: [t.clone() for t in self.tensors])
+
+    # -- saves ---------------------------------------------------------------------------------
+
+    def ours_sync(self) -> float:
+        return timed(lambda: checkpoint.write_checkpoint(self.ours, self.state, META))
+
+    def ours_async(self) -> tuple[float, float]:
+        begin = time.perf_counter()
+        stats = self.writer.save(self.state, {self.folder / 'async.th': None}, META)
+        self.writer.wait()
+        return stats.blocked, time.perf_counter() - begin
+
+    def torch_save(self, crc32: bool = True) -> float:
+        path = self.folder / 'torch.th'
+        remove(path)
+        begin = time.perf_counter()
+        with open(path, 'wb') as f, serialization.config.patch({'save.compute_crc32': crc32}):
+            torch.save(self.state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return time.perf_counter() - begin
+
+    def breakdown(self) -> None:
+        """Where a synchronous save's time goes: digests, torch.save's CRC32, flush-behind."""
+        self.add('  digests (xxh3) alone', timed(lambda: checkpoint.digests(self.state)))
+        self.add('  torch.save without CRC32 + fsync', self.torch_save(crc32=False))
+        with contextlib.ExitStack() as stack:  # our save with the kernel's default write-back
+            stack.callback(setattr, archive, '_sync_range', archive._sync_range)
+            archive._sync_range = None
+            self.add('  our sync save without flush-behind', self.ours_sync())
+
+    def dcp_save(self) -> float:
+        path = self.folder / 'dcp'
+        remove(path)
+        return timed(lambda: dcp.save(self.state, checkpoint_id=path, no_dist=True))
+
+    def dcp_async_save(self) -> tuple[float, float]:
+        path = self.folder / 'dcp_async'
+        remove(path)
+        begin = time.perf_counter()
+        future = dcp.async_save(self.state, checkpoint_id=path, no_dist=True)
+        blocked = time.perf_counter() - begin
+        future.result()
+        return blocked, time.perf_counter() - begin
+
+    # -- loads ---------------------------------------------------------------------------------
+
+    def load_into_model(self) -> None:
+        ckpt = checkpoint.read_checkpoint(self.ours)
+        self.model.load_state_dict(ckpt.state['model'])
+        self.optimizer.load_state_dict(ckpt.state['optimizer'])
+        self.state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
+        self.tensors = tensors_of(self.state)
+
+    def loads(self) -> None:
+        variants: dict[str, tp.Callable[[], tp.Any]] = {
+            'disk read': lambda: self.disk_read(self.ours),
+            'our load': lambda: checkpoint.read_checkpoint(self.ours),
+            'torch.load(weights_only)': lambda: torch.load(self.ours, weights_only=True),
+            'our load + load_state_dict': self.load_into_model,
+        }
+        for name, load in variants.items():
+            drop_cache(self.ours)
+            self.add(f'{name}, cold', timed(load))
+            self.add(f'{name}, cached', timed(load))
+
+    def run_once(self, breakdown: bool = False) -> None:
+        self.add('disk write + fsync', self.disk_write())
+        self.add('memcpy into preallocated buffers', self.memcpy())
+        self.add('memcpy into fresh memory', self.memcpy_fresh())
+        self.add('our sync save', self.ours_sync())
+        if breakdown:
+            self.breakdown()
+        blocked, durable = self.ours_async()
+        if self.first_async is None:
+            self.first_async = (blocked, durable)
+        self.add('our async save: loop blocked', blocked)
+        self.add('our async save: until durable', durable)
+        self.add('torch.save + fsync', self.torch_save())
+        self.add('dcp.save', self.dcp_save())
+        blocked, durable = self.dcp_async_save()
+        self.add('dcp.async_save: blocked', blocked)
+        self.add('dcp.async_save: until durable', durable)
+        self.loads()
+
+    def report(self) -> None:
+        median = {name: statistics.median(values) for name, values in self.times.items()}
+        disk, read, memcpy = median['disk write + fsync'], median['disk read, cold'], median[
+            'memcpy into preallocated buffers']
+        sync = median['our sync save']
+        ratios = {
+            'disk write + fsync': (disk, 'x disk'),
+            'memcpy into fresh memory': (memcpy, 'x memcpy, time'),
+            'our sync save': (disk, 'x disk'),
+            '  torch.save without CRC32 + fsync': (disk, 'x disk'),
+            '  our sync save without flush-behind': (disk, 'x disk'),
+            'our async save: loop blocked': (memcpy, 'x memcpy, time'),
+            'our async save: until durable': (sync, 'x sync, time'),
+            'torch.save + fsync': (disk, 'x disk'),
+            'dcp.save': (disk, 'x disk'),
+            'dcp.async_save: blocked': (memcpy, 'x memcpy, time'),
+            'dcp.async_save: until durable': (sync, 'x sync, time'),
+        }
+        print(f"\n### {self.nbytes / MiB:.0f} MiB in {len(self.tensors)} tensors "
+              f"(medians of {len(self.times['our sync save'])})\n")
+        print(f"| {'operation':<42} | {'time':>8} | {'ratio':<22} | runs")
+        print(f"|{'-' * 44}|{'-' * 10}|{'-' * 24}|-----")
+        for name, value in median.items():
+            base, kind = ratios.get(name, (read, 'x disk') if ', cold' in name or ', cached' in name else (None, ''))
+            if base is None:
+                ratio = ''
+            elif kind == 'x disk':
+                ratio = f"{base / value:.2f} x disk"
+            else:
+                ratio = f"{value / base:.2f} {kind}"
+            runs = ' '.join(f"{v:.3f}" for v in self.times[name])
+            print(f"| {name:<42} | {value:7.3f}s | {ratio:<22} | {runs}")
+        if self.first_async is not None:
+            print(f"\nfirst async save after prepare(): blocked {self.first_async[0]:.3f}s, "
+                  f"durable {self.first_async[1]:.3f}s (included above)")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# -- training overhead ------------------------------------------------------------------------
+
+def train_overhead(args: argparse.Namespace, folder: Path) -> None:
+    torch.manual_seed(0)
+    model = DrumRNN(hidden_size=args.hidden, num_layers=args.layers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    events = torch.randint(0, NUM_EVENTS, (args.batch, args.length + 1))
+
+    def step() -> None:
+        logits, _ = model(events[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, NUM_EVENTS), events[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # Adam's state exists from here
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def state() -> dict[str, tp.Any]:
+        return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'best_state': best}
+
+    nbytes = sum(t.numel() * t.element_size() for t in tensors_of(state()))
+    path = folder / 'train.th'
+    sync_save = statistics.median(timed(lambda: checkpoint.write_checkpoint(path, state(), META)) for _ in range(3))
+    step_time = min(timed(step) for _ in range(2))
+    steps = args.steps or max(2, math.ceil(20 * sync_save / step_time))
+    print(f"\n### Training overhead: DrumRNN hidden {args.hidden} x {args.layers} layers, batch "
+          f"{args.batch} x {args.length}: {nbytes / MiB:.0f} MiB of state\n")
+    print(f"sync save {sync_save:.2f}s, step {step_time:.2f}s: {steps} steps per epoch "
+          f"(~{steps * step_time / sync_save:.0f}x the save)")
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.prepare(state())
+    epochs: dict[bool, list[float]] = {False: [], True: []}
+    blocked: list[float] = []
+    for saving in [False, True, True, False][:2 * args.rounds]:
+        for epoch in range(args.epochs):
+            begin = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if saving:
+                blocked.append(writer.save(state(), {path: None}, META).blocked)
+            if epoch:  # the first epoch of a run has no save of the previous epoch to overlap
+                epochs[saving].append(time.perf_counter() - begin)
+        writer.wait()
+    writer.close()
+    without, with_saves = statistics.mean(epochs[False]), statistics.mean(epochs[True])
+    print(f"epoch without saves {without:.2f}s {[round(t, 2) for t in epochs[False]]}")
+    print(f"epoch with an async save {with_saves:.2f}s {[round(t, 2) for t in epochs[True]]} "
+          f"(loop blocked {statistics.median(blocked):.3f}s per save)")
+    print(f"overhead: {100 * (with_saves / without - 1):+.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sizes', default='256,1024', help='state sizes in MiB, comma-separated')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--dir', type=Path, default=None, help='where to write (default: a temporary folder)')
+    parser.add_argument('--breakdown', action='store_true', help="also where a sync save's time goes")
+    parser.add_argument('--train', action='store_true', help='also measure the training overhead of async saves')
+    parser.add_argument('--hidden', type=int, default=2048)
+    parser.add_argument('--layers', type=int, default=2)
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--length', type=int, default=32)
+    parser.add_argument('--epochs', type=int, default=3, help='per run; the first epoch of a run is not counted')
+    parser.add_argument('--rounds', type=int, default=2, help='1: with/without once; 2: ABBA')
+    parser.add_argument('--steps', type=int, default=0, help='steps per epoch (default: 20 sync saves long)')
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory(prefix='bench_checkpoint_', dir=args.dir) as tmp:
+        for size in [int(s) for s in args.sizes.split(',') if s.strip()]:
+            folder = Path(tmp) / f'{size}'
+            folder.mkdir()
+            bench = SaveLoadBench(size * MiB, folder)
+            with contextlib.ExitStack() as stack:
+                stack.callback(bench.close)
+                for _ in range(args.repeats):
+                    bench.run_once(args.breakdown)
+            bench.report()
+            del bench
+            shutil.rmtree(folder)
+        if args.train:
+            train_overhead(args, Path(tmp))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,174 @@
+"""Sharded checkpoints (DCP, every rank writes its shards) beside a consolidated rank-0 save of
+the same state, at 1 and 2 ranks (CPU, gloo), with the peak memory of every rank.
+
+    python scripts/bench_distributed.py --mb 512
+
+The state is an FSDP2-sharded stack of linear layers and its Adam optimizer (3 x --mb). Per
+world size, in one run of fresh processes:
+
+- sharded save:      `checkpoint.write_checkpoint` of the DTensor state (shards + file, digests)
+- sharded load:      `checkpoint.read_checkpoint(like=state)`: each rank reads its shards
+- consolidated save: full state gathered on rank 0 (`get_state_dict(full_state_dict=True,
+                     cpu_offload=True)`), written by rank 0 with `write_checkpoint`
+- consolidated load: every rank reads the whole file and keeps its shards (`like=state`)
+
+Times are the slowest rank's, each the best of --repeat. Memory is the peak RSS a phase adds
+over what the process held before it (VmHWM, reset before each phase via /proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from solver import checkpoint, distrib  # noqa: E402
+
+PHASES = ('sharded save', 'sharded load', 'consolidated save', 'consolidated load')
+
+
+def rss_mb(field: str) -> float:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def measure(fn: tp.Callable[[], tp.Any]) -> tuple[float, float]:
+    """(seconds, MB of peak RSS over the RSS before), with every rank started together."""
+    Path('/proc/self/clear_refs').write_text('5')  # reset VmHWM to the current RSS
+    before = rss_mb('VmRSS')
+    dist.barrier()
+    begin = time.perf_counter()
+    result = fn()
+    dist.barrier()
+    seconds = time.perf_counter() - begin
+    peak = rss_mb('VmHWM') - before
+    del result
+    return seconds, peak
+
+
+def build(mb: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    width = 1024
+    layers = max(1, mb * 2**20 // (4 * width * width))
+    with torch.device('meta'):
+        model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device='cpu')
+    with torch.no_grad():
+        for param in model.parameters():
+            param.to_local().uniform_(-0.05, 0.05)
+    optimizer = torch.optim.Adam(model.parameters())
+    distrib.init_optimizer_state(optimizer)
+    return model, optimizer
+
+
+def worker(rank: int, world: int, port: int, mb: int, repeat: int, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model, optimizer = build(mb)
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}
+    meta = {'epoch': 1}
+    sharded_path, full_path = Path(folder) / 'sharded.th', Path(folder) / 'full.th'
+
+    def consolidated_save() -> None:
+        model_state, optim_state = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            checkpoint.write_checkpoint(full_path, {'model': model_state, 'optimizer': optim_state}, meta)
+
+    phases = {
+        'sharded save': lambda: checkpoint.write_checkpoint(sharded_path, state, meta),
+        'sharded load': lambda: checkpoint.read_checkpoint(sharded_path, like=state),
+        'consolidated save': consolidated_save,
+        'consolidated load': lambda: checkpoint.read_checkpoint(full_path, like=state),
+    }
+    results = {}
+    for name, fn in phases.items():
+        runs = [measure(fn) for _ in range(repeat)]
+        results[name] = {'seconds': min(r[0] for r in runs), 'peak_mb': max(r[1] for r in runs)}
+    shard_mb = sum(t.to_local().numel() * t.element_size() for t in checkpoint_tensors(state)) / 2**20
+    Path(out, f'rank{rank}.json').write_text(json.dumps({'results': results, 'shard_mb': shard_mb}))
+    dist.destroy_process_group()
+
+
+def checkpoint_tensors(state: tp.Any) -> list[tp.Any]:
+    if isinstance(state, torch.Tensor):
+        return [state] if hasattr(state, 'to_local') else []
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in checkpoint_tensors(v)]
+    return []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def run(world: int, mb: int, repeat: int, root: Path) -> list[dict]:
+    folder, out = root / f'ckpt{world}', root / f'out{world}'
+    folder.mkdir()
+    out.mkdir()
+    mp.spawn(worker, args=(world, free_port(), mb, repeat, str(folder), str(out)), nprocs=world)
+    return [json.loads((out / f'rank{r}.json').read_text()) for r in range(world)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--mb', type=int, default=256, help='model parameters in MB (the state is 3x)')
+    parser.add_argument('--ranks', type=int, nargs='+', default=[1, 2])
+    parser.add_argument('--repeat', type=int, default=2)
+    parser.add_argument('--dir', default=None, help='where to write (default: a temporary folder)')
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix='bench_distributed_', dir=args.dir))
+    try:
+        table = {world: run(world, args.mb, args.repeat, root) for world in args.ranks}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"State: {args.mb} MB of parameters + Adam = {3 * args.mb} MB; best of {args.repeat}; "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo.")
+    print(f"{'ranks':>5}  {'phase':<18} {'time s':>7}  peak RSS added per rank, MB (shard held: MB)")
+    for world, ranks in table.items():
+        for phase in PHASES:
+            seconds = max(r['results'][phase]['seconds'] for r in ranks)
+            peaks = ', '.join(f"r{i} {r['results'][phase]['peak_mb']:.0f}" for i, r in enumerate(ranks))
+            print(f"{world:>5}  {phase:<18} {seconds:>7.2f}  {peaks} ({ranks[0]['shard_mb']:.0f})")
+    print("Ratios (consolidated / sharded):")
+    for world, ranks in table.items():
+        r0 = ranks[0]['results']
+        save = max(r['results']['consolidated save']['seconds'] for r in ranks) / \
+            max(r['results']['sharded save']['seconds'] for r in ranks)
+        load = max(r['results']['consolidated load']['seconds'] for r in ranks) / \
+            max(r['results']['sharded load']['seconds'] for r in ranks)
+        memory = r0['consolidated save']['peak_mb'] / max(r0['sharded save']['peak_mb'], 1.0)
+        print(f"  {world} rank(s): save time x{save:.2f}, load time x{load:.2f}, "
+              f"rank-0 peak memory while saving x{memory:.1f}")
+    if 1 in table and 2 in table:
+        one, two = (max(r['results']['sharded save']['seconds'] for r in table[w]) for w in (1, 2))
+        print(f"Sharded save, 2 ranks / 1 rank: time x{two / one:.2f}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The checkpoint writer (solver/writer.py): async saves write what a sync save writes, the loop is
+blocked only for the snapshot, one save at a time, errors are never lost, and staging buffers made
+by `prepare` are the ones every save reuses.
+
+A slow disk is a patched `checkpoint.write_checkpoint` that waits on an Event: what these tests
+check never depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from solver import checkpoint
+from solver.writer import CheckpointWriter, SaveMode
+
+META = {'epoch': 3, 'step': 30, 'config': {'optim': {'lr': 0.1}}}
+
+
+def live_state() -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 16)).sum().backward()
+    optimizer.step()
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'history': [{'train': {'loss': 1.5}}], 'progress': {'step': 30}}
+
+
+class SlowDisk:
+    """`checkpoint.write_checkpoint` that holds every write until `release` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, error: Exception | None = None) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.calls: list[Path] = []
+        self.error = error
+        self._write = checkpoint.write_checkpoint
+        monkeypatch.setattr(checkpoint, 'write_checkpoint', self)
+
+    def __call__(self, path: Path, state: dict, meta: dict) -> None:
+        self.calls.append(path)
+        self.entered.release()
+        assert self.release.wait(timeout=60), "the test never released the write"
+        if self.error is not None:
+            raise self.error
+        self._write(path, state, meta)
+
+
+def test_an_async_save_writes_the_same_checkpoint_as_a_sync_save(tmp_path: Path):
+    state = live_state()
+    for mode in SaveMode:
+        with contextlib.closing(CheckpointWriter(mode)) as writer:
+            writer.prepare(state)
+            writer.save(state, {tmp_path / f'{mode.value}.th': None}, META)
+    sync = torch.load(tmp_path / 'sync.th', weights_only=True)
+    async_ = torch.load(tmp_path / 'async.th', weights_only=True)
+    assert_same(async_, sync)
+    assert checkpoint.read_checkpoint(tmp_path / 'async.th').meta == META
+
+
+def test_the_loop_is_blocked_for_the_snapshot_only_not_for_the_write(tmp_path: Path, monkeypatch):
+    disk = SlowDisk(monkeypatch)
+    state = live_state()
+    expected = {name: t.clone() for name, t in state['model'].items()}
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(state, {tmp_path / 'checkpoint.th': None}, META)  # returns while the write is held
+    assert disk.entered.acquire(timeout=60) and not (tmp_path / 'checkpoint.th').exists()
+    with torch.no_grad():  # training goes on: the file must hold the state as it was at save()
+        for tensor in state['model'].values():
+            tensor.add_(1.0)
+    disk.release.set()
+    writer.close()
+    saved = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th').state['model']
+    assert all(torch.equal(saved[name], expected[name]) for name in expected)
+
+
+def test_a_save_waits_for_the_one_in_flight(tmp_path: Path, monkeypatch):
+    disk = SlowDisk(monkeypatch)
+    state = live_state()
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(state, {tmp_path / 'a.th': None}, META)
+    assert disk.entered.acquire(timeout=60)
+    second = threading.Thread(target=writer.save, args=(state, {tmp_path / 'b.th': None}, META))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive() and disk.calls == [tmp_path / 'a.th']  # waiting, not writing
+    disk.release.set()
+    second.join(timeout=60)
+    writer.close()
+    assert disk.calls == [tmp_path / 'a.th', tmp_path / 'b.th']
+    assert checkpoint.read_checkpoint(tmp_path / 'b.th').meta == META
+
+
+@pytest.mark.parametrize('surfaced_by', ['save', 'wait', 'close'])
+def test_a_background_error_is_raised_by_the_next_call(tmp_path: Path, monkeypatch, surfaced_by):
+    disk = SlowDisk(monkeypatch, error=checkpoint.CheckpointError('Could not write checkpoint: disk on fire'))
+    disk.release.set()
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(live_state(), {tmp_path / 'a.th': None}, META)  # the error happens in the background
+    with pytest.raises(checkpoint.CheckpointError, match='disk on fire'):
+        if surfaced_by == 'save':
+            writer.save(live_state(), {tmp_path / 'b.th': None}, META)
+        elif surfaced_by == 'wait':
+            writer.wait()
+        else:
+            writer.close()
+    if surfaced_by != 'close':
+        writer.close()  # raised once: nothing left pending
+
+
+def test_the_first_save_after_prepare_reuses_the_prepared_buffers(tmp_path: Path):
+    state = live_state()
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.prepare(state)
+    prepared = list(writer.staging.buffers)
+    pointers = [b.data_ptr() for b in prepared]
+    assert writer.staging.nbytes == sum(t.numel() * t.element_size() for t in tensors_of(state))
+    for name in ('a.th', 'b.th'):
+        writer.save(state, {tmp_path / name: None}, META)
+        writer.wait()
+        assert [id(b) for b in writer.staging.buffers] == [id(b) for b in prepared]
+        assert [b.data_ptr() for b in writer.staging.buffers] == pointers
+    writer.close()
+
+
+def test_a_sync_writer_stages_nothing(tmp_path: Path):
+    writer = CheckpointWriter(SaveMode.SYNC)
+    writer.prepare(live_state())
+    writer.save(live_state(), {tmp_path / 'a.th': None}, META)
+    writer.close()
+    assert writer.staging.buffers == []
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def tensors_of(state: dict) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    checkpoint._walk(state, found)
+    return found
+
+
+def assert_same(actual, expected) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected)
+        for key in expected:
+            assert_same(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_same(a, e)
+    else:
+        assert actual == expected
