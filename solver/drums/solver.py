@@ -72,23 +72,34 @@ class DrumRNNSolver(StandardSolver):
             if self.cfg.optim.max_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_norm)
             self.optimizer.step()
-        return finalize_metrics(sums)
+        return finalize_metrics({key: value.detach() for key, value in sums.items()})
 
     def valid(self) -> dict[str, float]:
         return self.split_metrics('valid')
 
     @torch.no_grad()
     def split_metrics(self, split: str) -> dict[str, float]:
-        """Magenta's metrics over a whole split, from summed counts (exact, not batch averages)."""
+        """Magenta's metrics over a whole split, from summed counts (exact, not batch averages).
+
+        `accuracy_from_bar_2` counts only labels from the second bar of each window on: the
+        positions where the repeat-the-last-bar baseline is defined, for a like-for-like comparison.
+        """
         self.model.eval()
         totals: dict[str, float] = {}
         for batch in self.dataloaders[split]:
             inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
             logits, _ = self.model(inputs)
-            for key, value in sequence_metrics(logits, targets).items():
+            later = torch.arange(targets.shape[1], device=targets.device)[None] >= STEPS_PER_BAR - 1
+            counts = sequence_metrics(logits, targets)
+            later_counts = sequence_metrics(logits, targets, mask=later.expand_as(targets))
+            counts.update(later_correct=later_counts['correct'], later_count=later_counts['count'])
+            for key, value in counts.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         self.model.train()
-        return finalize_metrics(distrib.sum_metrics(totals))
+        totals = distrib.sum_metrics(totals)
+        metrics = finalize_metrics(totals)
+        metrics['accuracy_from_bar_2'] = totals['later_correct'] / max(totals['later_count'], 1.0)
+        return metrics
 
     # -- evaluate: the model beside two baselines --------------------------------------------------
 
