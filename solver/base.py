@@ -73,10 +73,12 @@ class StandardSolver(flashy.BaseSolver):
         # stream (steps + batches skipped by rollbacks), and the train stage's partial epoch.
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.checkpoint.async_save else SaveMode.SYNC)
+        self.writer.listeners.append(self.prune_epoch_checkpoints)
         self.preemption = PreemptionHandler()
         self._started = self._last_save = time.time()
         self._save_cost = self._checkpoint_time = 0.0
         self._rollbacks = 0
+        self._latest_saved = False
         self._loss_mean: float | None = None
         self.build_dataloaders()
         self.build_model()
@@ -207,7 +209,8 @@ class StandardSolver(flashy.BaseSolver):
             logger.info("Experiment %s is complete: %d of %d epochs done. Nothing to do.",
                         self.xp.sig, len(self.history), epochs)
             return
-        self.writer.prepare(self.state_dict())
+        if self.writer.mode is SaveMode.ASYNC:  # staging buffers for Adam's moments too, made now
+            self.writer.prepare(self.full_state())
         self.log_checkpoint_policy()
         try:
             with self.preemption:
@@ -223,8 +226,9 @@ class StandardSolver(flashy.BaseSolver):
         cfg = self.cfg.checkpoint
         rollback = cfg.rollback
         logger.info(
-            "Checkpoints: %s saves; latest every epoch%s%s%s. Rollback on %s loss: %s.",
+            "Checkpoints: %s saves; %s%s%s%s. Rollback on %s loss: %s.",
             self.writer.mode.value,
+            'latest every epoch' if cfg.save_last else f"checkpoint_<epoch>.th every {cfg.save_every} epochs",
             f", every {cfg.every_steps} steps" if cfg.every_steps else '',
             f", every {cfg.every_minutes} min" if cfg.every_minutes else '',
             f", mid-epoch interval chosen for <= {cfg.max_overhead:.1%} overhead" if cfg.max_overhead else '',
@@ -405,6 +409,7 @@ class StandardSolver(flashy.BaseSolver):
         """Close the epoch: history += metrics, checkpoints saved, then Dora's history updated."""
         self.history.append(self._pending_metrics)
         self._start_epoch()
+        self.agree_to_stop()  # every rank saves the same files, preempted or not
         if save_checkpoint:
             self.save_checkpoints()
         if flashy.distrib.is_rank_zero():
@@ -419,8 +424,13 @@ class StandardSolver(flashy.BaseSolver):
         cfg = self.cfg.checkpoint
         epoch = len(self.history)
         targets: dict[Path, tp.Sequence[str] | None] = {}
-        if cfg.save_last or mid_epoch or self.preemption.requested:  # a preempted run resumes from it
+        # The latest file is written at every epoch end with save_last; without it, still when
+        # preempted (the run resumes from it) and when a mid-epoch save made one, which would
+        # otherwise go stale and be resumed from in place of the newer epoch file.
+        if cfg.save_last or mid_epoch or self.preemption.requested or self.checkpoint_path.exists() \
+                or self._latest_saved:  # (an async mid-epoch save may not have landed yet)
             targets[self.checkpoint_path] = None
+            self._latest_saved = True
         if not mid_epoch and cfg.save_every and epoch % cfg.save_every == 0:
             targets[checkpoint.epoch_checkpoint_path(self.folder, epoch)] = cfg.keep_every_states
         if not targets:
@@ -437,9 +447,14 @@ class StandardSolver(flashy.BaseSolver):
                     "after %.3fs; %.2f%% of run time spent checkpointing.",
                     ', '.join(p.name for p in targets), epoch, self.progress['step'], stats.blocked,
                     stats.durable, 100 * self._checkpoint_time / max(time.time() - self._started, 1e-9))
-        if not mid_epoch and distrib.is_rank_zero():
-            for path in checkpoint.prune_epoch_checkpoints(self.folder, cfg.keep_last):
-                logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s)", path.name, cfg.keep_last)
+
+    def prune_epoch_checkpoints(self, saved: list[Path]) -> None:
+        """A writer listener: once a save is durable, keep the newest `checkpoint.keep_last` epoch
+        files (pruning as `save` returns would not count an async save's file, not yet written)."""
+        keep_last = self.cfg.checkpoint.keep_last
+        if distrib.is_rank_zero():
+            for path in checkpoint.prune_epoch_checkpoints(self.folder, keep_last):
+                logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s)", path.name, keep_last)
 
     def leave_after_save(self) -> tp.NoReturn:
         self.writer.close()
@@ -487,17 +502,24 @@ class StandardSolver(flashy.BaseSolver):
     def load_template(self) -> tp.Any:
         """The live state a checkpoint is read into (`read_checkpoint(like=...)`), or None when
         nothing is sharded: sharded tensors then load straight into this rank's shards.
+        Fresh optimizers get their per-parameter states for it (`full_state`).
+        """
+        if not sharded.has_dtensors(self.state_dict()):
+            return None
+        return self.full_state()
+
+    def full_state(self) -> dict[str, tp.Any]:
+        """The state as checkpoints hold it once training has begun (a load template, and what
+        the async writer's staging buffers are made for before the first step).
 
         An optimizer has per-parameter states only after its first step, so fresh ones get
         theirs made for the template, then forgotten: the optimizer itself stays fresh.
         """
-        if not sharded.has_dtensors(self.state_dict()):
-            return None
         optimizers = [self.registered(name) for name in self.stateful.sources]
         fresh = [o for o in optimizers if isinstance(o, torch.optim.Optimizer) and distrib.init_optimizer_state(o)]
         like = self.state_dict()
         for optimizer in fresh:
-            optimizer.state.clear()  # `like` keeps the made states, as load targets only
+            optimizer.state.clear()  # `like` keeps the made states, as templates only
         return like
 
     def resolve_continue_from(self, value: str, like: tp.Any = None) -> checkpoint.Checkpoint:

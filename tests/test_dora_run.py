@@ -325,3 +325,14 @@ def test_kill_at_random_moments_never_leaves_a_damaged_checkpoint(dora, training
     assert code == 0, output
     assert len(history(run.folder)) == 3
     assert_latest_checkpoint_is_intact(run.folder)
+
+
+def test_mid_epoch_saves_without_save_last_never_leave_a_stale_latest(dora, dora_dir):
+    args = ('run', 'solver=regression', 'checkpoint.save_last=false', 'checkpoint.save_every=1',
+            'checkpoint.every_steps=4')
+    code, out = dora(*args)
+    assert code == 0, out[-2000:]
+    code, out = dora(*args)
+    assert code == 0, out[-2000:]
+    assert 'is complete' in out
+    assert 'Resuming the train stage' not in out
