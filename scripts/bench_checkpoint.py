@@ -10,7 +10,9 @@ are printed. Ratios compare with figures of the same run:
 - `x sync`:   time / our synchronous save.
 
 "Cold" loads first drop the file from the page cache (fsync, then posix_fadvise DONTNEED:
-`echo 1 > /proc/sys/vm/drop_caches` works too as root, but empties every job's cache).
+`echo 1 > /proc/sys/vm/drop_caches` works too as root, but empties every job's cache); loads
+compare with the disk read of the same cache state. Before each variant `os.sync()` lets the disk
+finish what the previous one left (write-back, the discards of deleted files).
 
     python scripts/bench_checkpoint.py                       # 256 MiB and 1 GiB, 3 repeats (~2 min)
     python scripts/bench_checkpoint.py --sizes 1024 --repeats 5
@@ -19,7 +21,8 @@ are printed. Ratios compare with figures of the same run:
 
 `--train` trains the drum RNN (`DrumRNN`, hidden 2048 x 2 layers: about 0.85 GiB of model, Adam
 and best state) on random events, with an epoch as long as 20 synchronous saves, and compares
-the epoch time with an async save at the end of every epoch against none (runs in ABBA order).
+an epoch with an async save at its end (and the previous epoch's save writing during it) with
+an epoch without, in adjacent pairs.
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ def timed(function: tp.Callable[[], tp.Any]) -> float:
     return time.perf_counter() - begin
 
 
+def settle() -> None:
+    """Let the disk finish what earlier variants left it (write-back, discards of deleted files)."""
+    os.sync()
+
+
 class SaveLoadBench:
     """One state of a given size and every variant measured on it; `run_once` adds one repeat."""
 
@@ -118,7 +126,7 @@ class SaveLoadBench:
         checkpoint.write_checkpoint(self.ours, self.state, META)  # a previous checkpoint to replace
         self.writer = CheckpointWriter(SaveMode.ASYNC)
         self.writer.prepare(self.state)  # as StandardSolver.run does before the first epoch
-        self.first_async: tuple[float, float] | None = None
+        self.first_async: tuple[float, float] | None = None  # blocked, memcpy of the same repeat
 
     def add(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
@@ -136,10 +144,10 @@ class SaveLoadBench:
             os.fsync(f.fileno())
         return time.perf_counter() - begin
 
-    def disk_read(self, path: Path) -> float:
-        """Read the file into a preallocated (touched) buffer, 16 MiB per system call."""
-        view = memoryview(self.read_buffer.numpy())
+    def disk_read(self, path: Path, fresh: bool = False) -> float:
+        """Read the file into a preallocated (touched) buffer, or fresh memory, 16 MiB per call."""
         size = path.stat().st_size
+        view = memoryview((torch.empty(size, dtype=torch.uint8) if fresh else self.read_buffer).numpy())
         begin = time.perf_counter()
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -183,7 +191,9 @@ class SaveLoadBench:
     def breakdown(self) -> None:
         """Where a synchronous save's time goes: digests, torch.save's CRC32, flush-behind."""
         self.add('  digests (xxh3) alone', timed(lambda: checkpoint.digests(self.state)))
+        settle()
         self.add('  torch.save without CRC32 + fsync', self.torch_save(crc32=False))
+        settle()
         with contextlib.ExitStack() as stack:  # our save with the kernel's default write-back
             stack.callback(setattr, archive, '_sync_range', archive._sync_range)
             archive._sync_range = None
@@ -212,41 +222,49 @@ class SaveLoadBench:
         self.state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
         self.tensors = tensors_of(self.state)
 
-    def loads(self) -> None:
-        variants: dict[str, tp.Callable[[], tp.Any]] = {
-            'disk read': lambda: self.disk_read(self.ours),
-            'our load': lambda: checkpoint.read_checkpoint(self.ours),
-            'torch.load(weights_only)': lambda: torch.load(self.ours, weights_only=True),
-            'our load + load_state_dict': self.load_into_model,
-        }
-        for name, load in variants.items():
+    def loads(self, turn: int) -> None:
+        variants: list[tuple[str, tp.Callable[[], tp.Any]]] = [
+            ('disk read', lambda: self.disk_read(self.ours)),
+            ('disk read into fresh memory', lambda: self.disk_read(self.ours, fresh=True)),
+            ('our load', lambda: checkpoint.read_checkpoint(self.ours)),
+            ('torch.load(weights_only)', lambda: torch.load(self.ours, weights_only=True)),
+            ('our load + load_state_dict', self.load_into_model),
+        ]
+        turn %= len(variants)  # each repeat starts with another variant
+        for name, load in variants[turn:] + variants[:turn]:
             drop_cache(self.ours)
+            settle()
             self.add(f'{name}, cold', timed(load))
             self.add(f'{name}, cached', timed(load))
 
-    def run_once(self, breakdown: bool = False) -> None:
-        self.add('disk write + fsync', self.disk_write())
-        self.add('memcpy into preallocated buffers', self.memcpy())
-        self.add('memcpy into fresh memory', self.memcpy_fresh())
-        self.add('our sync save', self.ours_sync())
+    def run_once(self, turn: int, breakdown: bool = False) -> None:
+        for name, variant in [('disk write + fsync', self.disk_write),
+                              ('memcpy into preallocated buffers', self.memcpy),
+                              ('memcpy into fresh memory', self.memcpy_fresh),
+                              ('our sync save', self.ours_sync)]:
+            settle()
+            self.add(name, variant())
         if breakdown:
             self.breakdown()
+        settle()
         blocked, durable = self.ours_async()
         if self.first_async is None:
-            self.first_async = (blocked, durable)
+            self.first_async = (blocked, self.times['memcpy into preallocated buffers'][-1])
         self.add('our async save: loop blocked', blocked)
         self.add('our async save: until durable', durable)
+        settle()
         self.add('torch.save + fsync', self.torch_save())
+        settle()
         self.add('dcp.save', self.dcp_save())
+        settle()
         blocked, durable = self.dcp_async_save()
         self.add('dcp.async_save: blocked', blocked)
         self.add('dcp.async_save: until durable', durable)
-        self.loads()
+        self.loads(turn)
 
     def report(self) -> None:
         median = {name: statistics.median(values) for name, values in self.times.items()}
-        disk, read, memcpy = median['disk write + fsync'], median['disk read, cold'], median[
-            'memcpy into preallocated buffers']
+        disk, memcpy = median['disk write + fsync'], median['memcpy into preallocated buffers']
         sync = median['our sync save']
         ratios = {
             'disk write + fsync': (disk, 'x disk'),
@@ -266,7 +284,10 @@ class SaveLoadBench:
         print(f"| {'operation':<42} | {'time':>8} | {'ratio':<22} | runs")
         print(f"|{'-' * 44}|{'-' * 10}|{'-' * 24}|-----")
         for name, value in median.items():
-            base, kind = ratios.get(name, (read, 'x disk') if ', cold' in name or ', cached' in name else (None, ''))
+            if name.endswith(', cold') or name.endswith(', cached'):  # vs the disk read of the same cache
+                base, kind = median['disk read' + name[name.rindex(','):]], 'x disk'
+            else:
+                base, kind = ratios.get(name, (None, ''))
             if base is None:
                 ratio = ''
             elif kind == 'x disk':
@@ -276,8 +297,9 @@ class SaveLoadBench:
             runs = ' '.join(f"{v:.3f}" for v in self.times[name])
             print(f"| {name:<42} | {value:7.3f}s | {ratio:<22} | {runs}")
         if self.first_async is not None:
-            print(f"\nfirst async save after prepare(): blocked {self.first_async[0]:.3f}s, "
-                  f"durable {self.first_async[1]:.3f}s (included above)")
+            blocked, copy = self.first_async
+            print(f"\nfirst async save after prepare(): blocked {blocked:.3f}s, {blocked / copy:.2f} x the "
+                  f"memcpy of the same repeat ({copy:.3f}s); included above")
 
     def close(self) -> None:
         self.writer.close()
@@ -307,7 +329,8 @@ def train_overhead(args: argparse.Namespace, folder: Path) -> None:
     nbytes = sum(t.numel() * t.element_size() for t in tensors_of(state()))
     path = folder / 'train.th'
     sync_save = statistics.median(timed(lambda: checkpoint.write_checkpoint(path, state(), META)) for _ in range(3))
-    step_time = min(timed(step) for _ in range(2))
+    step()  # the first steps touch fresh memory
+    step_time = statistics.median(timed(step) for _ in range(3))
     steps = args.steps or max(2, math.ceil(20 * sync_save / step_time))
     print(f"\n### Training overhead: DrumRNN hidden {args.hidden} x {args.layers} layers, batch "
           f"{args.batch} x {args.length}: {nbytes / MiB:.0f} MiB of state\n")
@@ -315,24 +338,33 @@ def train_overhead(args: argparse.Namespace, folder: Path) -> None:
           f"(~{steps * step_time / sync_save:.0f}x the save)")
     writer = CheckpointWriter(SaveMode.ASYNC)
     writer.prepare(state())
-    epochs: dict[bool, list[float]] = {False: [], True: []}
-    blocked: list[float] = []
-    for saving in [False, True, True, False][:2 * args.rounds]:
-        for epoch in range(args.epochs):
-            begin = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if saving:
-                blocked.append(writer.save(state(), {path: None}, META).blocked)
-            if epoch:  # the first epoch of a run has no save of the previous epoch to overlap
-                epochs[saving].append(time.perf_counter() - begin)
+
+    def epoch(save: bool) -> float:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if save:
+            blocked.append(writer.save(state(), {path: None}, META).blocked)
+        return time.perf_counter() - begin
+
+    # Each round: an epoch with no save (A); an epoch that saves at its end (not counted), whose
+    # write runs during the next epoch (B), which saves too: B pays one background write and one
+    # snapshot, as every epoch of a run with a save per epoch does. Then the last write is waited
+    # for, so that A never overlaps one. Pairs taken minutes apart would mostly measure the
+    # other jobs of a shared machine.
+    without, with_saves, blocked = [], [], []
+    for _ in range(args.rounds):
+        without.append(epoch(save=False))
+        epoch(save=True)
+        with_saves.append(epoch(save=True))
         writer.wait()
     writer.close()
-    without, with_saves = statistics.mean(epochs[False]), statistics.mean(epochs[True])
-    print(f"epoch without saves {without:.2f}s {[round(t, 2) for t in epochs[False]]}")
-    print(f"epoch with an async save {with_saves:.2f}s {[round(t, 2) for t in epochs[True]]} "
+    ratios = [b / a for a, b in zip(without, with_saves)]
+    print(f"epoch without saves {statistics.median(without):.2f}s {[round(t, 2) for t in without]}")
+    print(f"epoch with an async save {statistics.median(with_saves):.2f}s {[round(t, 2) for t in with_saves]} "
           f"(loop blocked {statistics.median(blocked):.3f}s per save)")
-    print(f"overhead: {100 * (with_saves / without - 1):+.1f}%")
+    print(f"overhead: {100 * (statistics.median(ratios) - 1):+.1f}% (median of the rounds: "
+          f"{' '.join(f'{100 * (r - 1):+.1f}%' for r in ratios)})")
 
 
 def main() -> None:
@@ -346,8 +378,7 @@ def main() -> None:
     parser.add_argument('--layers', type=int, default=2)
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--length', type=int, default=32)
-    parser.add_argument('--epochs', type=int, default=3, help='per run; the first epoch of a run is not counted')
-    parser.add_argument('--rounds', type=int, default=2, help='1: with/without once; 2: ABBA')
+    parser.add_argument('--rounds', type=int, default=4, help='pairs of epochs with and without a save')
     parser.add_argument('--steps', type=int, default=0, help='steps per epoch (default: 20 sync saves long)')
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
@@ -359,8 +390,8 @@ def main() -> None:
             bench = SaveLoadBench(size * MiB, folder)
             with contextlib.ExitStack() as stack:
                 stack.callback(bench.close)
-                for _ in range(args.repeats):
-                    bench.run_once(args.breakdown)
+                for turn in range(args.repeats):
+                    bench.run_once(turn, args.breakdown)
             bench.report()
             del bench
             shutil.rmtree(folder)

@@ -1,7 +1,8 @@
 """Checkpoint files: names, atomic writes, integrity, safe loading, keep policy.
 
-A checkpoint is one file written by `torch.save` and read back with `weights_only=True`: a plain
-dict of tensors and Python containers, so that loading a file from elsewhere can never run code.
+A checkpoint is one torch archive (what `torch.save` writes; we write it at disk speed with
+`archive.save`) read back with `weights_only=True`: a plain dict of tensors and Python
+containers, so that loading a file from elsewhere can never run code.
 
     {'format': 'solver.checkpoint', 'version': 1,
      'meta': {...},              # epoch, step, config (plain dict), signature, versions, git commit
@@ -33,6 +34,7 @@ import re
 import typing as tp
 import zipfile
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,20 +230,35 @@ def atomic_open(path: Path) -> tp.Iterator[tp.BinaryIO]:
     On any error (full disk, a signal turned exception, a size limit) the temporary file is
     removed and `path` is untouched. A kill -9 leaves at worst a stray `.tmp.<pid>` file, which
     the next save of the same process id overwrites and `clean_stray_files` removes.
+
+    The replaced file is freed in the background: freeing 1 GiB of blocks takes 0.17 s here (the
+    filesystem is mounted with discard), a fifth of writing them. It is held open through the
+    rename, which then frees nothing, and closed by another thread (or by the kernel at exit).
     """
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp.{os.getpid()}')
+    replaced = None
     try:
         with open(tmp, 'wb') as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        with contextlib.suppress(OSError):  # no file yet
+            replaced = os.open(path, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if replaced is not None:
+            os.close(replaced)
         raise
     fsync_dir(path.parent)
+    if replaced is not None:
+        _closer.submit(os.close, replaced)
+
+
+# Closes replaced files, which frees their blocks (see atomic_open) off the saving thread.
+_closer = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-free')
 
 
 def clean_stray_files(folder: Path) -> None:

@@ -20,8 +20,11 @@ never stalls training or the next save; their errors are logged.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
+import threading
 import time
 import typing as tp
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,13 +90,24 @@ class StagingBuffers:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
 
+def _background_priority() -> None:
+    """Lower this thread's CPU priority (nice 19; the threads it starts inherit it).
+
+    Training keeps every core busy: at the same priority a background write (hashing, copying
+    into the page cache) slows the loop by about its own CPU time; at nice 19 it mostly runs
+    when a core is idle. A starved write costs no more: the next save's wait frees a core.
+    """
+    with contextlib.suppress(AttributeError, OSError):  # Linux sets it per thread
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class CheckpointWriter:
     def __init__(self, mode: SaveMode | str = SaveMode.SYNC) -> None:
         self.mode = SaveMode(mode)
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
         self.last = SaveStats()
-        self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer')
+        self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer', initializer=_background_priority)
         self._notify = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-listeners')
         self._pending: Future | None = None
 

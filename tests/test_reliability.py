@@ -39,7 +39,7 @@ from solver.writer import CheckpointWriter, SaveMode
 
 REGRESSION = ('solver=regression',)  # 16 steps per epoch, 3 epochs: a run of seconds
 WIDE = (*REGRESSION, 'model.hidden_size=512', 'dataset.dim=256')  # a 2 MB checkpoint
-# Steps of ~10 ms, 96 per epoch, a 2 MB checkpoint: long enough to signal or kill mid-epoch.
+# Steps of ~10 ms, 96 per epoch: long enough to signal or kill a run in the middle of an epoch.
 EXACT = (*WIDE, 'dataset.batch_size=256',
          'dataset.train_size=24576', 'dataset.eval_size=256', 'optim.epochs=2', 'optim.lr=1e-3')
 EXACT_STEPS = 96
@@ -157,8 +157,8 @@ def preempted(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
 def test_a_signal_mid_epoch_makes_the_run_save_then_exit_with_128_plus_the_signal(preempted):
     assert preempted.code == 128 + preempted.signal, preempted.output
     received = preempted.output.index(f'Received {preempted.signal.name}')
-    saved = preempted.output.index(f"{SAVE_LINE} (epoch 1, step {preempted.saved['step']})")
-    assert received < saved < preempted.output.index(f'Stopped by {preempted.signal.name}')
+    save = preempted.output.index(f"{SAVE_LINE} (epoch 1, step {preempted.saved['step']})")
+    assert received < save < preempted.output.index(f'Stopped by {preempted.signal.name}')
     assert 0 < preempted.saved['epoch_step'] < EXACT_STEPS
 
 
