@@ -14,10 +14,10 @@ are printed. Ratios compare with figures of the same run:
 compare with the disk read of the same cache state. Before each variant `os.sync()` lets the disk
 finish what the previous one left (write-back, the discards of deleted files).
 
-    python scripts/bench_checkpoint.py                       # 256 MiB and 1 GiB, 3 repeats (~2 min)
-    python scripts/bench_checkpoint.py --sizes 1024 --repeats 5
-    python scripts/bench_checkpoint.py --train               # + training overhead of async saves (~6 min)
-    python scripts/bench_checkpoint.py --sizes '' --train --hidden 1024   # a smaller training benchmark
+    python scripts/bench_checkpoint.py                       # 256 MiB and 1 GiB, 3 repeats (~1.5 min)
+    python scripts/bench_checkpoint.py --repeats 5 --breakdown   # the README's figures (~2.5 min)
+    python scripts/bench_checkpoint.py --sizes '' --train --rounds 6  # training overhead (~4 min idle)
+    python scripts/bench_checkpoint.py --sizes '' --train --hidden 1024  # a smaller one
 
 `--train` trains the drum RNN (`DrumRNN`, hidden 2048 x 2 layers: about 0.85 GiB of model, Adam
 and best state) on random events, with an epoch as long as 20 synchronous saves, and compares

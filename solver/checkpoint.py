@@ -331,7 +331,7 @@ def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
         raise CorruptCheckpointError(
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
     reading: archive.Reading | None = None
-    try:  # tensors read in file order as they are hashed, the disk reading ahead
+    try:  # tensors read in file order by another thread, each hashed as soon as it is read
         payload, reading = archive.load(path)
     except Exception:  # anything unusual (damage, unsafe pickles): torch.load below names it
         pass
