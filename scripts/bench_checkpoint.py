@@ -72,12 +72,7 @@ def tensors_of(state: tp.Any) -> list[torch.Tensor]:
     return found
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_path = checkpoint.fsync_dir  # opens any path read-only and fsyncs it, file or folder
 
 
 def drop_cache(path: Path) -> None:
