@@ -11,6 +11,7 @@ import typing as tp
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')  # flashy logs in colour
@@ -119,3 +120,26 @@ def dora_dir(tmp_path: Path) -> Path:
 def dora(dora_dir: Path) -> Runner:
     """`dora('run', 'solver=regression', ...)` -> (returncode, output), in this test's Dora folder."""
     return lambda *args, **kwargs: run_dora(dora_dir, *args, **kwargs)
+
+
+def _assert_same(actual: tp.Any, expected: tp.Any) -> None:
+    """Equal structure, types, dtypes and tensor values, recursively (container order included)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected)
+        for key in expected:
+            _assert_same(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            _assert_same(a, e)
+    else:
+        assert type(actual) is type(expected) and actual == expected
+
+
+@pytest.fixture
+def assert_same() -> tp.Callable[[tp.Any, tp.Any], None]:
+    """The deep comparison of checkpoint states shared by the checkpoint, archive and writer tests."""
+    return _assert_same

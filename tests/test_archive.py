@@ -36,24 +36,10 @@ def save(path: Path, obj: object, complete=None) -> None:
         archive.save(obj, f, complete)
 
 
-def assert_same(actual, expected) -> None:
-    if isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape
-        assert torch.equal(actual, expected)
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected)
-        for key in expected:
-            assert_same(actual[key], expected[key])
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected)
-        for a, e in zip(actual, expected):
-            assert_same(a, e)
-    else:
-        assert actual == expected
 
 
 @pytest.mark.parametrize('mmap', [False, True])
-def test_plain_torch_load_reads_what_archive_save_writes(tmp_path: Path, mmap: bool):
+def test_plain_torch_load_reads_what_archive_save_writes(tmp_path: Path, mmap: bool, assert_same):
     state = awkward_state()
     save(tmp_path / 'a.th', state)
     loaded = torch.load(tmp_path / 'a.th', weights_only=True, mmap=mmap)
@@ -81,7 +67,7 @@ def test_complete_may_not_add_tensors(tmp_path: Path):
 
 
 @pytest.mark.parametrize('writer', ['archive.save', 'torch.save'])
-def test_archive_load_reads_any_torch_archive_tensor_by_tensor(tmp_path: Path, writer: str):
+def test_archive_load_reads_any_torch_archive_tensor_by_tensor(tmp_path: Path, writer: str, assert_same):
     state = awkward_state()
     if writer == 'torch.save':
         torch.save(state, tmp_path / 'a.th')

@@ -35,21 +35,6 @@ def small_meta() -> dict:
     return {'epoch': 2, 'step': 7, 'sig': 'abcdef12', 'config': {'optim': {'lr': 0.1, 'betas': [0.9, 0.99]}}}
 
 
-def assert_same(actual, expected) -> None:
-    """Equal values, tensors bitwise, containers of the same kind."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype
-        assert torch.equal(actual, expected)
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(actual) == list(expected)
-        for key in expected:
-            assert_same(actual[key], expected[key])
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected) and len(actual) == len(expected)
-        for a, e in zip(actual, expected):
-            assert_same(a, e)
-    else:
-        assert type(actual) is type(expected) and actual == expected
 
 
 def tensor_bytes_offset(path: Path, index: int = 0) -> int:
@@ -95,7 +80,7 @@ class Color(enum.Enum):
 
 # -- round trip -------------------------------------------------------------------------------
 
-def test_round_trip_gives_back_state_and_metadata(saved: Path):
+def test_round_trip_gives_back_state_and_metadata(saved: Path, assert_same):
     loaded = checkpoint.read_checkpoint(saved)
     assert loaded.path == saved
     assert_same(loaded.state, small_state())

@@ -52,7 +52,7 @@ class SlowDisk:
         self._write(path, state, meta)
 
 
-def test_an_async_save_writes_the_same_checkpoint_as_a_sync_save(tmp_path: Path):
+def test_an_async_save_writes_the_same_checkpoint_as_a_sync_save(tmp_path: Path, assert_same):
     state = live_state()
     for mode in SaveMode:
         with contextlib.closing(CheckpointWriter(mode)) as writer:
@@ -145,17 +145,3 @@ def tensors_of(state: dict) -> list[torch.Tensor]:
     return found
 
 
-def assert_same(actual, expected) -> None:
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype
-        assert torch.equal(actual, expected)
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected)
-        for key in expected:
-            assert_same(actual[key], expected[key])
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected) and len(actual) == len(expected)
-        for a, e in zip(actual, expected):
-            assert_same(a, e)
-    else:
-        assert actual == expected
