@@ -46,9 +46,10 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from solver import archive, checkpoint  # noqa: E402
+from solver.checkpointing import archive  # noqa: E402
+from solver.checkpointing import format as checkpoint  # noqa: E402
+from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
 from solver.drums.model import NUM_EVENTS, DrumRNN  # noqa: E402
-from solver.writer import CheckpointWriter, SaveMode  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 16 * MiB

@@ -36,7 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from solver import checkpoint, distrib  # noqa: E402
+from solver import distrib  # noqa: E402
+from solver.checkpointing import format as checkpoint  # noqa: E402
 
 PHASES = ('sharded save', 'sharded load', 'consolidated save', 'consolidated load')
 

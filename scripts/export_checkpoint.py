@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from solver.checkpoint import CheckpointError, export_best_state
+from solver.checkpointing.format import CheckpointError, export_best_state
 
 
 def main() -> int:

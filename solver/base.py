@@ -24,13 +24,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import checkpoint, distrib, sharded
+from . import distrib
 from .best_state import BestState, copy_state
+from .checkpointing import format as checkpoint
+from .checkpointing import sharded
+from .checkpointing.writer import CheckpointWriter, SaveMode
 from .ema import ModuleDictEMA
 from .preemption import PreemptionHandler
 from .rng import RNGState
 from .sampler import ResumableBatchSampler
-from .writer import CheckpointWriter, SaveMode
 
 logger = logging.getLogger(__name__)
 STAGES = ('train', 'valid', 'evaluate', 'generate')

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from . import builders, distrib
 from .base import SolverError
-from .checkpoint import CheckpointError
+from .checkpointing.format import CheckpointError
 from .lock import ExperimentLock, ExperimentLockedError
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The archive format (solver/archive.py): what `archive.save` writes is a torch zip archive that
+"""The archive format (solver/checkpointing/archive.py): what `archive.save` writes is a torch zip archive that
 plain `torch.load` reads, `archive.load` reads any torch zip archive the same way, and a failed
 write raises instead of taking the process down.
 """
@@ -13,7 +13,8 @@ import pytest
 import torch
 import xxhash
 
-from solver import archive, checkpoint
+from solver.checkpointing import archive
+from solver.checkpointing import format as checkpoint
 
 
 def awkward_state() -> dict:

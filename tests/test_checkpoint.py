@@ -1,4 +1,5 @@
-"""Checkpoint files (solver/checkpoint.py): round trip, integrity, safe loading, atomic writes, keep policy."""
+"""Checkpoint files (solver/checkpointing/format.py): round trip, integrity, safe loading, atomic writes,
+keep policy."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-from solver import checkpoint
-from solver.checkpoint import CorruptCheckpointError, UnsafeCheckpointError
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing.format import CorruptCheckpointError, UnsafeCheckpointError
 
 
 def small_state() -> dict:
@@ -266,7 +267,7 @@ def test_load_newest_intact_falls_back_to_the_newest_intact_epoch_file(tmp_path:
     write_epochs(tmp_path, 1, 2, 10)
     damaged = tmp_path / 'checkpoint.th'
     damaged.write_bytes(b'\0' * 100)
-    with caplog.at_level(logging.ERROR, logger='solver.checkpoint'):
+    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.format'):
         found = checkpoint.load_newest_intact(tmp_path)
     assert found.path == tmp_path / 'checkpoint_10.th' and found.meta['epoch'] == 10
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -277,7 +278,7 @@ def test_load_newest_intact_skips_every_damaged_file(tmp_path: Path, caplog):
     write_epochs(tmp_path, 1, 2)
     (tmp_path / 'checkpoint.th').write_bytes(b'')
     (tmp_path / 'checkpoint_2.th').write_bytes(b'garbage')
-    with caplog.at_level(logging.ERROR, logger='solver.checkpoint'):
+    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.format'):
         assert checkpoint.load_newest_intact(tmp_path).path == tmp_path / 'checkpoint_1.th'
     logged = '\n'.join(r.getMessage() for r in caplog.records)
     assert 'checkpoint.th' in logged and 'checkpoint_2.th' in logged

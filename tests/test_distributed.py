@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from solver import checkpoint, distrib, sharded
+from solver import distrib
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing import sharded
 
 TRAINED = ('solver=regression', 'checkpoint.save_every=1')
 FSDP = (*TRAINED, 'fsdp.use=true')

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from solver import checkpoint
+from solver.checkpointing import format as checkpoint
 
 REGRESSION = ('solver=regression',)
 TRAINED = (*REGRESSION, 'checkpoint.save_every=1')  # 3 epochs, checkpoint_<epoch>.th for each

@@ -34,8 +34,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from solver import checkpoint
-from solver.writer import CheckpointWriter, SaveMode
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 REGRESSION = ('solver=regression',)  # 16 steps per epoch, 3 epochs: a run of seconds
 WIDE = (*REGRESSION, 'model.hidden_size=512', 'dataset.dim=256')  # a 2 MB checkpoint
@@ -484,7 +484,7 @@ def test_a_failing_listener_is_logged_and_saving_goes_on(tmp_path, caplog):
 
     writer = CheckpointWriter(SaveMode.SYNC)
     writer.listeners.append(failing_listener)
-    with caplog.at_level(logging.ERROR, logger='solver.writer'):
+    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.writer'):
         writer.save(STATE, {tmp_path / 'a.th': None}, {})
         writer.save(STATE, {tmp_path / 'b.th': None}, {})
         writer.close()

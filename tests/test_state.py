@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from solver import checkpoint
 from solver.base import drop_keys
 from solver.best_state import BestState
+from solver.checkpointing import format as checkpoint
 from solver.ema import ModuleDictEMA
 from solver.lock import ExperimentLock, ExperimentLockedError
 from solver.rng import RNGState

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from solver import checkpoint
-from solver.writer import CheckpointWriter, SaveMode
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 META = {'epoch': 3, 'step': 30, 'config': {'optim': {'lr': 0.1}}}
 

@@ -10,7 +10,7 @@ import mido
 import pytest
 import torch
 
-from solver.checkpoint import read_checkpoint
+from solver.checkpointing.format import read_checkpoint
 from solver.drums.midi import read_drum_events
 
 DEBUG = ('run', 'solver=drum_rnn/debug', 'checkpoint.save_every=1')

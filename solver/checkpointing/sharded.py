@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from . import distrib
+from .. import distrib
 
 #: the key that marks a placeholder: {MARK: name in the shard folder, 'shape': [...], 'dtype': 'float32'}
 MARK = 'solver.sharded_tensor'
@@ -118,7 +118,7 @@ def save_shards(path: Path, state: tp.Any) -> tuple[tp.Any, dict[str, tp.Any] | 
     dist.all_gather_object(gathered, own, group=group)  # also: every rank's files are durable
     if rank != 0:
         return skeleton, None
-    from .checkpoint import fsync_dir  # here: checkpoint imports this module
+    from .fs import fsync_dir
     fsync_dir(tmp)
     os.rename(tmp, final)
     fsync_dir(path.parent)

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, distrib, sharded
+from .. import distrib
+from . import format as checkpoint
+from . import sharded
 
 logger = logging.getLogger(__name__)
 Listener = tp.Callable[[list[Path]], None]

@@ -1,4 +1,4 @@
-"""Verify a checkpoint and print what it holds: `python -m solver.inspect FILE_OR_XP_FOLDER`."""
+"""Verify a checkpoint and print what it holds: `python -m solver.checkpointing.inspect FILE_OR_XP_FOLDER`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typing as tp
 
 import torch
 
-from .checkpoint import CheckpointError, load_source
+from .format import CheckpointError, load_source
 
 
 def describe(obj: tp.Any, indent: str = '', depth: int = 3) -> list[str]:
