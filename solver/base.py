@@ -28,6 +28,7 @@ from . import distrib
 from .best_state import BestState, copy_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
+from .checkpointing.store import IncrementalStore
 from .checkpointing.writer import CheckpointWriter, SaveMode
 from .ema import ModuleDictEMA
 from .preemption import PreemptionHandler
@@ -76,6 +77,11 @@ class StandardSolver(flashy.BaseSolver):
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.checkpoint.async_save else SaveMode.SYNC)
         self.writer.listeners.append(self.prune_epoch_checkpoints)
+        if cfg.checkpoint.get('incremental'):  # [incremental]
+            if cfg.fsdp.use:
+                raise SolverError("checkpoint.incremental=true cannot store sharded (fsdp.use=true) "
+                                  "checkpoints; set one of them to false.")
+            self.writer.store = IncrementalStore(self.folder)
         self.preemption = PreemptionHandler()
         self._started = self._last_save = time.time()
         self._save_cost = self._checkpoint_time = 0.0
@@ -383,7 +389,13 @@ class StandardSolver(flashy.BaseSolver):
                               f"{limit} rollbacks (checkpoint.rollback.max_rollbacks); stopping. "
                               "Lower optim.lr or enable gradient clipping (optim.max_norm).")
         self.writer.wait()
-        ckpt = checkpoint.load_newest_intact(self.folder, like=self.load_template())
+        begin = time.perf_counter()
+        # [rollback from memory] the async writer's staged copy of the newest checkpoint, if intact
+        newest = checkpoint.candidates(self.folder)[:1]
+        ckpt = self.writer.staged_checkpoint(newest[0]) if newest else None
+        source = 'memory' if ckpt is not None else 'disk'
+        if ckpt is None:
+            ckpt = checkpoint.load_newest_intact(self.folder, like=self.load_template())
         if ckpt is None:
             raise SolverError(f"Training diverged ({err}) at step {self.progress['step'] + 1}, before "
                               "any checkpoint to roll back to. Lower optim.lr or save earlier "
@@ -392,8 +404,9 @@ class StandardSolver(flashy.BaseSolver):
         skipped = (self.progress['train_batches'], bad_batch)
         self.progress['train_batches'] = bad_batch + 1
         self._loss_mean = None
-        logger.warning("Rollback %d/%d: %s. Reloaded %s (step %d) and skipped training batches %d-%d.",
-                       self._rollbacks, limit, err, ckpt.path, self.progress['step'], *skipped)
+        logger.warning("Rollback %d/%d: %s. Reloaded %s (step %d) from %s in %.3fs and skipped "
+                       "training batches %d-%d.", self._rollbacks, limit, err, ckpt.path,
+                       self.progress['step'], source, time.perf_counter() - begin, *skipped)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -457,6 +470,8 @@ class StandardSolver(flashy.BaseSolver):
         if distrib.is_rank_zero():
             for path in checkpoint.prune_epoch_checkpoints(self.folder, keep_last):
                 logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s)", path.name, keep_last)
+            if self.writer.store is not None:  # [incremental] blobs no kept checkpoint uses
+                self.writer.store.collect()
 
     def leave_after_save(self) -> tp.NoReturn:
         self.writer.close()

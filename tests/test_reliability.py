@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing import store
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 REGRESSION = ('solver=regression',)  # 16 steps per epoch, 3 epochs: a run of seconds
@@ -222,7 +223,10 @@ def kill_plan(kills: int, seed: int) -> list[Kill]:
     return plan
 
 
-FAULT_PLANS = {mode: kill_plan((FAULT_KILLS + i) // 2, seed=1234 + i) for i, mode in enumerate(['sync', 'async'])}
+# 'incremental': async saves into a blob store (checkpoint.incremental), collected as it goes.
+FAULT_MODES = {'sync': ('checkpoint.async_save=false',), 'async': ('checkpoint.async_save=true',),
+               'incremental': ('checkpoint.async_save=true', 'checkpoint.incremental=true')}
+FAULT_PLANS = {mode: kill_plan((FAULT_KILLS + i) // 2, seed=1234 + i) for i, mode in enumerate(FAULT_MODES)}
 # Enough epochs that no plan finishes the run before its last kill: each life adds at most
 # `most_saves() + 1` saves' worth of steps (the +1: steps in flight when the kill lands).
 FAULT_MOST_STEPS = max(sum(k.most_saves() + 1 for k in plan) for plan in FAULT_PLANS.values()) * FAULT_EVERY
@@ -276,10 +280,10 @@ def assert_resumed_as_expected(output: str, expected: str | None) -> None:
         assert expected in output, f"expected {expected!r} in:\n{output}"
 
 
-@pytest.mark.parametrize('mode', ['sync', 'async'])
+@pytest.mark.parametrize('mode', FAULT_MODES)
 def test_fault_injection_kill_at_random_moments_then_resume_ends_as_if_never_killed(
         dora_tools, tmp_path, fault_reference, mode):
-    overrides = (*FAULT, f'checkpoint.async_save={mode == "async"}')
+    overrides = (*FAULT, *FAULT_MODES[mode])
     dora_dir = tmp_path / 'dora'
     expected = None
     for kill in FAULT_PLANS[mode]:
@@ -293,23 +297,31 @@ def test_fault_injection_kill_at_random_moments_then_resume_ends_as_if_never_kil
     assert_resumed_as_expected(output, expected)
     assert temporary_files(run.folder) == []
     assert_same_run(run.folder, fault_reference)
+    if mode == 'incremental':  # every blob left is used by a kept checkpoint
+        assert set(os.listdir(run.folder / store.BLOBS)) == store.referenced(run.folder)
 
 
 # -- damaged files at resume -----------------------------------------------------------------------
 
 TRAINED = (*REGRESSION, 'checkpoint.save_every=1')  # checkpoint.th and checkpoint_<1..3>.th
+STORAGE = {'single file': (), 'incremental': ('checkpoint.incremental=true',)}
 
 
-@pytest.fixture(scope='module')
-def trained(dora_tools, tmp_path_factory) -> SimpleNamespace:
-    """A finished run with an epoch checkpoint per epoch (read only: tests damage a copy)."""
-    return run_xp(dora_tools, tmp_path_factory.mktemp('trained') / 'dora', *TRAINED)
+@pytest.fixture(scope='module', params=STORAGE.values(), ids=STORAGE.keys())
+def trained(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
+    """A finished run with an epoch checkpoint per epoch (read only: tests damage a copy), in
+    each storage mode (`overrides` to rerun it)."""
+    overrides = (*TRAINED, *request.param)
+    xp = run_xp(dora_tools, tmp_path_factory.mktemp('trained') / 'dora', *overrides)
+    xp.overrides = overrides
+    return xp
 
 
 def copy_xp(source: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
     dora_dir = tmp_path / 'dora'
     shutil.copytree(source.dora_dir, dora_dir, symlinks=True)
-    return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / source.folder.name)
+    return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / source.folder.name,
+                           overrides=source.overrides)
 
 
 def truncate(keep: float | int) -> tp.Callable[[Path], None]:
@@ -331,8 +343,11 @@ def flip_byte_at(path: Path, offset: int) -> None:
 
 
 def flip_tensor_byte(path: Path) -> None:
-    """Flip a bit in the middle of the model's first weight matrix."""
+    """Flip a bit in the middle of the model's first weight matrix (in the file, or in its blob
+    for an incremental checkpoint)."""
     weight = checkpoint.read_checkpoint(path).state['model']['0.weight'].numpy().tobytes()
+    if weight[:64] not in path.read_bytes():
+        path = store.blob_folder(path) / store.blob_key(torch.frombuffer(bytearray(weight), dtype=torch.uint8))
     flip_byte_at(path, path.read_bytes().find(weight[:64]) + len(weight) // 2)
 
 
@@ -355,7 +370,7 @@ def test_a_rerun_reports_each_damaged_checkpoint_and_resumes_from_the_newest_int
     xp = copy_xp(trained, tmp_path)
     for name, damage in damages.items():
         damage(xp.folder / name)
-    code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
+    code, output = dora_tools.run(xp.dora_dir, 'run', *xp.overrides)
     assert code == 0, output
     for name in damages:
         assert f"Skipping damaged checkpoint: {xp.folder / name}" in output
@@ -366,8 +381,9 @@ def test_a_rerun_reports_each_damaged_checkpoint_and_resumes_from_the_newest_int
 def files_on_disk(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Content and modification time of the files a run owns (not Dora's and Hydra's per-launch
     files: .argv.json, .hydra/, the lock, the log)."""
-    owned = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(('.', 'solver.log'))]
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in owned}
+    owned = [p for p in [*folder.iterdir(), *folder.glob(f'{store.BLOBS}/*')]
+             if p.is_file() and not p.name.startswith(('.', 'solver.log'))]
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in owned}
 
 
 def test_with_every_checkpoint_damaged_the_run_refuses_to_start_over_and_changes_nothing(
@@ -377,7 +393,7 @@ def test_with_every_checkpoint_damaged_the_run_refuses_to_start_over_and_changes
                          ('checkpoint_2.th', flip_tensor_byte), ('checkpoint_1.th', cut_end)]:
         damage(xp.folder / name)
     before = files_on_disk(xp.folder)
-    code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
+    code, output = dora_tools.run(xp.dora_dir, 'run', *xp.overrides)
     assert code != 0
     assert 'refusing to start over' in output
     assert all(str(xp.folder / name) in output for name in ('checkpoint.th', 'checkpoint_1.th'))

@@ -221,6 +221,8 @@ def clean_stray_files(folder: Path) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
     sharded.clean(folder)
+    from . import store  # [incremental] (store imports this module)
+    store.clean_stray_blobs(folder)
 
 
 def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -247,13 +249,15 @@ def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.An
         distrib.barrier(group)
 
 
-def _write_file(path: Path, content: dict[str, tp.Any]) -> None:
+def _write_file(path: Path, content: dict[str, tp.Any], digested: dict[str, tp.Any] | None = None) -> None:
+    """`digested`: the digests to record, when computed already (store.py: of the real state)."""
     _walk(content, [])  # a value that cannot be saved raises here, before any file is touched
     header = {'format': FORMAT, 'version': VERSION, **content}
     try:
         with atomic_open(Path(path)) as f:
             # The digests are computed on another thread while the tensors' bytes are written.
-            archive.save(header, f, complete=lambda header: {**header, 'digests': digests(content)})
+            archive.save(header, f, complete=lambda header: {
+                **header, 'digests': digested if digested is not None else digests(content)})
     except (OSError, RuntimeError) as err:
         # The archive writer may report a failed write (full disk, size limit) as a RuntimeError
         # raised while handling the OSError: name the OSError, which says what happened.
@@ -304,6 +308,9 @@ def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
         raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
     try:
+        from . import store  # [incremental] blobs in place of the placeholders
+        if store.is_incremental(payload):
+            payload = store.resolve(path, payload)
         ckpt = verify(path, payload, reading.ready if reading is not None else None)
         if reading is not None:
             reading.wait()  # every tensor was hashed, hence read: this only makes sure

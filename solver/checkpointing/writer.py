@@ -34,8 +34,12 @@ from pathlib import Path
 import torch
 
 from .. import distrib
+from ..best_state import copy_state
 from . import format as checkpoint
 from . import sharded
+
+if tp.TYPE_CHECKING:
+    from .store import IncrementalStore
 
 logger = logging.getLogger(__name__)
 Listener = tp.Callable[[list[Path]], None]
@@ -44,6 +48,16 @@ Listener = tp.Callable[[list[Path]], None]
 class SaveMode(enum.Enum):
     SYNC = 'sync'        # write on the calling thread
     ASYNC = 'async'      # snapshot into staging buffers, write in the background
+
+
+@dataclass
+class Staged:
+    """The last save as the staging buffers hold it, once durable: the files holding all of it
+    (not those restricted to some states), and what was written to them."""
+
+    paths: list[Path]
+    state: dict[str, tp.Any]
+    meta: dict[str, tp.Any]
 
 
 @dataclass
@@ -112,6 +126,10 @@ class CheckpointWriter:
         self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer', initializer=_background_priority)
         self._notify = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-listeners')
         self._pending: Future | None = None
+        # [incremental] `store.IncrementalStore` writes the files when set (checkpoint.incremental)
+        self.store: IncrementalStore | None = None
+        # [rollback from memory] the last save as staged, once durable (async mode only)
+        self.staged: Staged | None = None
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
         """Allocate and touch the staging buffers now, not at the first checkpoint."""
@@ -132,6 +150,7 @@ class CheckpointWriter:
             self.last = SaveStats()
             return self.last
         if self.mode is SaveMode.ASYNC:
+            self.staged = None  # the buffers are about to change
             state = self.staging.snapshot(state)
             self._pending = self._io.submit(self._write, state, targets, meta, begin)
         else:
@@ -141,16 +160,36 @@ class CheckpointWriter:
 
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float) -> None:
+        write = self.store.write if self.store is not None else checkpoint.write_checkpoint  # [incremental]
         for path, names in targets.items():
             if names:
                 subset = {k: v for k, v in state.items() if k in names}
-                checkpoint.write_checkpoint(path, subset, dict(meta, partial=sorted(subset)))
+                write(path, subset, dict(meta, partial=sorted(subset)))
             else:
-                checkpoint.write_checkpoint(path, state, meta)
+                write(path, state, meta)
+        if self.mode is SaveMode.ASYNC:
+            self.staged = Staged([p for p, names in targets.items() if not names], state, meta)
         self.last.durable = time.perf_counter() - begin
         logger.debug("Checkpoint durable after %.3fs: %s", self.last.durable, [p.name for p in targets])
         for listener in self.listeners:
             self._notify.submit(self._call, listener, list(targets))
+
+    def staged_checkpoint(self, path: Path) -> checkpoint.Checkpoint | None:
+        """[rollback from memory] Checkpoint `path` from the staging buffers instead of the disk:
+        a copy of the last save's state, if `path` is one of its full files and the digests
+        recorded in that file match the staged bytes (so the file on disk is that save, and
+        the memory copy is intact). None otherwise; call `wait()` first.
+        """
+        staged = self.staged
+        if staged is None or Path(path) not in staged.paths or sharded.has_dtensors(staged.state):
+            return None
+        try:  # the file's recorded digests only: mmap reads no tensor bytes
+            recorded = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('digests')
+        except Exception:  # damaged or replaced: the disk path names the problem
+            return None
+        if recorded != checkpoint.digests({'meta': staged.meta, 'state': staged.state}):
+            return None
+        return checkpoint.Checkpoint(path=Path(path), state=copy_state(staged.state), meta=dict(staged.meta))
 
     @staticmethod
     def _call(listener: Listener, paths: list[Path]) -> None:

@@ -1,0 +1,366 @@
+"""Incremental checkpoints: each tensor's bytes stored once per experiment (content-addressed).
+
+With `checkpoint.incremental=true` a checkpoint file (`checkpoint.th`, `checkpoint_<epoch>.th`)
+keeps its format (header, meta, digests of the whole state) but holds only small tensors
+itself; every tensor of `INLINE_BYTES` or more is a 0-element placeholder in the file and its
+bytes live in `<xp>/blobs/<key>`, written once and shared by every checkpoint that holds the
+same bytes: the best state equal to the live model, EMA weights equal to them, the latest and
+the epoch file of one save, frozen layers and unchanged buffers across epochs.
+
+    {'format': ..., 'version': ..., 'meta': ..., 'state': <placeholders>,
+     'blobs': {'refs': [None | (key, dtype, shape), ...]},   # one per tensor, traversal order
+     'digests': <of the real state: what verify() checks once the blobs are in>}
+
+Keys. `<xxh3-128 hex>-<nbytes>`: the 128-bit xxh3 of the bytes (without the GIL, like
+`format.tensor_digest`) and their length. A key names the bytes a checkpoint will be given
+back, so a collision would silently swap tensors: the 64-bit digests of the format would make
+one likely among ~4e9 blobs of one size, 128 bits among ~1e19. Comparing bytes instead would
+read every reused blob back at every save; a blob found on disk that this process did not
+write is read and checked once, though (`_trusted`), so a damaged blob is rewritten, not
+reused. Reading checks each blob against its key (naming the blob) and then the whole state
+against the file's 64-bit digests (`format.verify`), as for a single-file checkpoint.
+
+Order. Blobs are written to temporary files, fsynced, renamed, and the folder fsynced; the
+checkpoint file, which is what makes a checkpoint exist, is written after (atomically, by
+`format`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
+folder references (the `rolled_back/` ones included), only while the experiment's lock is
+held and never during a save of the same store; a checkpoint file that cannot be read stops
+it (its blobs cannot be known). A kill -9 at any moment leaves at worst unreferenced blobs or
+temporary files, removed later.
+
+Sharded (FSDP) states are refused: their shards are DCP files of their own (`sharded`).
+`consolidate` turns an incremental checkpoint into one self-contained file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import threading
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from . import format as checkpoint
+from . import sharded
+from .fs import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+BLOBS = 'blobs'
+INLINE_BYTES = 512    # smaller tensors stay in the checkpoint file: a file each would cost more
+_SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs
+
+
+class _Hash128(ctypes.Structure):
+    _fields_ = [('low64', ctypes.c_uint64), ('high64', ctypes.c_uint64)]
+
+
+def _xxh3_128_without_gil() -> tp.Callable[[int, int], _Hash128] | None:
+    """python-xxhash's XXH3_128bits through ctypes (releases the GIL), checked against its API."""
+    try:
+        import xxhash._xxhash
+        function = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_128bits
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = _Hash128
+    probe = b'solver incremental key'
+    value = function(probe, len(probe))
+    if f'{value.high64:016x}{value.low64:016x}' != xxhash.xxh3_128_hexdigest(probe):
+        return None
+    return function
+
+
+_xxh3_128 = _xxh3_128_without_gil()
+
+
+def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_contiguous() or flat.device.type != 'cpu':
+        flat = flat.contiguous().cpu()
+    return flat
+
+
+def blob_key(tensor: torch.Tensor) -> str:
+    """`<xxh3-128 of the bytes>-<number of bytes>`: the name of a tensor's bytes in the store."""
+    flat = _contiguous(tensor)
+    nbytes = flat.numel() * flat.element_size()
+    if _xxh3_128 is not None and nbytes:
+        value = _xxh3_128(flat.data_ptr(), nbytes)
+        digest = f'{value.high64:016x}{value.low64:016x}'
+    else:
+        digest = xxhash.xxh3_128_hexdigest(flat.view(torch.uint8).numpy() if nbytes else b'')
+    return f'{digest}-{nbytes}'
+
+
+def _map_tensors(obj: tp.Any, function: tp.Callable[[torch.Tensor], tp.Any]) -> tp.Any:
+    """`obj` rebuilt with `function(tensor)` for each tensor, in `format`'s traversal order."""
+    if isinstance(obj, torch.Tensor):
+        return function(obj)
+    if type(obj) in (dict, checkpoint.OrderedDict):
+        return type(obj)((key, _map_tensors(value, function)) for key, value in obj.items())
+    if type(obj) in (list, tuple, torch.Size):
+        return type(obj)(_map_tensors(value, function) for value in obj)
+    return obj
+
+
+def is_incremental(payload: tp.Any) -> bool:
+    """Whether a loaded checkpoint payload keeps its tensors in a blob store."""
+    return isinstance(payload, dict) and isinstance(payload.get('blobs'), dict)
+
+
+@dataclass
+class WriteStats:
+    """Bytes of tensors one `write` stored anew, and bytes it found already stored."""
+
+    written: int = 0
+    reused: int = 0
+
+
+class IncrementalStore:
+    """The blob store of one experiment folder: writes incremental checkpoints, collects blobs.
+
+    One instance per folder and process: `write` and `collect` exclude each other, so a
+    collection running beside a save never sees that save's blobs as unreferenced.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.blobs = self.folder / BLOBS
+        self._mutex = threading.Lock()
+        self._trusted: set[str] = set()  # written or verified by this process
+        self.last = WriteStats()
+
+    def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> WriteStats:
+        """Write the checkpoint `path` of `state` and `meta`: new blobs first, the file last."""
+        if sharded.has_dtensors(state):
+            raise checkpoint.CheckpointError(
+                f"Cannot write {path} incrementally: the state is sharded (FSDP). Set "
+                "checkpoint.incremental=false for sharded runs.")
+        content = {'meta': meta, 'state': state}
+        checkpoint._walk(content, [])  # a value that cannot be saved raises before any write
+        digests = checkpoint.digests(content)
+        stats = WriteStats()
+        refs: list[tp.Any] = []
+
+        def to_ref(tensor: torch.Tensor) -> torch.Tensor:
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes < INLINE_BYTES:
+                refs.append(None)
+                return tensor
+            key = blob_key(tensor)
+            if self._store(key, tensor):
+                stats.written += nbytes
+            else:
+                stats.reused += nbytes
+            refs.append((key, str(tensor.dtype), tuple(tensor.shape)))
+            return torch.empty(0, dtype=tensor.dtype)
+
+        with self._mutex:
+            try:
+                self.blobs.mkdir(parents=True, exist_ok=True)
+                skeleton = _map_tensors(content, to_ref)
+                fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
+            except OSError as err:
+                raise checkpoint.CheckpointError(
+                    f"Could not write checkpoint {path}: storing its tensors in {self.blobs} failed: "
+                    f"{err.strerror or err}. The previous checkpoint is untouched; free disk space or "
+                    "fix permissions, then rerun to resume.") from err
+            checkpoint._write_file(Path(path), {**skeleton, "blobs": {"refs": refs}}, digested=digests)
+        self.last = stats
+        return stats
+
+    def _store(self, key: str, tensor: torch.Tensor) -> bool:
+        """Make blob `key` hold `tensor`'s bytes (durable once the folder is fsynced); True if
+        it was written, False if an intact copy was already there."""
+        target = self.blobs / key
+        if key in self._trusted and target.exists():
+            return False
+        if target.exists() and _intact(target, key):
+            self._trusted.add(key)
+            return False
+        flat = _contiguous(tensor)
+        tmp = self.blobs / f'.{key}.tmp.{os.getpid()}'
+        try:
+            with open(tmp, 'wb') as f:
+                if flat.numel():
+                    f.write(memoryview(flat.view(torch.uint8).numpy()))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._trusted.add(key)
+        return True
+
+    def collect(self) -> list[str]:
+        """Remove the blobs no checkpoint file under the folder references; return their keys.
+
+        Runs only with the experiment lock held (by this process, or taken here for the time of
+        the call); refuses while another process holds it. Never runs during a `write`.
+        """
+        with self._mutex, _experiment_lock(self.folder):
+            if not self.blobs.is_dir():
+                return []
+            used = referenced(self.folder)
+            if used is None:
+                return []
+            removed = []
+            for blob in self.blobs.iterdir():
+                if not blob.name.startswith('.') and blob.name not in used:
+                    blob.unlink(missing_ok=True)
+                    self._trusted.discard(blob.name)
+                    removed.append(blob.name)
+            if removed:
+                fsync_dir(self.blobs)
+            return removed
+
+    def nbytes(self) -> int:
+        """Bytes of the blobs on disk."""
+        return sum(p.stat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
+
+
+@contextlib.contextmanager
+def _experiment_lock(folder: Path) -> tp.Iterator[None]:
+    """Hold the experiment lock (`lock.ExperimentLock`) for the block: already held by this
+    process (its pid is in the lock file and the lock is taken), or taken now."""
+    from ..lock import ExperimentLock
+    lock_path = Path(folder) / '.lock'
+    with contextlib.suppress(OSError, ValueError):
+        owner = int(lock_path.read_text().split()[0])
+        if owner == os.getpid() and _locked(lock_path):
+            yield
+            return
+    with ExperimentLock(folder):
+        yield
+
+
+def _locked(lock_path: Path) -> bool:
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the probe's lock, if it got one)
+    return False
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Every checkpoint file under an experiment folder, those moved aside included."""
+    return sorted(p for p in Path(folder).rglob('*.th') if p.is_file() and BLOBS not in p.parts)
+
+
+def _refs(path: Path) -> list[str]:
+    """The blob keys a checkpoint file names (read without its tensors' bytes)."""
+    payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    if not is_incremental(payload):
+        return []
+    return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
+
+
+def referenced(folder: Path) -> set[str] | None:
+    """Keys of the blobs some checkpoint file under `folder` names; None (and a warning) if a
+    file cannot be read: then nothing may be collected."""
+    used: set[str] = set()
+    for path in checkpoint_files(folder):
+        try:
+            used.update(_refs(path))
+        except Exception as err:  # damaged or foreign: its references are unknown
+            logger.warning("Not collecting unused checkpoint blobs: %s cannot be read (%s).", path, err)
+            return None
+    return used
+
+
+def _intact(blob: Path, key: str) -> bool:
+    try:
+        _read_blob(blob, key)
+    except (OSError, checkpoint.CorruptCheckpointError):
+        return False
+    return True
+
+
+def _read_blob(blob: Path, key: str) -> torch.Tensor:
+    """The bytes of a blob as a uint8 tensor, checked against its key."""
+    nbytes = int(key.rpartition('-')[2])
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    with open(blob, 'rb') as f:
+        size = f.readinto(memoryview(data.numpy())) if nbytes else 0
+        extra = f.read(1)
+    if size != nbytes or extra:
+        raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
+    if blob_key(data) != key:
+        raise checkpoint.CorruptCheckpointError(f"blob {blob} does not match its digest")
+    return data
+
+
+def blob_folder(path: Path) -> Path | None:
+    """The blob folder of a checkpoint file: beside it, or in a folder above it."""
+    for parent in [Path(path).parent, *Path(path).parent.parents][:_SEARCH_UP + 1]:
+        if (parent / BLOBS).is_dir():
+            return parent / BLOBS
+    return None
+
+
+def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
+    """The payload of an incremental checkpoint file with its blobs read in, each checked
+    against its key; raises `CorruptCheckpointError` naming the file and the blob."""
+    refs = payload['blobs'].get('refs')
+    content = {key: payload[key] for key in ('meta', 'state') if key in payload}
+    tensors: list[torch.Tensor] = []
+    checkpoint._walk(content, tensors)
+    if not isinstance(refs, list) or len(refs) != len(tensors):
+        raise checkpoint.CorruptCheckpointError(f"{path} is damaged: its blob references do not match its state.")
+    folder = blob_folder(path)
+    if folder is None and any(ref is not None for ref in refs):
+        raise checkpoint.CorruptCheckpointError(
+            f"{path} is an incremental checkpoint and no '{BLOBS}' folder holds its tensors (looked in "
+            f"{path.parent} and above). Copy a checkpoint elsewhere with "
+            "solver.checkpointing.store.consolidate (or `solver export`), not cp.")
+    index = iter(range(len(refs)))
+
+    def fill(tensor: torch.Tensor) -> torch.Tensor:
+        ref = refs[next(index)]
+        if ref is None:
+            return tensor
+        try:
+            key, dtype, shape = ref
+            data = _read_blob(tp.cast(Path, folder) / key, key)
+            return data.view(getattr(torch, str(dtype).rpartition('.')[2])).reshape(shape)
+        except FileNotFoundError as err:
+            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: its blob {err.filename} is missing.") from err
+        except checkpoint.CorruptCheckpointError as err:
+            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: {err}.") from err
+        except (OSError, ValueError, TypeError, RuntimeError, AttributeError) as err:
+            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: blob reference {ref!r:.120}: {err}") from err
+
+    return {**payload, **_map_tensors(content, fill)}
+
+
+def consolidate(source: Path, target: Path) -> checkpoint.Checkpoint:
+    """Write checkpoint `source` (incremental or not) as one self-contained file `target`.
+
+    What `solver export` and copies to other machines use: the result needs no blob folder.
+    """
+    ckpt = checkpoint.read_checkpoint(Path(source))
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_checkpoint(Path(target), ckpt.state, ckpt.meta)
+    return checkpoint.read_checkpoint(Path(target))
+
+
+def clean_stray_blobs(folder: Path) -> None:
+    """Remove the temporary blob files of a process killed during a save."""
+    blobs = Path(folder) / BLOBS
+    if blobs.is_dir():
+        for tmp in blobs.glob('.*.tmp.*'):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
