@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import distrib
+from . import builders, distrib
 from .best_state import BestState, copy_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
@@ -88,8 +88,11 @@ class StandardSolver(flashy.BaseSolver):
         self._rollbacks = 0
         self._latest_saved = False
         self._loss_mean: float | None = None
+        self._frozen: set[str] = set()  # optim.freeze prefixes matched (`distribute`)
+        self._param_names: list[str] = []
         self.build_dataloaders()
         self.build_model()
+        builders.check_freeze(list(cfg.optim.get('freeze') or []), self._frozen, self._param_names)
         self.register_stateful('best_state', 'rng', 'progress')
 
     # -- what a task provides ---------------------------------------------------------------
@@ -152,8 +155,12 @@ class StandardSolver(flashy.BaseSolver):
         Call it in `build_model` before creating the optimizer, and use what it returns as the
         model (`self.model = self.distribute(MyModel().to(self.device))`). Its state stays the
         module's own (no 'module.' prefix): checkpoints load in any number of processes. `units`
-        are blocks sharded one by one under FSDP (see `distrib.wrap_model`).
+        are blocks sharded one by one under FSDP (see `distrib.wrap_model`). Parameters named by
+        `optim.freeze` are frozen here (`builders.freeze_parameters`).
         """
+        prefixes = list(self.cfg.optim.get('freeze') or [])  # optim.freeze, before any wrapping
+        self._frozen |= builders.freeze_parameters(module, prefixes)
+        self._param_names += [name for name, _ in module.named_parameters()]
         return distrib.wrap_model(module, self.cfg, units)
 
     def register_best_state(self, *names: str) -> None:

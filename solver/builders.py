@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import typing as tp
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .sampler import ResumableBatchSampler
 
+logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'config'
 
 
@@ -42,9 +44,16 @@ def get_solver(cfg: DictConfig) -> tp.Any:
 
 
 def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD from `optim.optimizer`, `optim.lr` and `optim.<name>` options."""
+    """Adam, AdamW or SGD from `optim.optimizer`, `optim.lr` and `optim.<name>` options.
+
+    Parameters that do not require a gradient (frozen: `freeze_parameters`) are left out.
+    """
     name = str(optim.optimizer).lower()
     options = dict(optim.get(name, {}) or {})
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ConfigError(f"No trainable parameters left for the optimizer: optim.freeze={list(optim.get('freeze') or [])} "
+                          "freezes them all. Freeze fewer prefixes.")
     if name == 'adam':
         return torch.optim.Adam(params, lr=optim.lr, **options)
     if name == 'adamw':
@@ -52,6 +61,40 @@ def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) ->
     if name == 'sgd':
         return torch.optim.SGD(params, lr=optim.lr, **options)
     raise ConfigError(f"optim.optimizer={optim.optimizer!r} is unknown; use adam, adamw or sgd.")
+
+
+def freeze_parameters(module: torch.nn.Module, prefixes: tp.Sequence[str]) -> set[str]:
+    """Freeze (`requires_grad=False`) the parameters of `module` named `prefix` or `prefix.*`.
+
+    `optim.freeze`, applied by `StandardSolver.distribute` to the module before it is wrapped
+    (so DDP and the optimizer see only what trains). Logs the counts of frozen and trainable
+    parameters; returns the prefixes that matched something (an unmatched one is an error,
+    raised by `check_freeze` once every module was seen).
+    """
+    matched: set[str] = set()
+    frozen = trainable = 0
+    for name, param in module.named_parameters():
+        hits = [p for p in prefixes if name == p or name.startswith(p.rstrip('.') + '.')]
+        if hits:
+            param.requires_grad_(False)
+            matched.update(hits)
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    if prefixes:
+        logger.info("optim.freeze=%s: %s parameters frozen, %s trainable (%s).", list(prefixes),
+                    f"{frozen:,}", f"{trainable:,}", type(module).__name__)
+    return matched
+
+
+def check_freeze(prefixes: tp.Sequence[str], matched: set[str], names: tp.Iterable[str]) -> None:
+    """Raise naming each `optim.freeze` prefix that matched no parameter (`names`: some known)."""
+    unknown = [p for p in prefixes if p not in matched]
+    if unknown:
+        known = sorted({name.rsplit('.', 1)[0] for name in names})
+        raise ConfigError(f"optim.freeze: {unknown} match no parameter name. Prefixes are dotted "
+                          f"module paths, e.g. one of {known[:12]}.")
 
 
 def get_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig | None,

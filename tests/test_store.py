@@ -1,0 +1,306 @@
+"""Incremental checkpoints (solver/checkpointing/store.py): equal bytes stored once, read back
+transparently and verified, collected only when unreferenced and under the experiment lock, a
+kill -9 at any moment harmless; and the writer's staged copy, used by rollbacks from memory.
+
+The runs of the whole solver in this mode are in test_reliability.py (kill -9 loop, damaged files).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing import store
+from solver.checkpointing.store import IncrementalStore
+from solver.checkpointing.writer import CheckpointWriter, SaveMode
+from solver.lock import ExperimentLock
+
+ROOT = Path(__file__).resolve().parents[1]
+META = {'epoch': 1, 'step': 10}
+
+
+def make_state(seed: int = 0) -> dict:
+    """A model (two big tensors, one small), its best state equal to it, an optimizer-like state."""
+    generator = torch.Generator().manual_seed(seed)
+    model = {'w': torch.randn(64, 64, generator=generator), 'v': torch.randn(32, 32, generator=generator),
+             'b': torch.randn(4, generator=generator)}
+    return {'model': model, 'best_state': {'states': {'model': {k: t.clone() for k, t in model.items()}}},
+            'optimizer': {'exp_avg': torch.randn(64, 64, generator=generator), 'step': 3},
+            'history': [{'train': {'loss': 1.0}}]}
+
+
+def blob_names(folder: Path) -> set[str]:
+    return {p.name for p in (folder / store.BLOBS).iterdir()}
+
+
+def flip_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_an_incremental_checkpoint_reads_back_identical_through_read_checkpoint(tmp_path, assert_same):
+    state = make_state()
+    IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', state, META)
+    ckpt = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    assert_same(ckpt.state, state)
+    assert ckpt.meta == META
+
+
+def test_equal_tensors_are_stored_once_across_states_and_files(tmp_path):
+    state, incremental = make_state(), IncrementalStore(tmp_path)
+    first = incremental.write(tmp_path / 'checkpoint.th', state, META)
+    second = incremental.write(tmp_path / 'checkpoint_1.th', state, META)
+    big = 64 * 64 * 4
+    # w, v and exp_avg once; the best state's copies of w and v, and all of the second file, reused
+    assert (first.written, first.reused) == (2 * big + 32 * 32 * 4, big + 32 * 32 * 4)
+    assert (second.written, second.reused) == (0, first.written + first.reused)
+    assert len(blob_names(tmp_path)) == 3 and incremental.nbytes() == first.written
+
+
+def test_the_next_save_writes_only_the_tensors_that_changed(tmp_path):
+    state, incremental = make_state(), IncrementalStore(tmp_path)
+    incremental.write(tmp_path / 'checkpoint.th', state, META)
+    state['model']['w'] += 1  # the live model moved on; the best state (and v) did not
+    stats = incremental.write(tmp_path / 'checkpoint.th', state, META)
+    assert stats.written == 64 * 64 * 4
+    assert len(blob_names(tmp_path)) == 4
+
+
+def test_small_tensors_stay_in_the_checkpoint_file(tmp_path):
+    IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', make_state(), META)
+    sizes = {int(name.rpartition('-')[2]) for name in blob_names(tmp_path)}
+    assert min(sizes) >= store.INLINE_BYTES and 4 * 4 not in sizes
+
+
+def test_the_blob_key_is_the_xxh3_128_of_the_bytes_and_their_length():
+    tensor = torch.arange(1000, dtype=torch.float32)
+    expected = xxhash.xxh3_128_hexdigest(tensor.numpy().tobytes())
+    assert store.blob_key(tensor) == f'{expected}-4000'
+    assert store.blob_key(tensor.reshape(10, 100).t()) != store.blob_key(tensor)  # bytes as laid out
+
+
+def test_a_damaged_blob_is_named_and_the_newest_intact_checkpoint_is_used(tmp_path, caplog):
+    incremental = IncrementalStore(tmp_path)
+    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 1), make_state(1), dict(META, epoch=1))
+    before = blob_names(tmp_path)
+    incremental.write(tmp_path / checkpoint.LATEST, make_state(2), dict(META, epoch=2))
+    damaged = tmp_path / store.BLOBS / sorted(blob_names(tmp_path) - before)[0]
+    flip_byte(damaged)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=f'blob {damaged} does not match its digest'):
+        checkpoint.read_checkpoint(tmp_path / checkpoint.LATEST)
+    found = checkpoint.load_newest_intact(tmp_path)
+    assert found is not None and found.meta['epoch'] == 1
+    assert f"Skipping damaged checkpoint: {tmp_path / checkpoint.LATEST}" in caplog.text
+
+
+def test_a_missing_blob_is_named(tmp_path):
+    IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', make_state(), META)
+    blob = next((tmp_path / store.BLOBS).iterdir())
+    blob.unlink()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=f'its blob {blob} is missing'):
+        checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+
+
+def test_a_damaged_blob_found_on_disk_is_rewritten_not_reused(tmp_path):
+    state = make_state()
+    IncrementalStore(tmp_path).write(tmp_path / 'checkpoint_1.th', state, META)
+    blob = next((tmp_path / store.BLOBS).iterdir())
+    flip_byte(blob)
+    stats = IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', state, META)  # a new process
+    assert stats.written == blob.stat().st_size
+    checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    checkpoint.read_checkpoint(tmp_path / 'checkpoint_1.th')  # repaired too
+
+
+def test_collect_removes_only_blobs_no_checkpoint_references_including_moved_ones(tmp_path):
+    incremental = IncrementalStore(tmp_path)
+    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 1), make_state(1), META)
+    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 2), make_state(2), META)
+    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 3), make_state(3), META)
+    moved = tmp_path / 'rolled_back' / '20260101-000000'
+    moved.mkdir(parents=True)
+    os.replace(checkpoint.epoch_checkpoint_path(tmp_path, 2), moved / 'checkpoint_2.th')
+    kept = store.referenced(tmp_path)
+    checkpoint.epoch_checkpoint_path(tmp_path, 3).unlink()
+    with ExperimentLock(tmp_path):
+        removed = incremental.collect()
+    assert len(removed) == 3 and blob_names(tmp_path) == kept - set(removed)
+    checkpoint.read_checkpoint(checkpoint.epoch_checkpoint_path(tmp_path, 1))
+    checkpoint.read_checkpoint(moved / 'checkpoint_2.th')
+
+
+def test_collect_collects_nothing_while_a_checkpoint_file_cannot_be_read(tmp_path, caplog):
+    incremental = IncrementalStore(tmp_path)
+    incremental.write(tmp_path / 'checkpoint_1.th', make_state(1), META)
+    incremental.write(tmp_path / 'checkpoint.th', make_state(2), META)
+    (tmp_path / 'checkpoint_1.th').write_bytes(b'damaged')
+    before = blob_names(tmp_path)
+    assert incremental.collect() == []
+    assert blob_names(tmp_path) == before
+    assert f"{tmp_path / 'checkpoint_1.th'} cannot be read" in caplog.text
+
+
+@pytest.mark.integration
+def test_collect_refuses_while_another_process_holds_the_experiment_lock(tmp_path):
+    incremental = IncrementalStore(tmp_path)
+    incremental.write(tmp_path / 'checkpoint.th', make_state(1), META)
+    (tmp_path / 'checkpoint.th').unlink()
+    holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f"""
+        import sys, time
+        from solver.lock import ExperimentLock
+        with ExperimentLock({str(tmp_path)!r}):
+            print('locked', flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(RuntimeError, match=f'pid {holder.pid}'):
+            incremental.collect()
+        assert len(blob_names(tmp_path)) == 3
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(incremental.collect()) == 3  # once it is free, collecting takes the lock itself
+
+
+def test_consolidate_writes_a_self_contained_file(tmp_path, assert_same):
+    state = make_state()
+    IncrementalStore(tmp_path / 'xp').write(tmp_path / 'xp' / 'checkpoint.th', state, META)
+    store.consolidate(tmp_path / 'xp' / 'checkpoint.th', tmp_path / 'export' / 'model.th')
+    shutil.rmtree(tmp_path / 'xp')
+    assert_same(checkpoint.read_checkpoint(tmp_path / 'export' / 'model.th').state, state)
+    plain = torch.load(tmp_path / 'export' / 'model.th', weights_only=True)
+    assert torch.equal(plain['state']['model']['w'], state['model']['w'])
+
+
+def test_an_incremental_checkpoint_copied_without_its_blobs_says_to_consolidate(tmp_path):
+    IncrementalStore(tmp_path / 'xp').write(tmp_path / 'xp' / 'checkpoint.th', make_state(), META)
+    (tmp_path / 'elsewhere').mkdir()
+    shutil.copy(tmp_path / 'xp' / 'checkpoint.th', tmp_path / 'elsewhere' / 'model.th')
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='consolidate'):
+        checkpoint.read_checkpoint(tmp_path / 'elsewhere' / 'model.th')
+
+
+def test_a_sharded_state_is_refused_with_the_key_to_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(store.sharded, 'has_dtensors', lambda state: True)
+    with pytest.raises(checkpoint.CheckpointError, match='checkpoint.incremental=false'):
+        IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', make_state(), META)
+    assert not (tmp_path / 'checkpoint.th').exists()
+
+
+# -- kill -9 during saves and collections ---------------------------------------------------------
+
+SAVER = """
+import sys, random, torch
+from pathlib import Path
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing.store import IncrementalStore
+from solver.lock import ExperimentLock
+folder = Path(sys.argv[1])
+rng = random.Random(int(sys.argv[2]))
+with ExperimentLock(folder):
+    incremental = IncrementalStore(folder)
+    frozen = torch.ones(256, 256)
+    for epoch in range(1, 10**6):
+        state = {'frozen': frozen, 'live': torch.full((256, 256), float(epoch)),
+                 'moved': torch.randn(rng.randint(200, 300), 64)}
+        incremental.write(folder / 'checkpoint.th', state, {'epoch': epoch})
+        incremental.write(checkpoint.epoch_checkpoint_path(folder, epoch), state, {'epoch': epoch})
+        checkpoint.prune_epoch_checkpoints(folder, keep_last=2)
+        incremental.collect()
+        print(epoch, flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_kill_9_at_random_moments_of_saves_and_collections_leaves_every_listed_checkpoint_loadable(tmp_path):
+    rng = random.Random(7)
+    epochs = []
+    for life in range(12):
+        proc = subprocess.Popen([sys.executable, '-c', SAVER, str(tmp_path), str(life)], cwd=ROOT,
+                                stdout=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one save and one collection done in this life
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        listed = sorted(tmp_path.glob('checkpoint*.th'))
+        assert listed
+        for path in listed:
+            checkpoint.read_checkpoint(path)  # raises, naming the file and the damage
+        epochs.append(checkpoint.read_checkpoint(tmp_path / 'checkpoint.th').meta['epoch'])
+        checkpoint.clean_stray_files(tmp_path)
+    assert len(set(epochs)) > 1
+    with ExperimentLock(tmp_path):
+        IncrementalStore(tmp_path).collect()
+    assert blob_names(tmp_path) == store.referenced(tmp_path)
+
+
+# -- the writer's staged copy (rollback from memory) ----------------------------------------------
+
+def test_the_staged_copy_of_the_last_save_is_a_private_copy_of_the_newest_checkpoint(tmp_path, assert_same):
+    state = make_state()
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(state, {tmp_path / 'checkpoint.th': None, tmp_path / 'checkpoint_1.th': ['model']}, META)
+    writer.wait()
+    staged = writer.staged_checkpoint(tmp_path / 'checkpoint.th')
+    assert staged is not None and staged.meta == META
+    assert_same(staged.state, state)
+    staged.state['model']['w'].zero_()  # loading it into live objects must not alias the buffers
+    assert_same(writer.staging.snapshot(state), state)
+    assert writer.staged_checkpoint(tmp_path / 'checkpoint_1.th') is None  # only some states
+    writer.close()
+
+
+def test_the_staged_copy_is_not_used_once_the_file_on_disk_differs_from_it(tmp_path):
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(make_state(), {tmp_path / 'checkpoint.th': None}, META)
+    writer.wait()
+    checkpoint.write_checkpoint(tmp_path / 'checkpoint.th', make_state(1), META)  # another save since
+    assert writer.staged_checkpoint(tmp_path / 'checkpoint.th') is None
+    writer.close()
+
+
+def test_the_staged_copy_is_not_used_when_memory_no_longer_matches_its_digests(tmp_path):
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(make_state(), {tmp_path / 'checkpoint.th': None}, META)
+    writer.wait()
+    writer.staging.buffers[0].view(torch.uint8)[5] ^= 1  # a flipped bit in the staged copy
+    assert writer.staged_checkpoint(tmp_path / 'checkpoint.th') is None
+    writer.close()
+
+
+# -- the solver in this mode ----------------------------------------------------------------------
+
+REGRESSION = ('solver=regression', 'checkpoint.incremental=true')
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('mode', ['async', 'sync'])
+def test_a_divergence_rolls_back_from_memory_when_async_else_from_disk(dora, dora_tools, dora_dir, mode):
+    overrides = (*REGRESSION, 'faults.nan_batches=[20]', f'checkpoint.async_save={mode == "async"}')
+    code, output = dora('run', *overrides)
+    assert code == 0, output
+    folder = dora_tools.folder(dora_dir, *overrides)
+    source = 'memory' if mode == 'async' else 'disk'
+    assert f"Reloaded {folder / 'checkpoint.th'} (step 16) from {source} in " in output
+
+
+@pytest.mark.integration
+def test_incremental_with_fsdp_is_refused_naming_both_keys(dora):
+    code, output = dora('run', *REGRESSION, 'fsdp.use=true')
+    assert code == 1
+    last = output.strip().splitlines()[-1]
+    assert 'checkpoint.incremental=true' in last and 'fsdp.use=true' in last
