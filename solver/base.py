@@ -92,7 +92,7 @@ class StandardSolver(flashy.BaseSolver):
         self._param_names: list[str] = []
         self.build_dataloaders()
         self.build_model()
-        builders.check_freeze(list(cfg.optim.get('freeze') or []), self._frozen, self._param_names)
+        builders.check_freeze(builders.freeze_prefixes(cfg.optim), self._frozen, self._param_names)
         self.register_stateful('best_state', 'rng', 'progress')
 
     # -- what a task provides ---------------------------------------------------------------
@@ -158,7 +158,7 @@ class StandardSolver(flashy.BaseSolver):
         are blocks sharded one by one under FSDP (see `distrib.wrap_model`). Parameters named by
         `optim.freeze` are frozen here (`builders.freeze_parameters`).
         """
-        prefixes = list(self.cfg.optim.get('freeze') or [])  # optim.freeze, before any wrapping
+        prefixes = builders.freeze_prefixes(self.cfg.optim)  # before any wrapping
         self._frozen |= builders.freeze_parameters(module, prefixes)
         self._param_names += [name for name, _ in module.named_parameters()]
         return distrib.wrap_model(module, self.cfg, units)

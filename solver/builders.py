@@ -52,7 +52,7 @@ def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) ->
     options = dict(optim.get(name, {}) or {})
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ConfigError(f"No trainable parameters left for the optimizer: optim.freeze={list(optim.get('freeze') or [])} "
+        raise ConfigError(f"No trainable parameters left for the optimizer: optim.freeze={freeze_prefixes(optim)} "
                           "freezes them all. Freeze fewer prefixes.")
     if name == 'adam':
         return torch.optim.Adam(params, lr=optim.lr, **options)
@@ -61,6 +61,11 @@ def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) ->
     if name == 'sgd':
         return torch.optim.SGD(params, lr=optim.lr, **options)
     raise ConfigError(f"optim.optimizer={optim.optimizer!r} is unknown; use adam, adamw or sgd.")
+
+
+def freeze_prefixes(optim: DictConfig) -> list[str]:
+    """`optim.freeze` as strings (Hydra reads `[0]` as a number)."""
+    return [str(prefix) for prefix in optim.get('freeze') or []]
 
 
 def freeze_parameters(module: torch.nn.Module, prefixes: tp.Sequence[str]) -> set[str]:

@@ -96,7 +96,8 @@ def blob_key(tensor: torch.Tensor) -> str:
         value = _xxh3_128(flat.data_ptr(), nbytes)
         digest = f'{value.high64:016x}{value.low64:016x}'
     else:
-        digest = xxhash.xxh3_128_hexdigest(flat.view(torch.uint8).numpy() if nbytes else b'')
+        data: tp.Any = flat.view(torch.uint8).numpy() if nbytes else b''
+        digest = xxhash.xxh3_128_hexdigest(data)
     return f'{digest}-{nbytes}'
 
 
@@ -191,7 +192,7 @@ class IncrementalStore:
         try:
             with open(tmp, 'wb') as f:
                 if flat.numel():
-                    f.write(memoryview(flat.view(torch.uint8).numpy()))
+                    f.write(tp.cast(tp.Any, flat.view(torch.uint8).numpy()))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -294,7 +295,7 @@ def _read_blob(blob: Path, key: str) -> torch.Tensor:
     nbytes = int(key.rpartition('-')[2])
     data = torch.empty(nbytes, dtype=torch.uint8)
     with open(blob, 'rb') as f:
-        size = f.readinto(memoryview(data.numpy())) if nbytes else 0
+        size = f.readinto(tp.cast(tp.Any, data.numpy())) if nbytes else 0
         extra = f.read(1)
     if size != nbytes or extra:
         raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
