@@ -60,8 +60,10 @@ def test_an_incremental_checkpoint_reads_back_identical_through_read_checkpoint(
 
 def test_equal_tensors_are_stored_once_across_states_and_files(tmp_path):
     state, incremental = make_state(), IncrementalStore(tmp_path)
-    first = incremental.write(tmp_path / 'checkpoint.th', state, META)
-    second = incremental.write(tmp_path / 'checkpoint_1.th', state, META)
+    incremental.write(tmp_path / 'checkpoint.th', state, META)
+    first = incremental.last
+    incremental.write(tmp_path / 'checkpoint_1.th', state, META)
+    second = incremental.last
     big = 64 * 64 * 4
     # w, v and exp_avg once; the best state's copies of w and v, and all of the second file, reused
     assert (first.written, first.reused) == (2 * big + 32 * 32 * 4, big + 32 * 32 * 4)
@@ -73,8 +75,8 @@ def test_the_next_save_writes_only_the_tensors_that_changed(tmp_path):
     state, incremental = make_state(), IncrementalStore(tmp_path)
     incremental.write(tmp_path / 'checkpoint.th', state, META)
     state['model']['w'] += 1  # the live model moved on; the best state (and v) did not
-    stats = incremental.write(tmp_path / 'checkpoint.th', state, META)
-    assert stats.written == 64 * 64 * 4
+    incremental.write(tmp_path / 'checkpoint.th', state, META)
+    assert incremental.last.written == 64 * 64 * 4
     assert len(blob_names(tmp_path)) == 4
 
 
@@ -118,8 +120,9 @@ def test_a_damaged_blob_found_on_disk_is_rewritten_not_reused(tmp_path):
     IncrementalStore(tmp_path).write(tmp_path / 'checkpoint_1.th', state, META)
     blob = next((tmp_path / store.BLOBS).iterdir())
     flip_byte(blob)
-    stats = IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', state, META)  # a new process
-    assert stats.written == blob.stat().st_size
+    incremental = IncrementalStore(tmp_path)  # as in a new process
+    incremental.write(tmp_path / 'checkpoint.th', state, META)
+    assert incremental.last.written == blob.stat().st_size
     checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
     checkpoint.read_checkpoint(tmp_path / 'checkpoint_1.th')  # repaired too
 

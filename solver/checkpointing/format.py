@@ -230,15 +230,15 @@ def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
     return {key: payload[key] for key in ('meta', 'state', 'shards') if key in payload}
 
 
-def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> None:
+def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any] | None:
     """Write `state` and `meta` to `path` atomically, with digests of the state.
 
     A state with DTensors is sharded: every rank must call this (a collective). Each writes its
     shards; rank 0 then writes the file, and no rank returns before it is durable.
+    Returns the digests recorded in the file (None for a sharded state).
     """
     if not sharded.has_dtensors(state):
-        _write_file(path, {'meta': meta, 'state': state})
-        return
+        return _write_file(path, {'meta': meta, 'state': state})
     group = distrib.checkpoint_group()
     try:
         state, shards = sharded.save_shards(path, state)
@@ -247,17 +247,24 @@ def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.An
             sharded.remove_superseded(path, keep=shards['folder'])
     finally:
         distrib.barrier(group)
+    return None
 
 
-def _write_file(path: Path, content: dict[str, tp.Any], digested: dict[str, tp.Any] | None = None) -> None:
-    """`digested`: the digests to record, when computed already (store.py: of the real state)."""
+def _write_file(path: Path, content: dict[str, tp.Any],
+                digested: dict[str, tp.Any] | None = None) -> dict[str, tp.Any]:
+    """Write the file; return the digests recorded in it. `digested`: those digests, when
+    computed already (store.py: of the real state, not of the placeholders it writes)."""
     _walk(content, [])  # a value that cannot be saved raises here, before any file is touched
     header = {'format': FORMAT, 'version': VERSION, **content}
+    recorded: dict[str, tp.Any] = {}
+
+    def complete(header: dict[str, tp.Any]) -> dict[str, tp.Any]:
+        recorded.update(digested if digested is not None else digests(content))
+        return {**header, 'digests': recorded}
     try:
         with atomic_open(Path(path)) as f:
             # The digests are computed on another thread while the tensors' bytes are written.
-            archive.save(header, f, complete=lambda header: {
-                **header, 'digests': digested if digested is not None else digests(content)})
+            archive.save(header, f, complete=complete)
     except (OSError, RuntimeError) as err:
         # The archive writer may report a failed write (full disk, size limit) as a RuntimeError
         # raised while handling the OSError: name the OSError, which says what happened.
@@ -267,6 +274,7 @@ def _write_file(path: Path, content: dict[str, tp.Any], digested: dict[str, tp.A
         raise CheckpointError(
             f"Could not write checkpoint {path}: {cause.strerror or cause}. The previous checkpoint "
             "is untouched; free disk space or fix permissions, then rerun to resume.") from err
+    return recorded
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import logging
 import os
 import threading
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def _xxh3_128_without_gil() -> tp.Callable[[int, int], _Hash128] | None:
 
 
 _xxh3_128 = _xxh3_128_without_gil()
+
+
+_pool = ThreadPoolExecutor(4, thread_name_prefix='checkpoint-blobs')
 
 
 def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -139,8 +143,12 @@ class IncrementalStore:
         self._trusted: set[str] = set()  # written or verified by this process
         self.last = WriteStats()
 
-    def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> WriteStats:
-        """Write the checkpoint `path` of `state` and `meta`: new blobs first, the file last."""
+    def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any]:
+        """Write the checkpoint `path` of `state` and `meta`: new blobs first, the file last.
+
+        Returns the digests recorded in the file, like `format.write_checkpoint`; what was
+        written and reused is in `last`.
+        """
         if sharded.has_dtensors(state):
             raise checkpoint.CheckpointError(
                 f"Cannot write {path} incrementally: the state is sharded (FSDP). Set "
@@ -150,6 +158,7 @@ class IncrementalStore:
         digests = checkpoint.digests(content)
         stats = WriteStats()
         refs: list[tp.Any] = []
+        new: dict[str, torch.Tensor] = {}
 
         def to_ref(tensor: torch.Tensor) -> torch.Tensor:
             nbytes = tensor.numel() * tensor.element_size()
@@ -157,10 +166,11 @@ class IncrementalStore:
                 refs.append(None)
                 return tensor
             key = blob_key(tensor)
-            if self._store(key, tensor):
-                stats.written += nbytes
-            else:
+            if key in new or self._stored(key):
                 stats.reused += nbytes
+            else:
+                new[key] = tensor
+                stats.written += nbytes
             refs.append((key, str(tensor.dtype), tuple(tensor.shape)))
             return torch.empty(0, dtype=tensor.dtype)
 
@@ -168,6 +178,8 @@ class IncrementalStore:
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
                 skeleton = _map_tensors(content, to_ref)
+                # Written and fsynced a few at a time: the file system commits their fsyncs together.
+                list(_pool.map(lambda item: self._write_blob(*item), new.items()))
                 fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
             except OSError as err:
                 raise checkpoint.CheckpointError(
@@ -176,17 +188,21 @@ class IncrementalStore:
                     "fix permissions, then rerun to resume.") from err
             checkpoint._write_file(Path(path), {**skeleton, "blobs": {"refs": refs}}, digested=digests)
         self.last = stats
-        return stats
+        return digests
 
-    def _store(self, key: str, tensor: torch.Tensor) -> bool:
-        """Make blob `key` hold `tensor`'s bytes (durable once the folder is fsynced); True if
-        it was written, False if an intact copy was already there."""
+    def _stored(self, key: str) -> bool:
+        """Whether blob `key` is on disk and intact (checked once per process: `_trusted`)."""
         target = self.blobs / key
         if key in self._trusted and target.exists():
-            return False
+            return True
         if target.exists() and _intact(target, key):
             self._trusted.add(key)
-            return False
+            return True
+        return False
+
+    def _write_blob(self, key: str, tensor: torch.Tensor) -> None:
+        """Make blob `key` hold `tensor`'s bytes (durable once the folder is fsynced)."""
+        target = self.blobs / key
         flat = _contiguous(tensor)
         tmp = self.blobs / f'.{key}.tmp.{os.getpid()}'
         try:
@@ -201,7 +217,6 @@ class IncrementalStore:
                 tmp.unlink()
             raise
         self._trusted.add(key)
-        return True
 
     def collect(self) -> list[str]:
         """Remove the blobs no checkpoint file under the folder references; return their keys.

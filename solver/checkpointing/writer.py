@@ -55,7 +55,7 @@ class Staged:
     """The last save as the staging buffers hold it, once durable: the files holding all of it
     (not those restricted to some states), and what was written to them."""
 
-    paths: list[Path]
+    files: dict[Path, tuple[dict[str, tp.Any], tuple[int, int, int]]]  # digests, (inode, size, mtime)
     state: dict[str, tp.Any]
     meta: dict[str, tp.Any]
 
@@ -104,6 +104,12 @@ class StagingBuffers:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten: inode, size, modification time."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _background_priority() -> None:
@@ -161,14 +167,17 @@ class CheckpointWriter:
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float) -> None:
         write = self.store.write if self.store is not None else checkpoint.write_checkpoint  # [incremental]
+        full: dict[Path, tp.Any] = {}
         for path, names in targets.items():
             if names:
                 subset = {k: v for k, v in state.items() if k in names}
                 write(path, subset, dict(meta, partial=sorted(subset)))
             else:
-                write(path, state, meta)
+                recorded = write(path, state, meta)
+                if recorded is not None:
+                    full[path] = (recorded, _identity(path))
         if self.mode is SaveMode.ASYNC:
-            self.staged = Staged([p for p, names in targets.items() if not names], state, meta)
+            self.staged = Staged(full, state, meta)
         self.last.durable = time.perf_counter() - begin
         logger.debug("Checkpoint durable after %.3fs: %s", self.last.durable, [p.name for p in targets])
         for listener in self.listeners:
@@ -176,18 +185,21 @@ class CheckpointWriter:
 
     def staged_checkpoint(self, path: Path) -> checkpoint.Checkpoint | None:
         """[rollback from memory] Checkpoint `path` from the staging buffers instead of the disk:
-        a copy of the last save's state, if `path` is one of its full files and the digests
-        recorded in that file match the staged bytes (so the file on disk is that save, and
-        the memory copy is intact). None otherwise; call `wait()` first.
+        a copy of the last save's state, if `path` is one of its full files, still the file that
+        save wrote (same inode, size and time), and the staged bytes match the digests recorded
+        in it (the memory copy is intact). None otherwise; call `wait()` first.
         """
         staged = self.staged
-        if staged is None or Path(path) not in staged.paths or sharded.has_dtensors(staged.state):
+        if staged is None or Path(path) not in staged.files:
             return None
-        try:  # the file's recorded digests only: mmap reads no tensor bytes
-            recorded = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('digests')
-        except Exception:  # damaged or replaced: the disk path names the problem
+        recorded, identity = staged.files[Path(path)]
+        try:
+            if _identity(Path(path)) != identity:  # replaced since (by another save, a rollback)
+                return None
+        except OSError:
             return None
         if recorded != checkpoint.digests({'meta': staged.meta, 'state': staged.state}):
+            logger.warning("The staged copy of %s does not match its digests: not used.", path)
             return None
         return checkpoint.Checkpoint(path=Path(path), state=copy_state(staged.state), meta=dict(staged.meta))
 
