@@ -113,24 +113,25 @@ def rollback_times(dora_dir: Path, overrides: tuple[str, ...], folder: Path, epo
     logging.getLogger('solver').setLevel(logging.INFO)
     with xp.enter():
         solver = builders.get_solver(xp.cfg)
-        solver.writer.mode = SaveMode.ASYNC  # [bench] the run saved synchronously to time its saves
+        writer = solver.manager.writer
+        writer.mode = SaveMode.ASYNC  # [bench] the run saved synchronously to time its saves
         solver.restore()
         nbytes = sum(t.numel() * t.element_size() for t in _tensors(solver.state_dict()))
-        solver.writer.prepare(solver.full_state())
-        solver.save_checkpoints()  # the staged copy: the state just loaded, saved again
-        solver.writer.wait()
+        writer.prepare(solver.full_state())
+        solver.save_checkpoint(epoch_end=True)  # the staged copy: the state just loaded, saved again
+        writer.wait()
         times = {}
         for source in ('memory', 'disk'):
             if source == 'disk':
-                solver.writer.staged = None  # [bench] as after a save whose copy was not kept
+                writer.staged = None  # [bench] as after a save whose copy was not kept
                 drop_cache(*folder.glob('checkpoint*.th'))
-            solver._rollbacks = 0
+            solver.manager.rollbacks = 0
             begin = time.perf_counter()
             solver.rollback(DivergenceError('bench'))
             times[source] = time.perf_counter() - begin
-            logged = [line for line in capture.lines if 'Rollback' in line][-1]
+            logged = [line for line in capture.lines if line.startswith('Rollback: read')][-1]
             assert f'from {source}' in logged, logged
-        solver.writer.close()
+        solver.manager.close()
     path = folder / 'checkpoint.th'
     drop_cache(path)
     begin = time.perf_counter()

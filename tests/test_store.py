@@ -297,8 +297,9 @@ def test_a_divergence_rolls_back_from_memory_when_async_else_from_disk(dora, dor
     code, output = dora('run', *overrides)
     assert code == 0, output
     folder = dora_tools.folder(dora_dir, *overrides)
-    source = 'memory' if mode == 'async' else 'disk'
-    assert f"Reloaded {folder / 'checkpoint.th'} (step 16) from {source} in " in output
+    source = 'memory (the staged copy' if mode == 'async' else 'disk in'
+    assert f"Rollback: read {folder / 'checkpoint.th'} from {source}" in output
+    assert f"Reloaded {folder / 'checkpoint.th'} (step 16)" in output
 
 
 @pytest.mark.integration
