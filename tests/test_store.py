@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from helpers import FAULTY, REGRESSION
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import store
@@ -287,13 +288,13 @@ def test_the_staged_copy_is_not_used_when_memory_no_longer_matches_its_digests(t
 
 # -- the solver in this mode ----------------------------------------------------------------------
 
-REGRESSION = ('solver=regression', 'checkpoint.incremental=true')
+INCREMENTAL = ('checkpoint.incremental=true',)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize('mode', ['async', 'sync'])
 def test_a_divergence_rolls_back_from_memory_when_async_else_from_disk(dora, dora_tools, dora_dir, mode):
-    overrides = (*REGRESSION, 'faults.nan_batches=[20]', f'checkpoint.async_save={mode == "async"}')
+    overrides = (*FAULTY, *INCREMENTAL, '+faults.nan_batches=[20]', f'checkpoint.async_save={mode == "async"}')
     code, output = dora('run', *overrides)
     assert code == 0, output
     folder = dora_tools.folder(dora_dir, *overrides)
@@ -304,7 +305,7 @@ def test_a_divergence_rolls_back_from_memory_when_async_else_from_disk(dora, dor
 
 @pytest.mark.integration
 def test_incremental_with_fsdp_is_refused_naming_both_keys(dora):
-    code, output = dora('run', *REGRESSION, 'fsdp.use=true')
+    code, output = dora('run', *REGRESSION, *INCREMENTAL, 'fsdp.use=true')
     assert code == 1
     last = output.strip().splitlines()[-1]
     assert 'checkpoint.incremental=true' in last and 'fsdp.use=true' in last
