@@ -179,6 +179,21 @@ def test_collect_refuses_while_another_process_holds_the_experiment_lock(tmp_pat
     assert len(incremental.collect()) == 3  # once it is free, collecting takes the lock itself
 
 
+@pytest.mark.parametrize('ref', [('../../secret', 'torch.float32', (4,)),
+                                 ('0' * 32 + '-16', 'torch.load', (4,)),
+                                 ('0' * 32 + '-16', 'torch.float32', (1 << 40,))],
+                         ids=['path outside', 'not a dtype', 'size not the blob size'])
+def test_a_crafted_blob_reference_is_refused_before_anything_is_read(tmp_path, ref):
+    (tmp_path / 'secret').write_bytes(bytes(16))
+    (tmp_path / 'xp' / store.BLOBS).mkdir(parents=True)
+    state = {'model': {'w': torch.zeros(4)}}
+    content = {'meta': META, 'state': {'model': {'w': torch.empty(0)}}, 'blobs': {'refs': [ref]}}
+    checkpoint._write_file(tmp_path / 'xp' / 'checkpoint.th', content,
+                           digested=checkpoint.digests({'meta': META, 'state': state}))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='not a blob key'):
+        checkpoint.read_checkpoint(tmp_path / 'xp' / 'checkpoint.th')
+
+
 def test_consolidate_writes_a_self_contained_file(tmp_path, assert_same):
     state = make_state()
     IncrementalStore(tmp_path / 'xp').write(tmp_path / 'xp' / 'checkpoint.th', state, META)

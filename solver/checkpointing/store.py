@@ -38,7 +38,9 @@ import contextlib
 import ctypes
 import fcntl
 import logging
+import math
 import os
+import re
 import threading
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +57,7 @@ from .fs import fsync_dir
 logger = logging.getLogger(__name__)
 
 BLOBS = 'blobs'
+_KEY = re.compile(r'^[0-9a-f]{32}-[0-9]{1,15}$')  # what a blob may be called: nothing else is read or collected
 INLINE_BYTES = 512    # smaller tensors stay in the checkpoint file: a file each would cost more
 _SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs
 
@@ -232,7 +235,7 @@ class IncrementalStore:
                 return []
             removed = []
             for blob in self.blobs.iterdir():
-                if not blob.name.startswith('.') and blob.name not in used:
+                if _KEY.match(blob.name) and blob.name not in used:
                     blob.unlink(missing_ok=True)
                     self._trusted.discard(blob.name)
                     removed.append(blob.name)
@@ -349,9 +352,14 @@ def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
         if ref is None:
             return tensor
         try:
-            key, dtype, shape = ref
+            key, dtype_name, shape = ref
+            dtype = getattr(torch, str(dtype_name).rpartition('.')[2], None)
+            if not (isinstance(key, str) and _KEY.match(key) and isinstance(dtype, torch.dtype)
+                    and isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+                    and math.prod(shape) * dtype.itemsize == int(key.rpartition('-')[2])):
+                raise ValueError("not a blob key, dtype and shape of matching size")
             data = _read_blob(tp.cast(Path, folder) / key, key)
-            return data.view(getattr(torch, str(dtype).rpartition('.')[2])).reshape(shape)
+            return data.view(dtype).reshape(shape)
         except FileNotFoundError as err:
             raise checkpoint.CorruptCheckpointError(f"{path} is damaged: its blob {err.filename} is missing.") from err
         except checkpoint.CorruptCheckpointError as err:
