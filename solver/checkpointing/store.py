@@ -189,7 +189,7 @@ class IncrementalStore:
                     f"Could not write checkpoint {path}: storing its tensors in {self.blobs} failed: "
                     f"{err.strerror or err}. The previous checkpoint is untouched; free disk space or "
                     "fix permissions, then rerun to resume.") from err
-            checkpoint._write_file(Path(path), {**skeleton, "blobs": {"refs": refs}}, digested=digests)
+            checkpoint._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs}}, digested=digests)
         self.last = stats
         return digests
 
