@@ -26,19 +26,22 @@ def known_solvers() -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix('')) for p in root.rglob('*.yaml'))
 
 
-def get_solver(cfg: DictConfig) -> tp.Any:
-    """Instantiate the solver class that `solver_class` names (e.g. solver.drums.DrumRNNSolver)."""
-    name = cfg.get('solver_class')
+def solver_class(name: tp.Any) -> type:
+    """The class that `solver_class` names (e.g. solver.drums.DrumRNNSolver), imported."""
     if not name or '.' not in str(name):
         raise ConfigError(f"solver_class={name!r} does not name a class; pick a solver config with "
                           f"solver=<name>, one of {known_solvers()}.")
     module_name, _, class_name = str(name).rpartition('.')
     try:
-        klass = getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"solver_class={name}: cannot import it ({err}). Known solver configs: "
                           f"{known_solvers()}.") from err
-    return klass(cfg)
+
+
+def get_solver(cfg: DictConfig) -> tp.Any:
+    """Instantiate the solver class that `solver_class` names."""
+    return solver_class(cfg.get('solver_class'))(cfg)
 
 
 def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:
