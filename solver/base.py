@@ -33,6 +33,7 @@ from .ema import ModuleDictEMA
 from .preemption import PreemptionHandler
 from .rng import RNGState
 from .sampler import ResumableBatchSampler
+from .tensorboard import open_writer as open_tensorboard
 
 logger = logging.getLogger(__name__)
 STAGES = ('train', 'valid', 'evaluate', 'generate')
@@ -59,6 +60,8 @@ class StandardSolver(flashy.BaseSolver):
     #: the valid metric that decides the best state, and its direction
     best_metric_name: str = 'loss'
     best_metric_lower_is_better: bool = True
+    #: with logging.log_tensorboard, a SummaryWriter of this run's TensorBoard folder, for media
+    tensorboard: tp.Any = None
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -202,7 +205,8 @@ class StandardSolver(flashy.BaseSolver):
         self.restore()
         distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
-            self.init_tensorboard(sub_dir='tensorboard')
+            self.init_tensorboard()  # flashy: stage metrics per epoch in <xp>/tensorboard
+            self.tensorboard = open_tensorboard(self.folder, self.cfg, [f'valid/{self.best_metric_name}'])
         if self.cfg.execute_only:
             self.run_one_stage(self.cfg.execute_only)
             return
@@ -223,6 +227,8 @@ class StandardSolver(flashy.BaseSolver):
                         self.leave_after_save()
         finally:
             self.writer.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def log_checkpoint_policy(self) -> None:
         cfg = self.cfg.checkpoint

@@ -435,14 +435,15 @@ def rollback(xp: Experiment, to: str) -> Rollback:
         files = xp.checkpoints()
         if not files:
             raise ExperimentError(f"{xp.folder} holds no checkpoint: nothing to roll back to.")
-        points = {c.epoch: c for c in files if c.resumable_at_epoch_end and c.epoch is not None}
+        points: dict[int, CheckpointFile] = {}
+        for c in files:  # the epoch file first, the latest file when it alone holds the point
+            if c.resumable_at_epoch_end and c.epoch is not None:
+                points.setdefault(c.epoch, c)
         if epoch not in points:
             raise ExperimentError(
                 f"No kept checkpoint of {xp.sig} holds the end of epoch {epoch}; points to return to: "
                 f"{', '.join(f'epoch:{e} ({points[e].path.name})' for e in sorted(points)) or 'none'}.")
         chosen = points[epoch]
-        if chosen.path.name == checkpoint.LATEST:  # the latest is also the epoch's file when both exist
-            chosen = next((c for c in files if c.epoch == epoch and c.path.name != checkpoint.LATEST), chosen)
         try:
             source = checkpoint.read_checkpoint(chosen.path)
         except checkpoint.CheckpointError as err:
