@@ -123,7 +123,7 @@ class StandardSolver(flashy.BaseSolver):
         """The checkpoint of a pretrained model called `name` (for `continue_from=//pretrained/NAME`).
 
         Looks for `<pretrained dir>/<name>.th` (see `pretrained_dir`), a file written by
-        `scripts/export_checkpoint.py`. Tasks with other sources of weights override this.
+        `solver export`. Tasks with other sources of weights override this.
         """
         folder = pretrained_dir()
         path = folder / f'{name}.th'
