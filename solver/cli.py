@@ -58,7 +58,7 @@ def _age(mtime: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
+def _table(rows: list[list[tp.Any]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print('  '.join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -82,8 +82,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not files:
         raise ExperimentError(f"{xp.folder} holds no checkpoint (checkpoint.th or checkpoint_<epoch>.th).")
     damage = dict(xps.verify(xp)) if args.verify else {}
-    records = [{'file': c.path.name, 'epoch': c.epoch, 'step': c.step, 'size': c.size, 'mtime': c.mtime,
-                **({'damage': damage[c.path]} if args.verify else {})} for c in files]
+    records: list[dict[str, tp.Any]] = [
+        {'file': c.path.name, 'epoch': c.epoch, 'step': c.step, 'size': c.size, 'mtime': c.mtime,
+         **({'damage': damage[c.path]} if args.verify else {})} for c in files]
     if args.json:
         _emit(records)
     else:
@@ -96,7 +97,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _ls_all(args: argparse.Namespace) -> int:
-    records = []
+    records: list[dict[str, tp.Any]] = []
     for xp in xps.experiments(_dora_dir()):
         best = xp.best()
         metric, _ = xp.best_metric()
@@ -129,19 +130,19 @@ def _defaults() -> dict[str, tp.Any]:
             container = OmegaConf.to_container(compose('config'), resolve=True)
     except Exception:  # an installed copy without config/: show the config without a comparison
         return {}
-    return container if isinstance(container, dict) else {}
+    return tp.cast(dict, container) if isinstance(container, dict) else {}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     target = _target(args.target)
     xp = target if isinstance(target, Experiment) else None
-    ckpt = xp.newest() if xp else xps.load(target)
+    ckpt = xp.newest() if xp else xps.load(tp.cast(Path, target))
     meta = {k: v for k, v in ckpt.meta.items() if k != 'config'}
     history = ckpt.state.get('history') or (xp.history if xp else [])
     last: dict[str, tp.Any] = {}
     for stages in history:
         last.update(stages)
-    data = {'checkpoint': str(ckpt.path), 'meta': meta,
+    data: dict[str, tp.Any] = {'checkpoint': str(ckpt.path), 'meta': meta,
             'config_overrides': xps.overrides(ckpt.meta.get('config') or {}, _defaults()),
             'last_metrics': last, 'states': sorted(ckpt.state)}
     if xp:

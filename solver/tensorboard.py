@@ -28,8 +28,10 @@ def open_writer(folder: Path, cfg: DictConfig, metric_tags: list[str]) -> Summar
     writer = SummaryWriter(str(Path(folder) / 'tensorboard'), filename_suffix='.hparams')
     params = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
               for key, value in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+    file_writer = writer.file_writer
+    assert file_writer is not None  # made by SummaryWriter.__init__
     for summary in hparams(params, {tag: 0.0 for tag in metric_tags}):
-        writer.file_writer.add_summary(summary)
+        file_writer.add_summary(summary)
     writer.flush()
     return writer
 

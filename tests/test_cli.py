@@ -293,7 +293,8 @@ def test_rollback_to_a_point_no_kept_checkpoint_holds_lists_the_points(solver, c
     result = solver(copy.dora_dir, 'rollback', copy.sig, '--to', 'epoch:2')
     error = one_line_error(result)
     assert result.code == 2 and 'epoch:1 (checkpoint_1.th), epoch:3 (checkpoint_3.th)' in error
-    assert len(json.loads((copy.folder / 'history.json').read_text())) == 3 and not (copy.folder / 'rolled_back').exists()
+    assert len(json.loads((copy.folder / 'history.json').read_text())) == 3
+    assert not (copy.folder / 'rolled_back').exists()
 
 
 @pytest.mark.integration

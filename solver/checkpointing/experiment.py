@@ -153,7 +153,7 @@ class Experiment:
         path = self.folder / '.hydra' / 'config.yaml'
         if path.is_file():
             container = OmegaConf.to_container(OmegaConf.load(path))
-            return container if isinstance(container, dict) else {}
+            return tp.cast(dict, container) if isinstance(container, dict) else {}
         files = self.checkpoints()
         return dict(files[-1].meta.get('config') or {}) if files else {}
 
