@@ -13,6 +13,7 @@ never delete what a user could want back: a rollback moves the abandoned branch 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import shutil
@@ -146,7 +147,7 @@ class Experiment:
         """Dora's `history.json`: one dict of stage metrics per finished epoch."""
         return list(self._json('history.json', []))
 
-    @property
+    @functools.cached_property
     def config(self) -> dict[str, tp.Any]:
         """The composed config Hydra saved, else the one of the newest checkpoint, else {}."""
         from omegaconf import OmegaConf
