@@ -47,7 +47,8 @@ def experiments(dora_dir: Path) -> list[Experiment]:
 
 
 def resolve(target: str, dora_dir: Path) -> Experiment | Path:
-    """An experiment (a folder, or a signature or unique prefix of one in `dora_dir`) or a file.
+    """An experiment (a folder, or a signature or unique prefix of one in `dora_dir`) or a file
+    (a path, or `<sig>/<file>`).
 
     An unknown name raises an error listing the signatures that look like it.
     """
@@ -56,6 +57,11 @@ def resolve(target: str, dora_dir: Path) -> Experiment | Path:
         return path
     if path.is_dir():
         return Experiment(path)
+    sig, slash, name = target.partition('/')
+    if slash and name and not path.is_absolute():  # <sig>/checkpoint_3.th
+        found = resolve(sig, dora_dir)
+        if isinstance(found, Experiment) and (found.folder / name).is_file():
+            return found.folder / name
     sigs = [xp.sig for xp in experiments(dora_dir)]
     prefixed = [s for s in sigs if s.startswith(target)]
     if target in sigs or len(prefixed) == 1:  # a unique prefix is enough, as with git
@@ -269,7 +275,11 @@ def _flatten_config(config: tp.Any, prefix: str = '') -> dict[str, tp.Any]:
 
 @dataclass
 class Difference:
-    """How one entry of two states compares: `status` is equal, differs, mismatch, only_a or only_b."""
+    """How one entry of two states compares: `status` is equal, differs, mismatch, only_a or only_b.
+
+    For `differs` tensors: the largest absolute difference, and that over the largest magnitude
+    of either tensor (a scale-free size of the change).
+    """
 
     name: str
     status: str
