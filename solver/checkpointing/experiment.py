@@ -432,62 +432,64 @@ def rollback(xp: Experiment, to: str) -> Rollback:
     move to `<xp>/rolled_back/<time>/` with a note, never deleted. Refused while the experiment
     runs, or when no kept, intact, full checkpoint holds the point asked for.
     """
-    history = xp.history
-    if to == 'best':
-        best = xp.best()
-        if best is None:
-            raise ExperimentError(f"{xp.folder}: no valid metric in history.json, so no best epoch to return to.")
-        epoch = best[0]
-    elif to.startswith('epoch:') and to[len('epoch:'):].isdigit():
-        epoch = int(to[len('epoch:'):])
-    else:
-        raise ExperimentError(f"--to {to}: expected epoch:N (e.g. epoch:3) or best.")
+    epoch = _epoch_asked(xp, to)
     with lock.ExperimentLock(xp.folder):
         files = xp.checkpoints()
-        if not files:
-            raise ExperimentError(f"{xp.folder} holds no checkpoint: nothing to roll back to.")
-        points: dict[int, CheckpointFile] = {}
-        for c in files:  # the epoch file first, the latest file when it alone holds the point
-            if c.resumable_at_epoch_end and c.epoch is not None:
-                points.setdefault(c.epoch, c)
-        if epoch not in points:
-            raise ExperimentError(
-                f"No kept checkpoint of {xp.sig} holds the end of epoch {epoch}; points to return to: "
-                f"{', '.join(f'epoch:{e} ({points[e].path.name})' for e in sorted(points)) or 'none'}.")
-        chosen = points[epoch]
+        chosen = _return_point(xp, files, epoch)
         try:
             source = checkpoint.read_checkpoint(chosen.path)
         except checkpoint.CheckpointError as err:
             raise ExperimentError(f"Cannot roll back to epoch {epoch}: {err}") from None
-        abandoned = [c.path for c in reversed(files) if c.path != chosen.path and _after(c, epoch)]
-        samples = sorted(p for p in (xp.folder / 'samples').glob('epoch_*')
-                         if p.name[len('epoch_'):].isdigit() and int(p.name[len('epoch_'):]) > epoch)
+        history = xp.history
         dest = xp.folder / ROLLED_BACK / time.strftime('%Y%m%d-%H%M%S')
         while dest.exists():
             dest = dest.with_name(dest.name + '+')
         moved: list[Path] = []
         # Newest first: interrupted anywhere, the folder resumes from a point at or after `epoch`,
         # and a resume rewrites history.json from its checkpoint.
-        for path in abandoned:
-            for shards in _shard_folders(path):
-                moved.append(_move(shards, dest))
-            moved.append(_move(path, dest))
-        for folder in samples:
-            moved.append(_move(folder, dest / 'samples'))
-        if history:
-            (dest / 'history.json').parent.mkdir(parents=True, exist_ok=True)
+        for path in [c.path for c in reversed(files) if c.path != chosen.path and _after(c, epoch)]:
+            moved += [_move(shards, dest) for shards in _shard_folders(path)] + [_move(path, dest)]
+        for folder in sorted((xp.folder / 'samples').glob('epoch_*')):
+            if folder.name[len('epoch_'):].isdigit() and int(folder.name[len('epoch_'):]) > epoch:
+                moved.append(_move(folder, dest / 'samples'))
+        if moved or len(history) > epoch:
+            dest.mkdir(parents=True, exist_ok=True)
             (dest / 'history.json').write_text(json.dumps(history, indent=2))
-        cut = source.state.get('history', history[:epoch])
-        with atomic_open(xp.folder / 'history.json') as f:
-            f.write(json.dumps(cut, indent=2).encode())
-        if moved or history:
             (dest / 'NOTE.txt').write_text(
                 f"solver rollback {xp.sig} --to {to}, {time.strftime('%Y-%m-%d %H:%M:%S')}: returned to the "
                 f"end of epoch {epoch} ({chosen.path.name}). Here is the abandoned branch, epochs "
                 f"{epoch + 1}-{len(history)}: its checkpoints, samples, and history.json as it was.\n")
             fsync_dir(dest)
-        fsync_dir(xp.folder)
+        with atomic_open(xp.folder / 'history.json') as f:
+            f.write(json.dumps(source.state.get('history', history[:epoch]), indent=2).encode())
     return Rollback(epoch, chosen.path, dest if dest.exists() else None, moved)
+
+
+def _epoch_asked(xp: Experiment, to: str) -> int:
+    """The epoch that `--to epoch:N | best` names."""
+    if to == 'best':
+        best = xp.best()
+        if best is None:
+            raise ExperimentError(f"{xp.folder}: no valid metric in history.json, so no best epoch to return to.")
+        return best[0]
+    if to.startswith('epoch:') and to[len('epoch:'):].isdigit():
+        return int(to[len('epoch:'):])
+    raise ExperimentError(f"--to {to}: expected epoch:N (e.g. epoch:3) or best.")
+
+
+def _return_point(xp: Experiment, files: list[CheckpointFile], epoch: int) -> CheckpointFile:
+    """The kept full checkpoint at the end of `epoch` (the epoch file first), or an error listing them."""
+    if not files:
+        raise ExperimentError(f"{xp.folder} holds no checkpoint: nothing to roll back to.")
+    points: dict[int, CheckpointFile] = {}
+    for c in files:  # epoch files come first: the latest file only when it alone holds a point
+        if c.resumable_at_epoch_end and c.epoch is not None:
+            points.setdefault(c.epoch, c)
+    if epoch not in points:
+        raise ExperimentError(
+            f"No kept checkpoint of {xp.sig} holds the end of epoch {epoch}; points to return to: "
+            f"{', '.join(f'epoch:{e} ({points[e].path.name})' for e in sorted(points)) or 'none'}.")
+    return points[epoch]
 
 
 def _after(file: CheckpointFile, epoch: int) -> bool:
