@@ -260,7 +260,8 @@ def parser() -> argparse.ArgumentParser:
     target = 'experiment folder, signature, or checkpoint file'
     ls = command('ls', cmd_ls, 'list experiments, or the checkpoints of one')
     ls.add_argument('target', nargs='?', help='experiment folder or signature (none: every experiment)')
-    ls.add_argument('--verify', action='store_true', help='check every digest of every file (reads them all)')
+    ls.add_argument('--verify', action='store_true',
+                    help='check every digest of every file (reads them all); exit 1 if one is damaged')
     show = command('show', cmd_show, 'metadata, config against the defaults, last metrics')
     show.add_argument('target', help=target)
     verify = command('verify', cmd_verify, 'check every digest; exit 0 if intact, 1 if anything is damaged')

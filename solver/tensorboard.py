@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpointing.experiment import flatten_config
+
 if tp.TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -27,7 +29,7 @@ def open_writer(folder: Path, cfg: DictConfig, metric_tags: list[str]) -> Summar
 
     writer = SummaryWriter(str(Path(folder) / 'tensorboard'), filename_suffix='.hparams')
     params = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-              for key, value in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+              for key, value in flatten_config(OmegaConf.to_container(cfg, resolve=True)).items()}
     file_writer = writer.file_writer
     assert file_writer is not None  # made by SummaryWriter.__init__
     for summary in hparams(params, {tag: 0.0 for tag in metric_tags}):
@@ -35,11 +37,3 @@ def open_writer(folder: Path, cfg: DictConfig, metric_tags: list[str]) -> Summar
     writer.flush()
     return writer
 
-
-def _flatten(config: tp.Any, prefix: str = '') -> dict[str, tp.Any]:
-    if isinstance(config, dict) and config:
-        out: dict[str, tp.Any] = {}
-        for key, value in config.items():
-            out.update(_flatten(value, f'{prefix}{key}.'))
-        return out
-    return {prefix[:-1]: config}

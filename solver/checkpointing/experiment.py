@@ -256,16 +256,17 @@ def verify(target: Experiment | Path) -> list[tuple[Path, str | None]]:
 
 def overrides(config: dict[str, tp.Any], defaults: dict[str, tp.Any]) -> list[str]:
     """`key=value` for each leaf of `config` that differs from `defaults` (dotted keys)."""
-    flat, base = _flatten_config(config), _flatten_config(defaults)
+    flat, base = flatten_config(config), flatten_config(defaults)
     return [f"{key}={json.dumps(value)}" for key, value in flat.items()
             if key not in base or base[key] != value]
 
 
-def _flatten_config(config: tp.Any, prefix: str = '') -> dict[str, tp.Any]:
+def flatten_config(config: tp.Any, prefix: str = '') -> dict[str, tp.Any]:
+    """The leaves of a config dict by dotted key (`optim.adam.betas`); lists are leaves."""
     if isinstance(config, dict) and config:
         out: dict[str, tp.Any] = {}
         for key, value in config.items():
-            out.update(_flatten_config(value, f'{prefix}{key}.'))
+            out.update(flatten_config(value, f'{prefix}{key}.'))
         return out
     return {prefix[:-1]: config}
 
