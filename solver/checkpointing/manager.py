@@ -42,7 +42,7 @@ def pretrained_dir() -> Path:
 
 
 def find_pretrained(name: str) -> checkpoint.Checkpoint:
-    """`<pretrained dir>/<name>.th` (written by `scripts/export_checkpoint.py`), verified."""
+    """`<pretrained dir>/<name>.th` (written by `solver export`), verified."""
     folder = pretrained_dir()
     path = folder / f'{name}.th'
     if not path.exists():
