@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import typing as tp
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +15,10 @@ from torch.utils.data import TensorDataset
 
 from .. import builders, distrib
 from ..base import StandardSolver
+
+#: a folder: every rank appends the dataset indices of each training batch it takes to
+#: `rank<N>.jsonl` there (for the tests of the data order across world sizes)
+RECORD_SAMPLES_ENV = 'SOLVER_RECORD_SAMPLES'
 
 
 def make_dataset(size: int, dim: int, seed: int) -> TensorDataset:
@@ -28,8 +33,9 @@ def make_dataset(size: int, dim: int, seed: int) -> TensorDataset:
 class RegressionSolver(StandardSolver):
     def build_dataloaders(self) -> None:
         data = self.cfg.dataset
+        train = make_dataset(data.train_size, data.dim, seed=1)  # + each item's index, recorded
         self.dataloaders['train'] = builders.get_train_loader(
-            make_dataset(data.train_size, data.dim, seed=1), self.cfg, seed=self.cfg.seed)
+            TensorDataset(*train.tensors, torch.arange(data.train_size)), self.cfg, seed=self.cfg.seed)
         for seed, stage in enumerate(['valid', 'evaluate'], start=2):
             self.dataloaders[stage] = builders.get_eval_loader(
                 make_dataset(data.eval_size, data.dim, seed=seed), self.cfg)
@@ -44,8 +50,9 @@ class RegressionSolver(StandardSolver):
         self.register_ema('model')
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
-        x, y = (t.to(self.device) for t in batch)
+        x, y = (t.to(self.device) for t in batch[:2])
         if self.is_training:
+            self.record_samples(batch[2])
             x = self.inject_faults(x)
         loss = F.mse_loss(self.model(x), y)
         if self.is_training:
@@ -53,6 +60,15 @@ class RegressionSolver(StandardSolver):
             loss.backward()
             self.optimizer.step()
         return {'loss': loss.item()}
+
+    def record_samples(self, indices: torch.Tensor) -> None:
+        """Append this rank's sample indices at this position of the stream ($SOLVER_RECORD_SAMPLES)."""
+        folder = os.environ.get(RECORD_SAMPLES_ENV)
+        if folder:
+            line = {'batch': self.progress['train_batches'], 'rank': distrib.rank(),
+                    'world_size': distrib.world_size(), 'samples': indices.tolist()}
+            with open(Path(folder) / f'rank{distrib.rank()}.jsonl', 'a') as f:
+                f.write(json.dumps(line) + '\n')
 
     def inject_faults(self, x: torch.Tensor) -> torch.Tensor:
         """The tests' faults (`faults.*`) at this position of the training stream: a NaN batch, or
