@@ -74,7 +74,8 @@ class StandardSolver(flashy.BaseSolver):
         # Position of the run, saved with it: optimizer steps, batches drawn from the training
         # stream (steps + batches skipped by rollbacks), and the train stage's partial epoch.
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
-        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.checkpoint.async_save else SaveMode.SYNC)
+        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.checkpoint.async_save else SaveMode.SYNC,
+                                       staging_max_mb=cfg.checkpoint.get('staging_max_mb'))
         self.writer.listeners.append(self.prune_epoch_checkpoints)
         self.preemption = PreemptionHandler()
         self._started = self._last_save = time.time()

@@ -9,6 +9,7 @@ to `$SOLVER_RECORD_SAMPLES/rank<N>.jsonl`; the global batch is rebuilt from the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,10 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from solver.checkpointing import format as checkpoint
-
-pytestmark = pytest.mark.integration
+from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 RUN = ('solver=regression', 'optim.epochs=2')            # 2 epochs of 16 global batches of 32
 STOPPED = (*RUN, 'faults.sigterm_batches=[20]')          # SIGTERM in step 5 of epoch 2: saved, left
@@ -95,6 +96,7 @@ def stopped(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, overrides=overrides, mode=request.param)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize('ranks', [1, 4])
 def test_a_run_stopped_mid_epoch_at_2_ranks_resumes_at_another_world_size_on_the_same_samples(
@@ -110,6 +112,7 @@ def test_a_run_stopped_mid_epoch_at_2_ranks_resumes_at_another_world_size_on_the
     assert losses(dora_tools.folder(dora_dir, *stopped.overrides)) == pytest.approx(losses(reference.folder), rel=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_fsdp_at_8_ranks_trains_on_the_single_process_stream_and_writes_8_shard_files(
         reference, dora_tools, tmp_path):
@@ -126,6 +129,22 @@ def test_fsdp_at_8_ranks_trains_on_the_single_process_stream_and_writes_8_shard_
     assert model['0.weight'].shape == (32, 8) and model['2.weight'].shape == (1, 32)
 
 
+# -- bounded staging memory ------------------------------------------------------------------------
+
+def test_an_async_save_over_staging_max_mb_is_written_by_the_caller_without_staging(tmp_path, assert_same):
+    state = {'model': {f'w{i}': torch.rand(2**18) for i in range(4)}, 'step': 3}  # 4 MB
+    with contextlib.closing(CheckpointWriter(SaveMode.ASYNC, staging_max_mb=3)) as writer:
+        writer.prepare(state)
+        assert writer.staging.nbytes == 0
+        writer.save(state, {tmp_path / 'big.th': None}, {'epoch': 1})
+        assert writer._pending is None and writer.staging.nbytes == 0  # durable when save returns
+        assert_same(checkpoint.read_checkpoint(tmp_path / 'big.th').state, state)
+        small = {'model': {'w0': state['model']['w0']}}  # 1 MB: within the bound, staged
+        writer.save(small, {tmp_path / 'small.th': None}, {'epoch': 2})
+        assert writer.staging.nbytes == 2**20
+    assert_same(checkpoint.read_checkpoint(tmp_path / 'small.th').state, small)
+
+
 # -- a rank killed inside a sharded save of a two-node torchrun job -----------------------------------
 
 # ~34 MB of FSDP state, one update per epoch and a save after each: saves long enough to be killed in.
@@ -140,19 +159,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def workers_of(agent: int) -> dict[int, int]:
-    """{rank: pid} of the worker processes a torchrun agent started."""
-    found = {}
-    for task in Path(f'/proc/{agent}/task').iterdir():
-        for pid in map(int, (task / 'children').read_text().split()):
-            environ = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
-            found.update({int(v.split(b'=')[1]): pid for v in environ if v.startswith(b'RANK=')})
-    return found
+def workers_of(agent: int) -> list[int]:
+    """The worker processes a torchrun agent started."""
+    return [int(pid) for task in Path(f'/proc/{agent}/task').iterdir()
+            for pid in (task / 'children').read_text().split()]
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.connect(('127.0.0.1', port))
+            return
+        assert proc.poll() is None and time.monotonic() < deadline, 'the first node never opened its store'
+        time.sleep(0.05)
+
+
+@pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.parametrize('killed', ['store host', 'other node', 'other node hangs'])
 def test_a_node_killed_inside_a_sharded_save_stops_the_other_and_leaves_the_previous_checkpoint(
-        dora_tools, tmp_path):
+        killed, dora_tools, tmp_path):
+    """Two torchrun agents rendezvous over c10d on loopback, one worker each; node 0 starts first
+    and so hosts the rendezvous store. A worker is SIGKILLed (or, 'hangs', SIGSTOPped: its sockets
+    stay open, so only the collective timeout can stop the other) while its shards are written."""
     dora_dir = tmp_path / 'dora'
     dora_dir.mkdir()
     folder = dora_tools.folder(dora_dir, *BIG_FSDP)
@@ -161,35 +191,40 @@ def test_a_node_killed_inside_a_sharded_save_stops_the_other_and_leaves_the_prev
                '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}', '--rdzv-id', 'two-nodes',
                '--max-restarts', '0', '-m', 'dora', 'run', *BIG_FSDP]
     logs = [tmp_path / f'node{n}.log' for n in range(2)]
-    nodes = []
-    for log in logs:
-        with open(log, 'w') as out:
-            nodes.append(subprocess.Popen(command, cwd=dora_tools.root, env=dora_tools.env(dora_dir), stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+    nodes: list[subprocess.Popen] = []
     try:
+        for log in logs:
+            with open(log, 'w') as out:
+                nodes.append(subprocess.Popen(command, cwd=dora_tools.root, env=dora_tools.env(dora_dir),
+                                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            if len(nodes) == 1:
+                wait_for_port(port, nodes[0])
         deadline = time.monotonic() + 240
         while not ((folder / 'checkpoint.th').exists() and list(folder.glob('.checkpoint.th.dcp.tmp.*'))):
             assert all(n.poll() is None for n in nodes), '\n'.join(log.read_text() for log in logs)
             assert time.monotonic() < deadline, '\n'.join(log.read_text() for log in logs)
             time.sleep(0.002)
         in_flight = {p.name.rsplit('.', 1)[1] for p in folder.glob('.checkpoint.th.dcp.tmp.*')}
-        ranks = [workers_of(n.pid) for n in nodes]
-        killed = next(n for n, workers in enumerate(ranks) if 1 in workers)  # the node of rank 1
-        os.kill(ranks[killed][1], signal.SIGKILL)
+        victim = 0 if killed == 'store host' else 1
+        [worker] = workers_of(nodes[victim].pid)
+        os.kill(worker, signal.SIGSTOP if killed.endswith('hangs') else signal.SIGKILL)
         killed_at = time.monotonic()
-        survivor = nodes[1 - killed]
+        survivor = nodes[1 - victim]
         code = survivor.wait(timeout=180)
         stopped_after = time.monotonic() - killed_at
-        nodes[killed].wait(timeout=60)
+        if not killed.endswith('hangs'):
+            nodes[victim].wait(timeout=60)
     finally:
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
-    output = logs[1 - killed].read_text()
-    print(f"survivor stopped {stopped_after:.1f}s after the kill, exit code {code}")  # reported with -s
+    output = logs[1 - victim].read_text()
+    print(f"\n{killed} (killed or stopped): the other node stopped {stopped_after:.1f}s later, exit code {code}")  # -s shows it
     assert code != 0, output
-    assert stopped_after < 60 * 0.5 + 30, output  # distributed.timeout_minutes, plus start-up slack
-    assert 'Connection closed by peer' in output or 'timed out' in output.lower(), output
+    assert stopped_after < 60 * 0.5 + 30, output  # distributed.timeout_minutes, plus slack for a busy machine
+    named = ('Connection closed by peer', 'Connection reset by peer', 'connection to the C10d store has failed',
+             'Timed out')
+    assert any(text in output for text in named), output
     # The save in flight never became a checkpoint; the previous one is complete and verified.
     checkpoint.clean_stray_files(folder)
     latest = checkpoint.load_newest_intact(folder)
