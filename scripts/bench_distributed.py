@@ -178,11 +178,12 @@ def main() -> int:
         print("Sharded, against 1 rank (same total state): time x, max peak RSS added per rank MB, "
               ".metadata KB, files")
         for world, ranks in table.items():
-            peaks = {phase: max(r['results'][phase]['peak_mb'] for r in ranks) for phase in ('sharded save', 'sharded load')}
+            peak = {phase: max(r['results'][phase]['peak_mb'] for r in ranks) for phase in phases}
+            save, load = (slowest(world, phase) / slowest(1, phase) for phase in ('sharded save', 'sharded load'))
             files = ranks[0]['files']
-            print(f"  {world:>2} rank(s): save x{slowest(world, 'sharded save') / slowest(1, 'sharded save'):.2f} "
-                  f"(peak {peaks['sharded save']:.0f}), load x{slowest(world, 'sharded load') / slowest(1, 'sharded load'):.2f} "
-                  f"(peak {peaks['sharded load']:.0f}); .metadata {files['metadata_kb']:.0f} KB, {files['count']} files")
+            print(f"  {world:>2} rank(s): save x{save:.2f} (peak {peak['sharded save']:.0f}), "
+                  f"load x{load:.2f} (peak {peak['sharded load']:.0f}); "
+                  f".metadata {files['metadata_kb']:.0f} KB, {files['count']} files")
     return 0
 
 
