@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_distributed import rss_mb  # noqa: E402
 
 from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
 
@@ -33,13 +36,6 @@ MODES = {
     'async, bounded': (SaveMode.ASYNC, 'bound'),
     'sync': (SaveMode.SYNC, None),
 }
-
-
-def rss_mb(field: str) -> float:
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith(field + ':'):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def one_mode(mode: str, mb: int, bound: float, repeats: int, folder: Path) -> dict[str, float]:
