@@ -113,6 +113,15 @@ def test_a_run_stopped_mid_epoch_at_2_ranks_resumes_at_another_world_size_on_the
 
 
 @pytest.mark.integration
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused_in_one_line(dora_tools, tmp_path):
+    code, output = dora_run(dora_tools, tmp_path / 'dora', tmp_path / 'records', RUN, ranks=3)
+    assert code == 1
+    assert ('dataset.batch_size (32) must be divisible by the number of ranks (3): it is the global '
+            'batch, split across ranks.') in output
+    assert 'Traceback' not in output
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 def test_fsdp_at_8_ranks_trains_on_the_single_process_stream_and_writes_8_shard_files(
         reference, dora_tools, tmp_path):
