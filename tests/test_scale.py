@@ -1,6 +1,7 @@
 """Across world sizes, with real ranks (CPU, gloo): the exact stream of training samples when a
-run checkpointed mid-epoch at 2 ranks resumes at 1 or 4 (DDP and FSDP), FSDP at 8 ranks, and a
-rank SIGKILLed inside a sharded save of a two-node torchrun job.
+run checkpointed mid-epoch at 2 ranks resumes at 1 or 4 (DDP and FSDP), a world size that does
+not divide the global batch, FSDP at 8 ranks, a worker SIGKILLed (or hung) inside a sharded save
+of a two-node torchrun job; and the writer's staging bound (`checkpoint.staging_max_mb`).
 
 Every rank of the regression solver appends the dataset indices of each training batch it takes
 to `$SOLVER_RECORD_SAMPLES/rank<N>.jsonl`; the global batch is rebuilt from the ranks' slices
@@ -83,7 +84,10 @@ def reference(dora_tools, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp('reference')
     code, output = dora_run(dora_tools, root / 'dora', root / 'records', RUN)
     assert code == 0, output
-    return SimpleNamespace(stream=global_stream(root / 'records'), folder=dora_tools.folder(root / 'dora', *RUN))
+    stream = global_stream(root / 'records')
+    assert len(stream) == 32 and all(len(batch) == 32 for batch in stream)
+    assert sorted(sum(stream[:16], [])) == list(range(512))  # an epoch is one pass over the data
+    return SimpleNamespace(stream=stream, folder=dora_tools.folder(root / 'dora', *RUN))
 
 
 @pytest.fixture(scope='module', params=['ddp', 'fsdp'])
