@@ -88,8 +88,11 @@ def get_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig | No
 def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
                      collate_fn: tp.Callable | None = None) -> DataLoader:
     """Training loader over a resumable, rank-aware batch stream (see `sampler`)."""
-    sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
-                                    rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
+    try:  # the sampler's messages name the keys (batch size against ranks or data): user errors
+        sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
+                                        rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.dataset.num_workers, generator=_own_generator(seed))
 

@@ -66,7 +66,8 @@ class CheckpointManager:
         self.sig = sig
         self.lower_is_better = lower_is_better
         self.policies = policy.from_config(cfg)
-        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC)
+        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
+                                       staging_max_mb=cfg.get('staging_max_mb'))
         self.writer.listeners.append(self._after_durable)
         self.rollbacks = 0
         self._started = self._last_save = time.time()

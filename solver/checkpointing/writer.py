@@ -10,6 +10,12 @@ save is not the slow one); a background thread then hashes and writes the files,
 in `checkpoint.write_checkpoint`. At most one save is in flight: the next `save` waits for it.
 An error of a background save is raised by the next `save`, `wait` or `close`, never lost.
 
+Staging costs host memory the size of the state (of this rank's shards). `staging_max_mb` bounds
+it: a state larger than the bound is not staged but written by the calling thread straight from
+its tensors, one tensor at a time (a tensor on a GPU is copied to the host just before its bytes
+are written), as in `SYNC` mode. The loop then blocks for the whole write instead of a copy, and
+host memory grows by at most one tensor. A state within the bound is staged as before.
+
 In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
 (the others return at once), a sharded one (DTensors, FSDP2) by every rank, each its shards
 (`checkpoint.write_checkpoint`); staging then copies only this rank's shards.
@@ -92,6 +98,13 @@ class StagingBuffers:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
 
+def staged_nbytes(state: tp.Any) -> int:
+    """Bytes the staging buffers of `state` take: its tensors, only this rank's shard of a DTensor."""
+    from torch.utils._pytree import tree_leaves
+    local = [t.to_local() if sharded.is_dtensor(t) else t for t in tree_leaves(state)]
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor))
+
+
 def _background_priority() -> None:
     """Lower this thread's CPU priority (nice 19; the threads it starts inherit it).
 
@@ -104,19 +117,38 @@ def _background_priority() -> None:
 
 
 class CheckpointWriter:
-    def __init__(self, mode: SaveMode | str = SaveMode.SYNC) -> None:
+    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None) -> None:
         self.mode = SaveMode(mode)
+        self.staging_max_mb = staging_max_mb
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
         self.last = SaveStats()
         self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer', initializer=_background_priority)
         self._notify = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-listeners')
         self._pending: Future | None = None
+        self._over_bound_logged = False
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
         """Allocate and touch the staging buffers now, not at the first checkpoint."""
-        if self.mode is SaveMode.ASYNC and self.writes(state):
+        if self.stages(state) and self.writes(state):
             self.staging.snapshot(state)
+
+    def stages(self, state: dict[str, tp.Any]) -> bool:
+        """Whether a save of `state` is staged (ASYNC, within `staging_max_mb`); if the state is
+        over the bound, the staging buffers are released and the caller writes (see module doc)."""
+        if self.mode is not SaveMode.ASYNC:
+            return False
+        if self.staging_max_mb is None:
+            return True
+        size = staged_nbytes(state)
+        if size <= self.staging_max_mb * 2**20:
+            return True
+        if self.staging.buffers or not self._over_bound_logged:
+            logger.info("Checkpoint state of %.0f MB > checkpoint.staging_max_mb=%s: written by the "
+                        "training loop, tensor by tensor, not staged.", size / 2**20, self.staging_max_mb)
+            self._over_bound_logged = True
+        self.staging.buffers.clear()
+        return False
 
     @staticmethod
     def writes(state: dict[str, tp.Any]) -> bool:
@@ -131,7 +163,7 @@ class CheckpointWriter:
         if not self.writes(state):
             self.last = SaveStats()
             return self.last
-        if self.mode is SaveMode.ASYNC:
+        if self.stages(state):
             state = self.staging.snapshot(state)
             self._pending = self._io.submit(self._write, state, targets, meta, begin)
         else:
