@@ -32,6 +32,7 @@ from .preemption import PreemptionHandler, StopRequested
 from .rng import RNGState
 from .sampler import ResumableBatchSampler
 from .stateful import full_state, load_states, swapped
+from .tensorboard import open_writer as open_tensorboard
 
 __all__ = ['StandardSolver', 'SolverError', 'DivergenceError']
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class StandardSolver(flashy.BaseSolver):
     #: the valid metric that decides the best state, and its direction
     best_metric_name: str = 'loss'
     best_metric_lower_is_better: bool = True
+    #: with logging.log_tensorboard, a SummaryWriter of this run's TensorBoard folder, for media
+    tensorboard: tp.Any = None
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -160,7 +163,8 @@ class StandardSolver(flashy.BaseSolver):
         self.restore()
         distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
-            self.init_tensorboard(sub_dir='tensorboard')
+            self.init_tensorboard()  # flashy: stage metrics per epoch in <xp>/tensorboard
+            self.tensorboard = open_tensorboard(self.folder, self.cfg, [f'valid/{self.best_metric_name}'])
         if self.cfg.execute_only:
             self.run_one_stage(self.cfg.execute_only)
             return
@@ -184,6 +188,8 @@ class StandardSolver(flashy.BaseSolver):
                         break
         finally:
             self.manager.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def is_complete(self) -> bool:
         """Whether the experiment has nothing left to do (all epochs, or an early stop); says so."""

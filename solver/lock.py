@@ -46,3 +46,26 @@ class ExperimentLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def holder(folder: Path) -> int | None:
+    """The pid of the live process holding the lock of experiment `folder`, or None when free.
+
+    Probes with a non-blocking lock released at once: the OS, not the pid file, says whether
+    the holder is alive (a killed run leaves its pid in the file but no lock).
+    """
+    path = Path(folder) / '.lock'
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 64, 0).decode(errors='replace').strip()
+        return int(owner) if owner.isdigit() else -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -50,8 +50,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-# Dora's folder: outputs/ at the project root whatever the launch directory, or $SOLVER_DORA_DIR.
-main.dora.dir = Path(os.environ.get(DORA_DIR_ENV, ROOT / 'outputs'))
+def dora_dir() -> Path:
+    """Dora's folder: outputs/ at the project root whatever the launch directory, or $SOLVER_DORA_DIR."""
+    return Path(os.environ.get(DORA_DIR_ENV, ROOT / 'outputs'))
+
+
+main.dora.dir = dora_dir()
 
 if __name__ == '__main__':
     main()

@@ -194,8 +194,11 @@ def test_continue_from_a_sharded_experiment_fine_tunes_in_one_process(fsdp, dora
 
 
 def test_export_of_a_sharded_experiment_is_one_consolidated_file(fsdp, dora_tools, tmp_path):
+    verified = subprocess.run(['solver', 'verify', str(fsdp.folder)], cwd=dora_tools.root, capture_output=True,
+                              text=True, timeout=60)  # the solver command reads shards in one process
+    assert verified.returncode == 0 and f"{fsdp.folder / 'checkpoint.th'}: intact" in verified.stdout, verified
     target = tmp_path / 'exported.th'
-    proc = subprocess.run([sys.executable, 'scripts/export_checkpoint.py', str(fsdp.folder), str(target)],
+    proc = subprocess.run(['solver', 'export', str(fsdp.folder), str(target)],
                           cwd=dora_tools.root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(target, weights_only=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from helpers import FAULTY, REGRESSION
+from helpers import FAULTY, REGRESSION, run_xp
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import store
@@ -324,3 +324,28 @@ def test_incremental_with_fsdp_is_refused_naming_both_keys(dora):
     assert code == 1
     last = output.strip().splitlines()[-1]
     assert 'checkpoint.incremental=true' in last and 'fsdp.use=true' in last
+
+
+@pytest.mark.integration
+def test_the_command_line_rolls_back_prunes_and_exports_an_incremental_experiment(dora_tools, dora_dir, tmp_path):
+    overrides = (*REGRESSION, *INCREMENTAL, 'checkpoint.save_every=1', 'optim.epochs=3')
+    xp = run_xp(dora_dir, *overrides)
+
+    def solver(*args: str) -> str:
+        proc = subprocess.run(['solver', *args], cwd=ROOT, env=dora_tools.env(dora_dir), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    solver('rollback', str(xp.folder), '--to', 'epoch:1')
+    moved = sorted(xp.folder.glob('rolled_back/*/checkpoint*.th'))
+    assert moved and not checkpoint.epoch_checkpoint_path(xp.folder, 2).exists()
+    run_xp(dora_dir, *overrides)  # goes on from epoch 1; its collections keep the moved files' blobs
+    solver('prune', str(xp.folder), '--keep-last', '1', '--yes')
+    assert [epoch for epoch, _ in checkpoint.epoch_checkpoints(xp.folder)] == [3]
+    assert blob_names(xp.folder) == store.referenced(xp.folder)
+    for path in store.checkpoint_files(xp.folder):
+        checkpoint.read_checkpoint(path)
+    solver('export', str(xp.folder), str(tmp_path / 'model.th'))
+    shutil.rmtree(xp.folder / store.BLOBS)
+    assert 'model' in checkpoint.read_checkpoint(tmp_path / 'model.th').state['best_state']['states']

@@ -77,6 +77,12 @@ def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
     return Path(folder) / f'checkpoint_{epoch}.th'
 
 
+def epoch_of(path: Path) -> int | None:
+    """The epoch in a `checkpoint_<epoch>.th` name, else None."""
+    match = _EPOCH_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """The `checkpoint_<epoch>.th` files of a folder, oldest first."""
     found = []

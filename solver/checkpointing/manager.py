@@ -43,7 +43,7 @@ def pretrained_dir() -> Path:
 
 
 def find_pretrained(name: str) -> checkpoint.Checkpoint:
-    """`<pretrained dir>/<name>.th` (written by `scripts/export_checkpoint.py`), verified."""
+    """`<pretrained dir>/<name>.th` (written by `solver export`), verified."""
     folder = pretrained_dir()
     path = folder / f'{name}.th'
     if not path.exists():
@@ -67,7 +67,8 @@ class CheckpointManager:
         self.sig = sig
         self.lower_is_better = lower_is_better
         self.policies = policy.from_config(cfg)
-        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC)
+        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
+                                       staging_max_mb=cfg.get('staging_max_mb'))
         self.writer.listeners.append(self._after_durable)
         if cfg.get('incremental'):  # [incremental] equal tensors stored once (store.py)
             self.writer.store = IncrementalStore(self.folder)

@@ -10,6 +10,12 @@ save is not the slow one); a background thread then hashes and writes the files,
 in `checkpoint.write_checkpoint`. At most one save is in flight: the next `save` waits for it.
 An error of a background save is raised by the next `save`, `wait` or `close`, never lost.
 
+Staging costs host memory the size of the state (of this rank's shards). `staging_max_mb` bounds
+it: a state larger than the bound is not staged but written by the calling thread straight from
+its tensors, one tensor at a time (a tensor on a GPU is copied to the host just before its bytes
+are written), as in `SYNC` mode. The loop then blocks for the whole write instead of a copy, and
+host memory grows by at most one tensor. A state within the bound is staged as before.
+
 In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
 (the others return at once), a sharded one (DTensors, FSDP2) by every rank, each its shards
 (`checkpoint.write_checkpoint`); staging then copies only this rank's shards.
@@ -112,6 +118,13 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def staged_nbytes(state: tp.Any) -> int:
+    """Bytes the staging buffers of `state` take: its tensors, only this rank's shard of a DTensor."""
+    from torch.utils._pytree import tree_leaves
+    local = [t.to_local() if sharded.is_dtensor(t) else t for t in tree_leaves(state)]
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor))
+
+
 def _background_priority() -> None:
     """Lower this thread's CPU priority (nice 19; the threads it starts inherit it).
 
@@ -124,8 +137,9 @@ def _background_priority() -> None:
 
 
 class CheckpointWriter:
-    def __init__(self, mode: SaveMode | str = SaveMode.SYNC) -> None:
+    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None) -> None:
         self.mode = SaveMode(mode)
+        self.staging_max_mb = staging_max_mb
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
         self.last = SaveStats()
@@ -136,11 +150,29 @@ class CheckpointWriter:
         self.store: IncrementalStore | None = None
         # [rollback from memory] the last save as staged, once durable (async mode only)
         self.staged: Staged | None = None
+        self._over_bound_logged = False
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
         """Allocate and touch the staging buffers now, not at the first checkpoint."""
-        if self.mode is SaveMode.ASYNC and self.writes(state):
+        if self.stages(state) and self.writes(state):
             self.staging.snapshot(state)
+
+    def stages(self, state: dict[str, tp.Any]) -> bool:
+        """Whether a save of `state` is staged (ASYNC, within `staging_max_mb`); if the state is
+        over the bound, the staging buffers are released and the caller writes (see module doc)."""
+        if self.mode is not SaveMode.ASYNC:
+            return False
+        if self.staging_max_mb is None:
+            return True
+        size = staged_nbytes(state)
+        if size <= self.staging_max_mb * 2**20:
+            return True
+        if self.staging.buffers or not self._over_bound_logged:
+            logger.info("Checkpoint state of %.0f MB > checkpoint.staging_max_mb=%s: written by the "
+                        "training loop, tensor by tensor, not staged.", size / 2**20, self.staging_max_mb)
+            self._over_bound_logged = True
+        self.staging.buffers.clear()
+        return False
 
     @staticmethod
     def writes(state: dict[str, tp.Any]) -> bool:
@@ -155,17 +187,17 @@ class CheckpointWriter:
         if not self.writes(state):
             self.last = SaveStats()
             return self.last
-        if self.mode is SaveMode.ASYNC:
-            self.staged = None  # the buffers are about to change
+        self.staged = None  # [rollback from memory] the buffers, or the newest file, are about to change
+        if self.stages(state):
             state = self.staging.snapshot(state)
-            self._pending = self._io.submit(self._write, state, targets, meta, begin)
+            self._pending = self._io.submit(self._write, state, targets, meta, begin, True)
         else:
             self._write(state, targets, meta, begin)
         self.last.blocked = time.perf_counter() - begin
         return self.last
 
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
-               meta: dict[str, tp.Any], begin: float) -> None:
+               meta: dict[str, tp.Any], begin: float, staged: bool = False) -> None:
         write = self.store.write if self.store is not None else checkpoint.write_checkpoint  # [incremental]
         full: dict[Path, tp.Any] = {}
         for path, names in targets.items():
@@ -176,7 +208,7 @@ class CheckpointWriter:
                 recorded = write(path, state, meta)
                 if recorded is not None:
                     full[path] = (recorded, _identity(path))
-        if self.mode is SaveMode.ASYNC:
+        if staged:  # [rollback from memory] `state` is the staging buffers' copy
             self.staged = Staged(full, state, meta)
         self.last.durable = time.perf_counter() - begin
         logger.debug("Checkpoint durable after %.3fs: %s", self.last.durable, [p.name for p in targets])

@@ -164,6 +164,10 @@ class DrumRNNSolver(StandardSolver):
                 midi.write_drum_midi(events, folder / f'{name}.mid', qpm=cfg.qpm)
                 midi.save_piano_roll(events, folder / f'{name}.png',
                                      title=f'{self.xp.sig} epoch {self.epoch} {name} (T={cfg.temperature})')
+                if self.tensorboard is not None:  # logging.log_tensorboard: the same piano roll
+                    from matplotlib.image import imread
+                    self.tensorboard.add_image(f'generate/{name}', imread(folder / f'{name}.png'), self.epoch,
+                                               dataformats='HWC')
             hits.append(float((events != 0).mean()))
         if writes:
             logger.info("Wrote %d samples to %s", cfg.num_samples, folder)
