@@ -1,0 +1,275 @@
+"""Hostile input: every place that deserialises something read from disk, fed a payload that
+would create a marker file if it ran; and the faults a hostile user found (issue 15).
+
+Each payload is known to work: `test_the_payloads_really_run_code_when_loaded_unsafely` runs
+them through the unsafe loaders. Every other test checks that the marker never appears. The
+list of places, and how each is made safe, is docs/security.md.
+
+Already covered elsewhere, kept there: damaged and truncated files, pickles needing globals,
+another format version (tests/test_checkpoint.py); a full disk / file-size limit during a save
+and kill -9 mid-save (tests/test_reliability.py); the experiment lock (tests/test_dora_run.py);
+DCP metadata needing globals and damaged shard files (tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import typing as tp
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing import sharded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunsCode:
+    """Pickles to `open(marker, 'w')`: loading it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[tp.Any, ...]:
+        return (open, (str(self.marker), 'w'))
+
+
+def torch_payload(marker: Path) -> bytes:
+    """What `torch.load(weights_only=False)` runs."""
+    data = io.BytesIO()
+    torch.save(RunsCode(marker), data)
+    return data.getvalue()
+
+
+def digest(data: bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def forge_sharded(path: Path, files: dict[str, bytes], listed: tp.Collection[str] | None = None,
+                  state: tp.Any = None) -> Path:
+    """A `checkpoint.th` at `path` whose digests all match (anyone can compute them) and which
+    names a shard folder holding `files`; `listed` (default: all) are the files it lists."""
+    folder = path.with_name(f'{sharded.folder_prefix(path)}forged')
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    listed = files if listed is None else listed
+    placeholder = {sharded.MARK: 'model.w', 'shape': [3, 4], 'dtype': 'float32'}
+    state = {'model': {'w': placeholder}} if state is None else state
+    shards = {'folder': folder.name, 'files': {name: digest(files[name]) for name in listed}, 'world_size': 1}
+    checkpoint._write_file(path, {'meta': {'epoch': 1}, 'state': state, 'shards': shards})
+    return path
+
+
+def honest_metadata_and_data() -> tuple[bytes, bytes]:
+    """The `.metadata` and `__0_0.distcp` DCP writes for a 3x4 tensor named `model.w`."""
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp.save({'model.w': torch.arange(12.).reshape(3, 4)}, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+        return (Path(tmp) / '.metadata').read_bytes(), (Path(tmp) / '__0_0.distcp').read_bytes()
+
+
+def rank_local_fallback(path: Path, marker: Path, listed_payload: bool = False) -> Path:
+    """Attack 1 of issue 15: a `.metadata` that is a harmless pickle (no globals) DCP cannot use,
+    and a `__0.metadata` payload that DCP's fallback reads with plain pickle."""
+    files = {'.metadata': pickle.dumps(42), '__0.metadata': pickle.dumps(RunsCode(marker))}
+    return forge_sharded(path, files, listed=None if listed_payload else ['.metadata'])
+
+
+def byte_item(path: Path, marker: Path, state: tp.Any = None) -> Path:
+    """A `.metadata` of DCP's own classes only, declaring `model.w` a byte item: DCP loads byte
+    items with `torch.load(weights_only=False)`, here the payload stored as the data file."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+    payload = torch_payload(marker)
+    metadata = Metadata(state_dict_metadata={'model.w': BytesStorageMetadata()},
+                        storage_data={MetadataIndex('model.w'): _StorageInfo('__0_0.distcp', 0, len(payload))})
+    return forge_sharded(path, {'.metadata': pickle.dumps(metadata), '__0_0.distcp': payload}, state=state)
+
+
+ATTACKS = {'rank-local fallback': rank_local_fallback, 'byte item': byte_item}
+
+
+@pytest.fixture(params=sorted(ATTACKS))
+def attack(request: pytest.FixtureRequest) -> tp.Callable[[Path, Path], Path]:
+    return ATTACKS[request.param]
+
+
+# -- the payloads are real ---------------------------------------------------------------------------
+
+def test_the_payloads_really_run_code_when_loaded_unsafely(tmp_path: Path):
+    marker = tmp_path / 'pwned'
+    pickle.loads(pickle.dumps(RunsCode(marker)))
+    assert marker.exists()
+    marker.unlink()
+    torch.load(io.BytesIO(torch_payload(marker)), weights_only=False)
+    assert marker.exists()
+
+
+def test_dcp_own_reader_runs_the_payload_of_a_forged_folder(tmp_path: Path, attack):
+    """What our reader exists for: DCP's default reader on the same folder runs the code."""
+    import torch.distributed.checkpoint as dcp
+    marker = tmp_path / 'pwned'
+    path = attack(tmp_path / 'checkpoint.th', marker)
+    folder = next(tmp_path.glob('checkpoint.th.dcp.*'))
+    from torch.distributed.checkpoint.api import CheckpointException
+    with warnings.catch_warnings(), contextlib.suppress(Exception, CheckpointException):  # fails after the code ran
+        warnings.simplefilter('ignore')
+        dcp.load({'model.w': torch.empty(3, 4)}, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    assert marker.exists()
+    assert path.exists()
+
+
+# -- shard folders ------------------------------------------------------------------------------------
+
+def test_a_forged_shard_folder_is_refused_and_runs_nothing(tmp_path: Path, attack):
+    marker = tmp_path / 'pwned'
+    path = attack(tmp_path / 'checkpoint.th', marker)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='refused'):
+        checkpoint.read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_listed_rank_local_metadata_is_never_read(tmp_path: Path):
+    marker = tmp_path / 'pwned'
+    path = rank_local_fallback(tmp_path / 'checkpoint.th', marker, listed_payload=True)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='not a DCP Metadata'):
+        checkpoint.read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_an_unlisted_file_in_an_honest_shard_folder_is_refused_naming_it(tmp_path: Path):
+    metadata, data = honest_metadata_and_data()
+    path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': metadata, '__0_0.distcp': data})
+    assert checkpoint.read_checkpoint(path).state['model']['w'].sum() == 66
+    folder = next(tmp_path.glob('checkpoint.th.dcp.*'))
+    (folder / '__0.metadata').write_bytes(pickle.dumps(RunsCode(tmp_path / 'pwned')))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r'does not list \(__0.metadata\)'):
+        checkpoint.read_checkpoint(path)
+    assert not (tmp_path / 'pwned').exists()
+
+
+class OpenWatch:
+    """Counts opens of the files of one folder (a Python audit hook) and, at the second open of
+    a file, replaces it by `swaps[name]`: an attacker swapping files between two reads."""
+
+    active: OpenWatch | None = None
+    installed = False
+
+    def __init__(self, folder: Path, swaps: dict[str, bytes]) -> None:
+        self.folder, self.swaps = folder, swaps
+        self.opens: dict[str, int] = {}
+        self.lock = threading.Lock()
+        if not OpenWatch.installed:  # audit hooks cannot be removed: one hook, switched by `active`
+            sys.addaudithook(OpenWatch._hook)
+            OpenWatch.installed = True
+
+    @staticmethod
+    def _hook(event: str, args: tuple[tp.Any, ...]) -> None:
+        watch = OpenWatch.active
+        if watch is None or event != 'open' or not isinstance(args[0], (str, os.PathLike)):
+            return
+        path = Path(args[0])
+        if path.parent != watch.folder:
+            return
+        with watch.lock:
+            count = watch.opens[path.name] = watch.opens.get(path.name, 0) + 1
+        if count == 2 and path.name in watch.swaps:
+            OpenWatch.active = None  # our own write below opens the file too
+            tmp = path.with_name('swap.tmp')
+            tmp.write_bytes(watch.swaps[path.name])
+            os.replace(tmp, path)
+            OpenWatch.active = watch
+
+    def __enter__(self) -> OpenWatch:
+        OpenWatch.active = self
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        OpenWatch.active = None
+
+
+def test_each_shard_file_is_read_once_so_a_swap_after_the_check_changes_nothing(tmp_path: Path):
+    marker = tmp_path / 'pwned'
+    metadata, data = honest_metadata_and_data()
+    path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': metadata, '__0_0.distcp': data})
+    folder = next(tmp_path.glob('checkpoint.th.dcp.*'))
+    zeros = honest_metadata_and_data()[1].replace(torch.arange(12.).numpy().tobytes(), bytes(48))
+    with OpenWatch(folder, {'.metadata': pickle.dumps(RunsCode(marker)), '__0_0.distcp': zeros}) as watch:
+        ckpt = checkpoint.read_checkpoint(path)
+    assert watch.opens == {'.metadata': 1, '__0_0.distcp': 1}
+    assert torch.equal(ckpt.state['model']['w'], torch.arange(12.).reshape(3, 4))
+    assert not marker.exists()
+
+
+def test_a_real_sharded_save_lists_every_file_of_its_folder_and_loads(tmp_path: Path):
+    script = f"""
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import distribute_tensor, Shard
+from solver.checkpointing import format as checkpoint
+dist.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0, world_size=1)
+w = distribute_tensor(torch.arange(12.).reshape(3, 4), init_device_mesh('cpu', (1,)), [Shard(0)])
+checkpoint.write_checkpoint('{tmp_path}/checkpoint.th', {{'model': {{'w': w}}}}, {{'epoch': 1}})
+dist.destroy_process_group()
+"""
+    proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    payload = torch.load(tmp_path / 'checkpoint.th', weights_only=True)
+    folder = tmp_path / payload['shards']['folder']
+    assert set(payload['shards']['files']) == {p.name for p in folder.iterdir()} == {'.metadata', '__0_0.distcp'}
+    ckpt = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    assert torch.equal(ckpt.state['model']['w'], torch.arange(12.).reshape(3, 4))
+
+
+# -- entry points fed a forged sharded checkpoint -----------------------------------------------------
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+
+
+@pytest.mark.integration
+def test_inspect_refuses_a_forged_shard_folder_in_one_line(tmp_path: Path, attack):
+    marker = tmp_path / 'pwned'
+    path = attack(tmp_path / 'checkpoint.th', marker)
+    proc = run(sys.executable, '-m', 'solver.checkpointing.inspect', str(path))
+    assert proc.returncode == 1 and 'refused' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.integration
+def test_the_export_script_refuses_a_forged_shard_folder(tmp_path: Path, attack):
+    marker = tmp_path / 'pwned'
+    path = attack(tmp_path / 'checkpoint.th', marker)
+    proc = run(sys.executable, 'scripts/export_checkpoint.py', str(path), str(tmp_path / 'out.th'))
+    assert proc.returncode == 1 and 'refused' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    assert not marker.exists() and not (tmp_path / 'out.th').exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('how', ['file', 'pretrained'])
+def test_continue_from_a_forged_shard_folder_stops_in_one_line(dora, tmp_path: Path, how: str, monkeypatch):
+    marker = tmp_path / 'pwned'
+    state = {'best_state': {'states': {'model': {'0.weight': {sharded.MARK: 'model.w', 'shape': [3, 4],
+                                                              'dtype': 'float32'}}}}}
+    pretrained = tmp_path / 'pretrained'
+    pretrained.mkdir()
+    path = byte_item(pretrained / 'evil.th', marker, state=state)
+    source = f'continue_from={path}' if how == 'file' else 'continue_from=//pretrained/evil'
+    monkeypatch.setenv('SOLVER_PRETRAINED_DIR', str(pretrained))
+    code, output = dora('run', 'solver=regression', 'optim.epochs=1', source)
+    assert code == 1 and 'refused' in output and 'Traceback' not in output, output
+    assert not marker.exists()
