@@ -273,3 +273,35 @@ def test_continue_from_a_forged_shard_folder_stops_in_one_line(dora, tmp_path: P
     code, output = dora('run', 'solver=regression', 'optim.epochs=1', source)
     assert code == 1 and 'refused' in output and 'Traceback' not in output, output
     assert not marker.exists()
+
+
+# -- a checkpoint replaced while it is read -------------------------------------------------------------
+
+def test_a_checkpoint_replaced_atomically_while_read_is_the_old_or_the_new_never_damaged(tmp_path: Path):
+    versions = []
+    for epoch in (1, 2):
+        torch.manual_seed(epoch)
+        source = tmp_path / f'v{epoch}.th'
+        checkpoint.write_checkpoint(source, {'model': {'w': torch.randn(256, 256)}, 'tag': epoch}, {'epoch': epoch})
+        versions.append(source.read_bytes())
+    target = tmp_path / 'checkpoint.th'
+    target.write_bytes(versions[0])
+    stop = threading.Event()
+
+    def replace_forever() -> None:
+        index = 0
+        while not stop.is_set():
+            index ^= 1
+            tmp = tmp_path / '.checkpoint.th.tmp'
+            tmp.write_bytes(versions[index])
+            os.replace(tmp, target)
+
+    thread = threading.Thread(target=replace_forever)
+    thread.start()
+    try:
+        seen = [checkpoint.read_checkpoint(target) for _ in range(400)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(ckpt.meta['epoch'] == ckpt.state['tag'] for ckpt in seen)
+    assert {ckpt.meta['epoch'] for ckpt in seen} == {1, 2}
