@@ -327,6 +327,7 @@ class StandardSolver(flashy.BaseSolver):
         self.progress['train_batches'] += 1
         self.progress['step'] += 1
         self.progress['epoch_step'] = done
+        self.writer.raise_if_failed()  # a failed background save stops training now, not at the next save
         if self.ema is not None:
             self.ema.step()
         preempted, save_due = self.agree_to_stop(self.mid_epoch_save_due())

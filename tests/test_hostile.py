@@ -305,3 +305,113 @@ def test_a_checkpoint_replaced_atomically_while_read_is_the_old_or_the_new_never
         thread.join()
     assert all(ckpt.meta['epoch'] == ckpt.state['tag'] for ckpt in seen)
     assert {ckpt.meta['epoch'] for ckpt in seen} == {1, 2}
+
+
+# -- user mistakes at the entry point: one line, never a traceback --------------------------------------
+
+def one_line_failure(code: int, output: str, expected: int = 1) -> str:
+    """The last line of a run that must have failed with `expected` and no traceback."""
+    assert code == expected and 'Traceback' not in output, output
+    return output.strip().splitlines()[-1]
+
+
+@pytest.mark.integration
+def test_a_dora_folder_that_is_a_file_stops_in_one_line_naming_it(dora_tools, tmp_path: Path):
+    (tmp_path / 'taken').write_text('')
+    code, output = dora_tools.run(tmp_path / 'taken', 'run', 'solver=regression')
+    assert 'taken is a file' in one_line_failure(code, output)
+
+
+@pytest.mark.parametrize('value, expected', [('', '{root}/outputs'), ('  ', '{root}/outputs'),
+                                             ('~/runs', '{home}/runs'), ('rel/runs', '{cwd}/rel/runs')])
+def test_the_dora_folder_variable_is_expanded_and_made_absolute_once(tmp_path: Path, value: str, expected: str):
+    script = 'import os; from solver.train import main; print(main.dora.dir, os.environ["SOLVER_DORA_DIR"])'
+    proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'SOLVER_DORA_DIR': value, 'HOME': str(tmp_path / 'home'),
+                               'PYTHONPATH': str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    folder = expected.format(root=ROOT, home=tmp_path / 'home', cwd=tmp_path)
+    assert proc.stdout.split() == [folder, folder]
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> tp.Iterator[None]:
+    """`folder` made read-only for this (possibly root) user: immutable for root, mode 555 otherwise."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(['chattr', '+i', str(folder)], capture_output=True).returncode != 0:
+        pytest.skip('root without chattr +i: cannot make a folder read-only')
+    try:
+        yield
+    finally:
+        subprocess.run(['chattr', '-i', str(folder)], check=True)
+
+
+@pytest.mark.integration
+def test_a_read_only_experiment_folder_stops_before_training_in_one_line(dora, dora_tools, dora_dir: Path):
+    folder = dora_tools.folder(dora_dir, 'solver=regression')
+    folder.mkdir(parents=True)
+    with read_only(folder):
+        code, output = dora('run', 'solver=regression')
+    line = one_line_failure(code, output)
+    assert f'Cannot write in {folder}' in line and 'writable' in line
+    assert 'Train' not in output
+
+
+@pytest.mark.integration
+def test_a_full_disk_at_start_stops_in_one_line(dora_tools, tmp_path: Path):
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a small tmpfs here (needs root)')
+    try:
+        with contextlib.suppress(OSError), open(disk / 'filler', 'wb') as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+        code, output = dora_tools.run(disk / 'dora', 'run', 'solver=regression')
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
+    assert 'is full' in one_line_failure(code, output)
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_in_one_line_with_130_and_the_checkpoint_intact(dora_tools, dora_dir: Path):
+    overrides = ('solver=regression', 'model.hidden_size=512', 'dataset.dim=256', 'dataset.batch_size=256',
+                 'dataset.train_size=24576', 'checkpoint.every_steps=4', 'checkpoint.async_save=true')
+    with dora_tools.start(dora_dir, *overrides) as run:
+        run.wait_for(lambda: run.output().count(' - Checkpoint checkpoint.th') >= 2, 'two saves')
+        run.send(2)  # SIGINT, what Ctrl-C sends
+        code, output = run.finish()
+    line = one_line_failure(code, output, expected=130)
+    assert 'Interrupted (Ctrl-C)' in line and str(run.folder) in line
+    checkpoint.read_checkpoint(run.folder / 'checkpoint.th')
+    assert not list(run.folder.glob('.checkpoint*.tmp.*'))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_failed_async_save_stops_training_at_the_next_step_naming_the_file(dora_tools, dora_dir: Path):
+    import functools
+    import resource
+    import signal
+
+    def limit_file_size(limit: int) -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    # 400 steps per epoch: the background write (at nice 19) has long failed before epoch 2 ends.
+    overrides = ('solver=regression', 'model.hidden_size=512', 'dataset.dim=256', 'dataset.train_size=12800',
+                 'dataset.eval_size=32', 'checkpoint.async_save=true')
+    code, output = dora_tools.run(dora_dir, 'run', *overrides, preexec_fn=functools.partial(limit_file_size, 200_000))
+    folder = dora_tools.folder(dora_dir, *overrides)
+    line = one_line_failure(code, output)
+    assert f"Could not write checkpoint {folder / 'checkpoint.th'}: File too large" in line
+    # The save at the end of epoch 1 failed: epoch 2 stopped at its first steps, not at its save.
+    assert 'Train Summary | Epoch 2' not in output
+    assert not (folder / 'checkpoint.th').exists() and not list(folder.glob('.checkpoint*.tmp.*'))
