@@ -415,3 +415,88 @@ def test_a_failed_async_save_stops_training_at_the_next_step_naming_the_file(dor
     # The save at the end of epoch 1 failed: epoch 2 stopped at its first steps, not at its save.
     assert 'Train Summary | Epoch 2' not in output
     assert not (folder / 'checkpoint.th').exists() and not list(folder.glob('.checkpoint*.tmp.*'))
+
+
+# -- one test per place that deserialises (docs/security.md) --------------------------------------------
+
+def test_torch_archive_a_checkpoint_pickle_that_would_run_code_is_refused(tmp_path: Path):
+    path = tmp_path / 'checkpoint.th'
+    marker = tmp_path / 'pwned'
+    torch.save({'format': checkpoint.FORMAT, 'version': checkpoint.VERSION, 'state': RunsCode(marker)}, path)
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match='Refused'):
+        checkpoint.read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_dcp_tensor_data_file_holding_a_pickle_payload_is_refused(tmp_path: Path):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    marker = tmp_path / 'pwned'
+    metadata_bytes, _ = honest_metadata_and_data()
+    payload = torch_payload(marker)
+    metadata = sharded.parse_metadata(metadata_bytes, Path('.metadata'))
+    metadata.storage_data = {MetadataIndex('model.w', (0, 0)): _StorageInfo('__0_0.distcp', 0, len(payload))}
+    metadata.storage_meta = None
+    path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': pickle.dumps(metadata), '__0_0.distcp': payload})
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='cannot be read|refused'):
+        checkpoint.read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_safetensors_file_with_a_crafted_header_is_not_taken_for_a_checkpoint(tmp_path: Path):
+    import json
+    import struct
+    marker = tmp_path / 'pwned'
+    header = json.dumps({'__metadata__': {'payload': pickle.dumps(RunsCode(marker)).hex()}}).encode()
+    path = tmp_path / 'model.safetensors'
+    path.write_bytes(struct.pack('<Q', len(header)) + header)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='not a torch zip archive'):
+        checkpoint.read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_yaml_config_with_a_python_tag_is_refused_by_omegaconf(tmp_path: Path):
+    from omegaconf import OmegaConf
+    marker = tmp_path / 'pwned'
+    config = tmp_path / 'evil.yaml'
+    config.write_text(f"x: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    with pytest.raises(Exception, match='python/object'):
+        OmegaConf.load(config)
+    assert not marker.exists()
+
+
+def test_midi_parsing_of_a_payload_file_raises_a_drum_file_error(tmp_path: Path):
+    from solver.drums.midi import DrumFileError, read_drum_events
+    marker = tmp_path / 'pwned'
+    cases = {'pickle.mid': pickle.dumps(RunsCode(marker)),
+             'truncated.mid': b'MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0MTrk\xff\xff\xff\xff\x00\x99',
+             'zip.mid': torch_payload(marker)}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DrumFileError):
+            read_drum_events(tmp_path / name)
+    assert not marker.exists()
+
+
+@pytest.mark.integration
+def test_json_history_of_dora_holding_a_payload_runs_nothing(dora_tools, dora_dir: Path):
+    marker = dora_dir.parent / 'pwned'
+    folder = dora_tools.folder(dora_dir, 'solver=regression')
+    folder.mkdir(parents=True)
+    (folder / 'history.json').write_bytes(pickle.dumps(RunsCode(marker)))
+    (folder / '.argv.json').write_text('["solver=regression"]')
+    code, output = dora_tools.run(dora_dir, 'info', 'solver=regression')
+    assert code == 0, output
+    assert not marker.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason="known, not ours: Dora unpickles <xp>/job.pkl with plain pickle "
+                   "on `dora info` and `dora run` (docs/security.md)")
+def test_dora_job_pickle_in_an_experiment_folder_runs_nothing(dora_tools, dora_dir: Path):
+    marker = dora_dir.parent / 'pwned'
+    folder = dora_tools.folder(dora_dir, 'solver=regression')
+    folder.mkdir(parents=True)
+    (folder / 'job.pkl').write_bytes(pickle.dumps(RunsCode(marker)))
+    dora_tools.run(dora_dir, 'info', 'solver=regression')
+    assert not marker.exists()
