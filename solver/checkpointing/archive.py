@@ -8,7 +8,7 @@ the same archive, which plain `torch.load` reads, differently:
 - the tensors' bytes come first and the pickle last, so what is pickled may depend on the
   bytes: `complete` (the checkpoint digests) runs on another thread while they are written;
 - no CRC32: the records say 0, which `torch.load` does not check (the checkpoint's xxh3
-  digests cover every byte instead);
+  digests cover every byte instead; zip tools report "bad CRC", see docs/security.md);
 - flush-behind: the write-back of each 16 MiB chunk starts as soon as it is written, and chunks
   already on disk leave the page cache, so the final fsync has little left to do and the
   kernel recycles the same pages instead of touching new ones.

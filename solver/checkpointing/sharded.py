@@ -393,8 +393,12 @@ def _verified_reader_class() -> type:
                     try:
                         tensor = torch.load(io.BytesIO(data[info.offset:info.offset + info.length]),
                                             map_location='cpu', weights_only=True)
-                    except Exception as err:  # damaged: the digest matched, so written wrongly
-                        raise ShardError(f"{path} holds a record that cannot be read: {err}") from err
+                    except Exception as err:  # the digest matched: written so, maybe to run code
+                        lines = str(err).splitlines()
+                        why = next((line.strip() for line in lines if 'unsupported global' in line.lower()),
+                                   lines[0] if lines else type(err).__name__)
+                        raise ShardError(f"{path} holds a record that is not a plain tensor, refused "
+                                         f"({why})") from err
                     if not isinstance(tensor, torch.Tensor):
                         raise ShardError(f"{path} holds a record that is not a tensor")
                     tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
