@@ -94,8 +94,10 @@ def dora_dir_problem(folder: Path) -> str | None:
     return None
 
 
-# Made absolute once, here, and passed on to the processes this one starts (distributed workers).
-os.environ[DORA_DIR_ENV] = str(dora_dir())
+# Made absolute once, here, and passed on so to the processes this one starts (distributed
+# workers may start elsewhere); unset or empty stays so (the default does not depend on the cwd).
+if os.environ.get(DORA_DIR_ENV, '').strip():
+    os.environ[DORA_DIR_ENV] = str(dora_dir())
 if (_problem := dora_dir_problem(dora_dir())) is not None:
     print(f"error: {_problem}", file=sys.stderr)
     sys.exit(1)
