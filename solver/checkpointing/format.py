@@ -351,8 +351,9 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
     for path in tried:
         try:
             found = read_checkpoint(path, like)
-        except CheckpointError as err:
-            logger.error("Skipping damaged checkpoint: %s", err)
+        except CheckpointError as err:  # damaged, unsafe, or gone since it was listed (pruned)
+            logger.error("Skipping %s checkpoint: %s",
+                         'damaged' if isinstance(err, CorruptCheckpointError) else 'unusable', err)
             errors.append(str(err))
             continue
         if resumable and found.meta.get('partial'):
