@@ -502,3 +502,16 @@ def test_dora_job_pickle_in_an_experiment_folder_runs_nothing(dora_tools, dora_d
     (folder / 'job.pkl').write_bytes(pickle.dumps(RunsCode(marker)))
     dora_tools.run(dora_dir, 'info', 'solver=regression')
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('placeholder', [
+    {sharded.MARK: 'model.w', 'shape': [3, 4], 'dtype': 'load'},           # names a function, not a dtype
+    {sharded.MARK: 'model.w', 'shape': [10**6, 10**6], 'dtype': 'float32'},  # asks for terabytes
+    {sharded.MARK: ['model.w'], 'shape': [3, 4], 'dtype': 'float32'},       # not a name
+])
+def test_a_placeholder_that_does_not_match_the_metadata_is_refused_before_allocating(tmp_path: Path, placeholder):
+    metadata, data = honest_metadata_and_data()
+    path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': metadata, '__0_0.distcp': data},
+                         state={'model': {'w': placeholder}})
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='does not match its metadata'):
+        checkpoint.read_checkpoint(path)

@@ -173,9 +173,20 @@ def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: t
     from torch.distributed.checkpoint.api import CheckpointException
     folder = Path(path).with_name(shards['folder'])
     targets: dict[str, torch.Tensor] = {}
+    budget = [0]  # bytes the folder's files hold: no placeholder may ask to allocate more
 
     def target(placeholder: dict, live: tp.Any) -> torch.Tensor:
-        shape, dtype = torch.Size(placeholder['shape']), getattr(torch, placeholder['dtype'])
+        # Placeholders come from a verified file, which anyone can write: check before allocating.
+        name, shape = placeholder[MARK], placeholder.get('shape')
+        dtype = getattr(torch, str(placeholder.get('dtype')), None)
+        described = reader.metadata.state_dict_metadata.get(name) if isinstance(name, str) else None
+        if not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or described is None \
+                or list(described.size) != shape or described.properties.dtype != dtype:
+            raise ShardError(f"{folder}: the tensor {name!r} of its checkpoint does not match its metadata")
+        shape = torch.Size(shape)
+        budget[0] -= shape.numel() * dtype.itemsize
+        if budget[0] < 0:
+            raise ShardError(f"{folder}: its checkpoint describes more tensor bytes than its files hold")
         if is_dtensor(live) and live.shape == shape:
             tensor = torch.empty_like(live, dtype=dtype)
         else:
@@ -187,6 +198,7 @@ def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: t
     state = None
     try:
         reader = verified_reader(folder, shards['files'])
+        budget[0] = sum((folder / name).stat().st_size for name in reader.files)
         state = _fill(skeleton, like, target)
         if targets:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
