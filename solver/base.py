@@ -328,10 +328,11 @@ class StandardSolver(flashy.BaseSolver):
         whether to save; rank 0 writes a replicated state, each rank its shards of a sharded one."""
         ctx = self.manager.context(self.progress['step'], len(self.history), epoch_end,
                                    self.preemption.requested, self.scores())
-        ctx.preempted, due = self.preemption.agree(bool(self.manager.plan(ctx)))
-        if not due:
+        # Ranks agree on the latest file (time-based policies differ); epoch files are the same.
+        ctx.preempted, latest = self.preemption.agree(self.manager.latest_path in self.manager.plan(ctx))
+        targets = self.manager.plan(ctx, latest=latest)
+        if not targets:
             return
-        targets = self.manager.plan(ctx) or self.manager.plan(ctx, latest=True)
         if not epoch_end:  # rank 0's running sums are saved: make them the mean over ranks, which
             sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
             sums.update(distrib.average_metrics(sums))
