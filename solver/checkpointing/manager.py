@@ -105,7 +105,8 @@ class CheckpointManager:
 
     def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
                 scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
-        """This moment of the run, as the save policies see it."""
+        """This moment of the run, as the save policies see it. `scores` (the best metric of each
+        epoch so far, from the history) are also kept for the keep policies (`prune`)."""
         self._scores = list(scores) or self._scores
         return policy.SaveContext(step=step, epoch=epoch, epoch_end=epoch_end, preempted=preempted,
                                   since_last_save=time.time() - self._last_save, save_cost=self._save_cost,
