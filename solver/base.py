@@ -23,7 +23,6 @@ from . import distrib
 from .best_state import BestState, early_stop_record, take_best_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
-from .checkpointing.format import CheckpointError
 from .checkpointing.manager import CheckpointManager, find_pretrained
 from .divergence import LossWatch
 from .ema import ModuleDictEMA
@@ -335,15 +334,14 @@ class StandardSolver(flashy.BaseSolver):
         whether to save; rank 0 writes a replicated state, each rank its shards of a sharded one."""
         ctx = self.manager.context(self.progress['step'], len(self.history), epoch_end,
                                    self.preemption.requested, self.scores())
-        # A failed background save stops every rank at this step, not an epoch later at the next save.
-        ctx.preempted, due, failed = self.preemption.agree(bool(self.manager.plan(ctx)), self.manager.writer.failed())
-        if failed:
-            self.manager.writer.raise_if_failed()  # this rank's own error, naming the file and cause
-            raise CheckpointError("A background checkpoint save failed on another rank (its log names the "
-                                  "file and the cause); stopping. The previous checkpoint is intact.")
-        if not due:
+        # Ranks agree on the latest file (time-based policies differ); epoch files are the same. A failed
+        # background save stops every rank at this step, not an epoch later at the next save.
+        ctx.preempted, latest, failed = self.preemption.agree(self.manager.latest_path in self.manager.plan(ctx),
+                                                              self.manager.writer.failed())
+        self.manager.raise_if_save_failed(failed)
+        targets = self.manager.plan(ctx, latest=latest)
+        if not targets:
             return
-        targets = self.manager.plan(ctx) or self.manager.plan(ctx, latest=True)
         if not epoch_end:  # rank 0's running sums are saved: make them the mean over ranks, which
             sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
             sums.update(distrib.average_metrics(sums))

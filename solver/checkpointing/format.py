@@ -33,7 +33,6 @@ import pickle
 import re
 import typing as tp
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import xxhash
 
 from .. import distrib
 from ..errors import UserError
-from . import archive, sharded
+from . import archive, sharded, tree
 from .fs import atomic_open, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -110,7 +109,6 @@ def candidates(folder: Path) -> list[Path]:
 # Integrity
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
-_CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)
 
 
 def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
@@ -120,21 +118,20 @@ def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
     included): such a value would make the file need arbitrary pickles, which loading refuses.
     Exact types are checked, since a subclass (defaultdict, a str enum) pickles as its class.
     """
-    kind = type(obj)
-    if kind in _PLAIN:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return ('tensor', str(obj.dtype), tuple(obj.shape))
-    if kind in (dict, OrderedDict):
-        for key in obj:
-            if type(key) not in _PLAIN:
-                raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
-        return {key: _walk(value, tensors) for key, value in obj.items()}
-    if kind in _CONTAINERS:
-        return kind(_walk(value, tensors) for value in obj)
-    raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({obj!r:.60}): "
-                    "store tensors, plain containers and plain scalars only")
+    def leaf(value: tp.Any, path: tree.Path, like: tp.Any) -> tp.Any:
+        kind = type(value)
+        if kind in _PLAIN:
+            return value
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return ('tensor', str(value.dtype), tuple(value.shape))
+        raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({value!r:.60}): "
+                        "store tensors, plain containers and plain scalars only")
+
+    def check_key(key: tp.Any) -> None:
+        if type(key) not in _PLAIN:
+            raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
+    return tree.map_leaves(obj, leaf, check_key=check_key)
 
 
 def _xxh3_without_gil() -> tp.Callable[[int, int], int] | None:

@@ -106,7 +106,8 @@ class CheckpointManager:
 
     def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
                 scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
-        """This moment of the run, as the save policies see it."""
+        """This moment of the run, as the save policies see it. `scores` (the best metric of each
+        epoch so far, from the history) are also kept for the keep policies (`prune`)."""
         self._scores = list(scores) or self._scores
         return policy.SaveContext(step=step, epoch=epoch, epoch_end=epoch_end, preempted=preempted,
                                   since_last_save=time.time() - self._last_save, save_cost=self._save_cost,
@@ -181,6 +182,15 @@ class CheckpointManager:
         if removed:
             fsync_dir(self.folder)
         return removed
+
+    def raise_if_save_failed(self, on_any_rank: bool) -> None:
+        """Stop when a background save failed on any rank (`writer.failed`, agreed by the caller):
+        this rank's own error names the file and the cause; the others say where to look."""
+        if on_any_rank:
+            self.writer.raise_if_failed()
+            raise checkpoint.CheckpointError(
+                "A background checkpoint save failed on another rank (its log names the file and the "
+                "cause); stopping. The previous checkpoint is intact.")
 
     def prepare(self, full_state: tp.Callable[[], dict[str, tp.Any]]) -> None:
         """Make the async writer's staging buffers now (for `full_state()`), not at the first save."""

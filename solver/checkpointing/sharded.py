@@ -26,7 +26,6 @@ reshards) or whole (one process, or a replicated model). See docs/security.md.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import io
 import os
@@ -44,6 +43,7 @@ import torch.distributed as dist
 import xxhash
 
 from .. import distrib
+from . import tree
 
 #: the key that marks a placeholder: {MARK: name in the shard folder, 'shape': [...], 'dtype': 'float32'}
 MARK = 'solver.sharded_tensor'
@@ -61,13 +61,7 @@ def is_dtensor(obj: tp.Any) -> bool:
 
 
 def has_dtensors(state: tp.Any) -> bool:
-    if is_dtensor(state):
-        return True
-    if isinstance(state, dict):
-        return any(has_dtensors(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return any(has_dtensors(v) for v in state)
-    return False
+    return tree.any_leaf(state, is_dtensor)
 
 
 def _is_placeholder(obj: tp.Any) -> bool:
@@ -78,18 +72,15 @@ def split(state: tp.Any) -> tuple[tp.Any, dict[str, torch.Tensor]]:
     """The state with each DTensor replaced by a placeholder, and the DTensors by name."""
     tensors: dict[str, torch.Tensor] = {}
 
-    def walk(obj: tp.Any, path: str) -> tp.Any:
-        if is_dtensor(obj):
-            if path in tensors:
-                raise ValueError(f"two tensors of the state are both named {path!r}")
-            tensors[path] = obj.detach()
-            return {MARK: path, 'shape': list(obj.shape), 'dtype': str(obj.dtype).removeprefix('torch.')}
-        if isinstance(obj, dict):
-            return {k: walk(v, f'{path}.{k}' if path else str(k)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)) and has_dtensors(obj):
-            return type(obj)(walk(v, f'{path}.{i}') for i, v in enumerate(obj))
-        return obj
-    return walk(state, ''), tensors
+    def placeholder(obj: tp.Any, path: tree.Path, like: tp.Any) -> tp.Any:
+        if not is_dtensor(obj):
+            return obj
+        name = tree.dotted(path)
+        if name in tensors:
+            raise ValueError(f"two tensors of the state are both named {name!r}")
+        tensors[name] = obj.detach()
+        return {MARK: name, 'shape': list(obj.shape), 'dtype': str(obj.dtype).removeprefix('torch.')}
+    return tree.map_leaves(state, placeholder), tensors
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -221,19 +212,8 @@ def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: t
 
 
 def _fill(obj: tp.Any, like: tp.Any, target: tp.Callable[[dict, tp.Any], torch.Tensor]) -> tp.Any:
-    if _is_placeholder(obj):
-        return target(obj, like)
-    if isinstance(obj, dict):
-        return {k: _fill(v, _child(like, k), target) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill(v, _child(like, i), target) for i, v in enumerate(obj))
-    return obj
-
-
-def _child(like: tp.Any, key: tp.Any) -> tp.Any:
-    with contextlib.suppress(KeyError, IndexError, TypeError):
-        return like[key]
-    return None
+    return tree.map_leaves(obj, lambda value, path, like: target(value, like) if _is_placeholder(value) else value,
+                           like, is_leaf=_is_placeholder)
 
 
 def place_like(state: tp.Any, like: tp.Any) -> tp.Any:
@@ -242,16 +222,13 @@ def place_like(state: tp.Any, like: tp.Any) -> tp.Any:
     sharded run."""
     if like is None:
         return state
-    if isinstance(state, torch.Tensor) and not is_dtensor(state):
-        if is_dtensor(like) and like.shape == state.shape:
+
+    def place(value: tp.Any, path: tree.Path, like: tp.Any) -> tp.Any:
+        if isinstance(value, torch.Tensor) and not is_dtensor(value) and is_dtensor(like) and like.shape == value.shape:
             from torch.distributed.tensor import distribute_tensor
-            return distribute_tensor(state.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-        return state
-    if isinstance(state, dict):
-        return {k: place_like(v, _child(like, k)) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(place_like(v, _child(like, i)) for i, v in enumerate(state))
-    return state
+            return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return value
+    return tree.map_leaves(state, place, like)
 
 
 # -- reading a folder from elsewhere safely ---------------------------------------------------------

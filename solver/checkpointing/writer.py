@@ -42,7 +42,7 @@ import torch
 
 from .. import distrib
 from . import format as checkpoint
-from . import sharded
+from . import sharded, tree
 
 logger = logging.getLogger(__name__)
 Listener = tp.Callable[[list[Path]], None]
@@ -71,7 +71,7 @@ class StagingBuffers:
         """The state with every tensor replaced by its staged copy (containers are rebuilt)."""
         index = 0
 
-        def stage(obj: tp.Any) -> tp.Any:
+        def stage(obj: tp.Any, *where: tp.Any) -> tp.Any:
             nonlocal index
             if sharded.is_dtensor(obj):  # stage this rank's shard only
                 from torch.distributed.tensor import DTensor
@@ -87,12 +87,8 @@ class StagingBuffers:
                 buffer.copy_(obj.detach(), non_blocking=False)
                 index += 1
                 return buffer
-            if isinstance(obj, dict):
-                return {key: stage(value) for key, value in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(stage(value) for value in obj)
             return obj
-        return stage(state)
+        return tree.map_leaves(state, stage)
 
     @property
     def nbytes(self) -> int:
