@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 import typing as tp
 from abc import abstractmethod
@@ -27,7 +28,7 @@ from torch import nn
 from . import distrib
 from .best_state import BestState, copy_state
 from .checkpointing import format as checkpoint
-from .checkpointing import sharded
+from .checkpointing import remote, sharded
 from .checkpointing.writer import CheckpointWriter, SaveMode
 from .ema import ModuleDictEMA
 from .preemption import PreemptionHandler
@@ -76,6 +77,12 @@ class StandardSolver(flashy.BaseSolver):
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.checkpoint.async_save else SaveMode.SYNC)
         self.writer.listeners.append(self.prune_epoch_checkpoints)
+        # [remote] checkpoint.remote: mirror to <url>/<sig> after each durable save (rank 0 uploads)
+        self.remote: remote.RemoteMirror | None = None
+        if cfg.checkpoint.get('remote') and distrib.is_rank_zero():
+            self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.checkpoint.remote))}/{self.xp.sig}",
+                                              self.folder, keep_last=cfg.checkpoint.keep_last)
+            self.writer.listeners.append(self.remote.notify)
         self.preemption = PreemptionHandler()
         self._started = self._last_save = time.time()
         self._save_cost = self._checkpoint_time = 0.0
@@ -223,6 +230,8 @@ class StandardSolver(flashy.BaseSolver):
                         self.leave_after_save()
         finally:
             self.writer.close()
+            if self.remote is not None:  # [remote] the last uploads (bounded wait), then a summary
+                self.remote.close()
 
     def log_checkpoint_policy(self) -> None:
         cfg = self.cfg.checkpoint
@@ -460,12 +469,16 @@ class StandardSolver(flashy.BaseSolver):
 
     def leave_after_save(self) -> tp.NoReturn:
         self.writer.close()
+        if self.remote is not None:  # [remote] preempted: a short grace for the uploads
+            self.remote.close(timeout=min(30.0, self.remote.close_timeout))
         self.preemption.leave()
 
     def restore(self) -> bool:
         """Load this experiment's newest intact checkpoint, else `continue_from`; say which."""
         if distrib.is_rank_zero():
             checkpoint.clean_stray_files(self.folder)
+            if self.remote is not None:  # [remote] fresh machine: fetch the newest intact checkpoint
+                self.remote.restore()
         distrib.barrier()
         like = self.load_template()
         own = checkpoint.load_newest_intact(self.folder, like=like)
@@ -525,7 +538,10 @@ class StandardSolver(flashy.BaseSolver):
         return like
 
     def resolve_continue_from(self, value: str, like: tp.Any = None) -> checkpoint.Checkpoint:
-        """`//sig/SIG`, `//pretrained/NAME`, a checkpoint file or an experiment folder."""
+        """`//sig/SIG`, `//pretrained/NAME`, a checkpoint file or an experiment folder (local or URL)."""
+        if remote.is_url(value):  # [remote] a local copy in a temporary folder, then the local path
+            with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
+                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like)
         if value.startswith('//pretrained/'):
             pretrained = self.load_from_pretrained(value[len('//pretrained/'):])
             pretrained.state = sharded.place_like(pretrained.state, like)  # into shards, if sharded
