@@ -263,7 +263,8 @@ class RemoteMirror:
         self.uploaded: list[str] = []       # final keys, relative to url, in the order they appeared
         self.failures = 0
         self.bytes = 0
-        self._dirty: set[str] = set()       # checkpoint names saved locally, not mirrored since
+        self._dirty: dict[str, int] = {}    # checkpoint names saved, not mirrored since -> notice number
+        self._notices = 0
         self._errors: dict[str, str] = {}   # name -> last error, while not mirrored
         self._pending = self._busy = self._closing = self._cleaned = False
         self._stop = False
@@ -280,7 +281,8 @@ class RemoteMirror:
     def notify(self, saved: list[Path]) -> None:
         """Writer listener: these checkpoint files are durable; mirror them soon."""
         with self._cond:
-            self._dirty.update(Path(p).name for p in saved)
+            self._notices += 1
+            self._dirty.update({Path(p).name: self._notices for p in saved})
             self._pending = True
             self._cond.notify_all()
 
@@ -298,6 +300,11 @@ class RemoteMirror:
                         redact(self.url), found.path.name, found.meta.get('epoch'), found.meta.get('step'),
                         self.folder, time.perf_counter() - begin)
         return found
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every notified save is mirrored (or `timeout`); whether it is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._pending or self._busy or self._dirty), timeout)
 
     def close(self, timeout: float | None = None) -> list[str]:
         """Wait for the last uploads (at most `timeout`, default `close_timeout`), stop, and log a
@@ -334,37 +341,44 @@ class RemoteMirror:
                     self._cond.wait()
                 if self._stop or not self._pending:
                     return
-                self._pending = False
-                dirty = set(self._dirty)
+                self._pending, self._busy = False, True
+                dirty = dict(self._dirty)
             try:
                 self._sync(dirty)
-                delay = 1.0
             except Exception as err:  # never into training: logged, retried, summed up at close
                 self.failures += 1
                 message = f"{type(err).__name__}: {err}"
                 with self._cond:
                     self._errors.update({name: message for name in self._dirty})
-                    self._pending = True
+                    self._pending, self._busy = True, False
                 logger.warning("Remote mirror %s: %s; retrying in %.0fs (local checkpoints are intact).",
                                redact(self.url), message, delay)
                 with self._cond:
                     self._cond.wait_for(lambda: self._stop, timeout=delay)
                 delay = min(2 * delay, self.max_backoff)
+                continue
+            delay = 1.0
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
-    def _done(self, name: str) -> None:
+    def _done(self, name: str, dirty: dict[str, int]) -> None:
+        """`name` is mirrored as of the notices in `dirty` (not of those that came since)."""
         with self._cond:
-            self._dirty.discard(name)
-            self._errors.pop(name, None)
+            if name in self._dirty and self._dirty[name] == dirty.get(name):
+                del self._dirty[name]
+            if name not in self._dirty:
+                self._errors.pop(name, None)
 
-    def _sync(self, dirty: set[str]) -> None:
+    def _sync(self, dirty: dict[str, int]) -> None:
         """Bring the remote copy up to date with the local checkpoints, commit points last."""
         if not self._cleaned:
             self._clean_stray_keys()
             self._cleaned = True
         remote = _listing(self.fs, self.root)
         local = [path.name for path in reversed(checkpoint.candidates(self.folder))]  # checkpoint.th last
-        for name in dirty - set(local):
-            self._done(name)  # pruned or replaced locally since: nothing to upload
+        for name in set(dirty) - set(local):
+            self._done(name, dirty)  # pruned or replaced locally since: nothing to upload
         for name in local:
             if name in dirty or name not in remote:
                 try:
@@ -372,7 +386,7 @@ class RemoteMirror:
                 except _Superseded:
                     logger.debug("%s changed during its upload: the newer save is mirrored next.", name)
                     continue
-                self._done(name)
+                self._done(name, dirty)
         self._apply_keep_policy()
 
     def _upload_checkpoint(self, name: str) -> None:
@@ -382,7 +396,7 @@ class RemoteMirror:
         except FileNotFoundError:
             raise _Superseded from None
         begin, sent = time.perf_counter(), self.bytes
-        logger.info("Mirroring %s to %s.", name, redact(self.url))
+        logger.debug("Mirroring %s to %s.", name, redact(self.url))
         shards = named_shard_folder(path)
         if shards is not None:  # every byte the file references first
             try:
