@@ -88,6 +88,17 @@ def s3() -> tp.Iterator[MotoServer]:
             os.environ[key] = value
 
 
+@pytest.fixture
+def own_server(s3, monkeypatch) -> tp.Iterator[MotoServer]:
+    """A moto server of this test's own (to stop and restart), the processes it starts pointed at it."""
+    server = MotoServer()
+    monkeypatch.setenv('AWS_ENDPOINT_URL', server.endpoint)
+    monkeypatch.setenv(remote.BACKOFF_ENV, '1')
+    server.start()
+    yield server
+    server.stop()
+
+
 def s3fs_client() -> tp.Any:
     """A fresh s3fs filesystem (no instance cache: the endpoint may have changed)."""
     import s3fs
@@ -299,43 +310,30 @@ def test_unreachable_store_with_nothing_local_refuses_to_start_over(dora_tools, 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_store_down_mid_run_and_back_leaves_training_unaffected(dora_tools, tmp_path, monkeypatch):
-    server = MotoServer()  # a server of its own, stopped and restarted on the same port
-    monkeypatch.setenv('AWS_ENDPOINT_URL', server.endpoint)
-    monkeypatch.setenv(remote.BACKOFF_ENV, '1')
-    server.start()
+def test_store_down_mid_run_and_back_leaves_training_unaffected(own_server, dora_tools, tmp_path):
     overrides = (*SLOW, f'checkpoint.remote=s3://{BUCKET}/outage')
-    try:
-        with dora_tools.start(tmp_path / 'dora', *overrides) as run:
-            run.wait_for_line('Mirrored checkpoint.th')
-            server.stop()
-            run.wait_for_line('retrying in')
-            server.start()  # back, empty: everything is uploaded again
-            code, output = run.finish()
-        assert code == 0, output
-        assert 'failed attempts retried' in output and 'NOT mirrored' not in output
-        reference = run_xp(dora_tools, tmp_path / 'reference', *SLOW)
-        assert without_durations(history(run.folder)) == without_durations(history(reference.folder))
-        fetched = remote.download_newest_intact(f's3://{BUCKET}/outage/{run.folder.name}', tmp_path / 'check')
-        assert fetched is not None and fetched.meta['epoch'] == 3
-    finally:
-        server.stop()
+    with dora_tools.start(tmp_path / 'dora', *overrides) as run:
+        run.wait_for_line('Mirrored checkpoint.th')
+        own_server.stop()
+        run.wait_for_line('retrying in')
+        own_server.start()  # back on the same port, empty: everything is uploaded again
+        code, output = run.finish()
+    assert code == 0, output
+    assert 'failed attempts retried' in output and 'NOT mirrored' not in output
+    reference = run_xp(dora_tools, tmp_path / 'reference', *SLOW)
+    assert without_durations(history(run.folder)) == without_durations(history(reference.folder))
+    s3fs_client().get_file(f'{BUCKET}/outage/{run.folder.name}/checkpoint.th', str(tmp_path / 'mirrored.th'))
+    assert checkpoint.read_checkpoint(tmp_path / 'mirrored.th').meta['epoch'] == 3  # the last save
 
 
 @pytest.mark.integration
-def test_store_that_never_comes_back_is_summed_up_and_the_run_succeeds(dora_tools, tmp_path, monkeypatch):
-    server = MotoServer()
-    monkeypatch.setenv('AWS_ENDPOINT_URL', server.endpoint)
-    monkeypatch.setenv(remote.BACKOFF_ENV, '1')
+def test_store_that_never_comes_back_is_summed_up_and_the_run_succeeds(own_server, dora_tools, tmp_path,
+                                                                       monkeypatch):
     monkeypatch.setenv(remote.CLOSE_TIMEOUT_ENV, '2')
-    server.start()
-    try:
-        with dora_tools.start(tmp_path / 'dora', *SLOW, f'checkpoint.remote=s3://{BUCKET}/gone') as run:
-            run.wait_for_line('Mirrored checkpoint.th')
-            server.stop()
-            code, output = run.finish()
-    finally:
-        server.stop()
+    with dora_tools.start(tmp_path / 'dora', *SLOW, f'checkpoint.remote=s3://{BUCKET}/gone') as run:
+        run.wait_for_line('Mirrored checkpoint.th')
+        own_server.stop()
+        code, output = run.finish()
     assert code == 0, output
     summary = next(line for line in output.splitlines() if 'NOT mirrored' in line)
     assert 'checkpoint.th' in summary and 'local copies are intact' in summary
@@ -352,6 +350,7 @@ def test_kill_9_during_uploads_then_resume_on_an_empty_folder(s3, dora_tools, tm
         run.send(signal.SIGKILL)  # in the middle of that upload
         run.kill()
         killed_output = run.output()
+    assert killed_output.count('Mirrored checkpoint.th') == 1, killed_output  # the kill cut an upload
     prefix = f'killed/{run.folder.name}'
     left = remote_names(prefix)
     assert 'checkpoint.th' in left
