@@ -364,3 +364,22 @@ def test_kill_9_during_uploads_then_resume_on_an_empty_folder(s3, dora_tools, tm
     assert f'Fetched s3://{BUCKET}/{prefix}/checkpoint.th (epoch {fetched.meta["epoch"]}' in output
     assert 'Train | epoch 1 |' not in output
     assert not [name for name in remote_names(prefix) if '.tmp.' in name]  # stray keys cleaned
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sharded_checkpoint_uploads_its_shards_before_the_file_that_names_them(s3, dora_tools, tmp_path):
+    overrides = ('solver=regression', 'fsdp.use=true', f'checkpoint.remote=s3://{BUCKET}/sharded',
+                 'logging.level=DEBUG')
+    code, output = dora_tools.run(tmp_path / 'dora', 'run', '-d', '--ddp_workers', '2', *overrides, timeout=300)
+    assert code == 0, output
+    folder = dora_tools.folder(tmp_path / 'dora', *overrides)
+    shards = remote.named_shard_folder(folder / checkpoint.LATEST)
+    assert shards is not None
+    files = sorted(f'{shards}/{p.name}' for p in (folder / shards).iterdir())
+    order = uploaded_order(output)
+    commit = len(order) - 1 - order[::-1].index(checkpoint.LATEST)
+    assert set(files) <= set(order[:commit])  # every shard of the newest commit before it
+    assert remote_names(f'sharded/{folder.name}') == sorted([checkpoint.LATEST, *files])  # superseded: gone
+    fetched = remote.download_newest_intact(f's3://{BUCKET}/sharded/{folder.name}', tmp_path / 'fresh')
+    assert fetched is not None and fetched.meta['epoch'] == 3  # shards downloaded and verified

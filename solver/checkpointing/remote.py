@@ -311,6 +311,8 @@ class RemoteMirror:
         summary; return the checkpoint files that are not mirrored (their local copies are intact)."""
         timeout = self.close_timeout if timeout is None else timeout
         with self._cond:
+            if self._stop:  # closed already (a preempted run closes, then leaves through `finally`)
+                return sorted(self._dirty)
             if not self._closing:
                 self._closing = True
                 self._cond.notify_all()
