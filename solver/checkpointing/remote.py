@@ -109,7 +109,7 @@ def _retrying(what: str, function: tp.Callable[[], tp.Any], attempts: int = 4) -
             if attempt == attempts:
                 raise RemoteError(f"{what} failed {attempts} times, last: {type(err).__name__}: {err}. "
                                   "Check the URL, the endpoint and credentials (AWS_ENDPOINT_URL, "
-                                  "AWS_ACCESS_KEY_ID...), or set checkpoint.remote=null.") from err
+                                  "AWS_ACCESS_KEY_ID...).") from err
             logger.warning("%s failed (%s: %s); retry %d/%d in %.0fs.", what, type(err).__name__, err,
                            attempt, attempts - 1, delay)
             time.sleep(delay)
@@ -292,7 +292,11 @@ class RemoteMirror:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         begin = time.perf_counter()
-        found = download_newest_intact(self.url, self.folder)
+        try:
+            found = download_newest_intact(self.url, self.folder)
+        except RemoteError as err:  # starting over could overwrite the remote copy with epoch 1
+            raise RemoteError(f"{err} This experiment has no local checkpoint: to train it from scratch "
+                              "without the remote copy, set checkpoint.remote=null.") from err
         if found is None:
             logger.info("No checkpoint in %s: nothing to fetch.", redact(self.url))
         else:
