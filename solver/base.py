@@ -356,7 +356,7 @@ class StandardSolver(flashy.BaseSolver):
             write_history(self.xp.link.history_file, history)
 
     def leave_after_save(self) -> tp.NoReturn:
-        self.manager.close()
+        self.manager.close(preempted=True)
         self.preemption.leave()
 
     def restore(self) -> bool:

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import subprocess
+import tempfile
 import time
 import typing as tp
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from .. import distrib
 from ..errors import SolverError
 from . import format as checkpoint
-from . import policy, sharded
+from . import policy, remote, sharded
 from .fs import fsync_dir
 from .writer import CheckpointWriter, SaveMode, SaveStats
 
@@ -69,6 +70,12 @@ class CheckpointManager:
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
                                        staging_max_mb=cfg.get('staging_max_mb'))
         self.writer.listeners.append(self._after_durable)
+        # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
+        self.remote: remote.RemoteMirror | None = None
+        if cfg.get('remote') and distrib.is_rank_zero():
+            self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
+                                              keep_last=cfg.keep_last)
+            self.writer.listeners.append(self.remote.notify)
         self.rollbacks = 0
         self._started = self._last_save = time.time()
         self._save_cost = self._total_blocked = 0.0
@@ -197,9 +204,14 @@ class CheckpointManager:
         if self.writer.mode is SaveMode.ASYNC:
             self.writer.prepare(full_state())
 
-    def close(self) -> None:
-        """The last save is durable and its callbacks ran (or its error is raised)."""
-        self.writer.close()
+    def close(self, preempted: bool = False) -> None:
+        """The last save is durable and its callbacks ran (or its error is raised); the remote
+        mirror has uploaded it (a bounded wait, shorter when preempted) and summed up."""
+        try:
+            self.writer.close()
+        finally:
+            if self.remote is not None:
+                self.remote.close(timeout=min(30.0, self.remote.close_timeout) if preempted else None)
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -211,6 +223,8 @@ class CheckpointManager:
         """
         if distrib.is_rank_zero():
             checkpoint.clean_stray_files(self.folder)
+            if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
+                self.remote.restore()
         distrib.barrier()
         own = checkpoint.load_newest_intact(self.folder, like=like)
         if own is not None:
@@ -227,7 +241,11 @@ class CheckpointManager:
 
     def resolve_continue_from(self, value: str, like: tp.Any,
                               pretrained: tp.Callable[[str], checkpoint.Checkpoint]) -> checkpoint.Checkpoint:
-        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder."""
+        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
+        local or an fsspec URL (fetched into a temporary folder, then read as the local form)."""
+        if remote.is_url(value):
+            with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
+                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained)
         if value.startswith('//pretrained/'):
             found = pretrained(value[len('//pretrained/'):])
             found.state = sharded.place_like(found.state, like)  # into shards, if sharded
