@@ -340,10 +340,14 @@ class StandardSolver(flashy.BaseSolver):
         whether to save; rank 0 writes a replicated state, each rank its shards of a sharded one."""
         ctx = self.manager.context(self.progress['step'], len(self.history), epoch_end,
                                    self.preemption.requested, self.scores())
-        ctx.preempted, due = self.preemption.agree(bool(self.manager.plan(ctx)))
-        if not due:
+        # Ranks agree on the latest file (time-based policies differ); epoch files are the same. A failed
+        # background save stops every rank at this step, not an epoch later at the next save.
+        ctx.preempted, latest, failed = self.preemption.agree(self.manager.latest_path in self.manager.plan(ctx),
+                                                              self.manager.writer.failed())
+        self.manager.raise_if_save_failed(failed)
+        targets = self.manager.plan(ctx, latest=latest)
+        if not targets:
             return
-        targets = self.manager.plan(ctx) or self.manager.plan(ctx, latest=True)
         if not epoch_end:  # rank 0's running sums are saved: make them the mean over ranks, which
             sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
             sums.update(distrib.average_metrics(sums))
@@ -358,7 +362,7 @@ class StandardSolver(flashy.BaseSolver):
             write_history(self.xp.link.history_file, history)
 
     def leave_after_save(self) -> tp.NoReturn:
-        self.manager.close()
+        self.manager.close(preempted=True)
         self.preemption.leave()
 
     def restore(self) -> bool:

@@ -2,7 +2,7 @@
 
 Works on the Dora folder of the project ($SOLVER_DORA_DIR or <root>/outputs), an experiment
 folder, a signature, or a checkpoint file; sharded checkpoints are read in this one process.
-The logic lives in `solver.checkpointing.experiment`; this module parses and prints.
+The logic lives in `solver.experiment`; this module parses and prints.
 Exit codes: 0 done (identical, intact); 1 a difference, damage, or an experiment in use; 2 an
 argument that cannot be served (unknown signature, no such checkpoint or point, not a checkpoint).
 """
@@ -16,8 +16,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-from .checkpointing import experiment as xps
-from .checkpointing.experiment import Experiment, ExperimentError
+from . import experiment as xps
+from .experiment import Experiment, ExperimentError
 from .lock import ExperimentLockedError
 
 EXAMPLES = {

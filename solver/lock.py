@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import types
@@ -12,6 +13,34 @@ from .errors import UserError
 
 class ExperimentLockedError(UserError, RuntimeError):
     """Another live process holds the experiment."""
+
+
+class FolderNotWritableError(UserError, RuntimeError):
+    """A folder the run must write to cannot be written (permissions, a full disk, a file)."""
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and write, fsync and remove a small file in it.
+
+    Run at the start, so that a read-only folder or a full disk stops the run in one line
+    before it trains, not at its first checkpoint an epoch later.
+    """
+    folder = Path(folder)
+    probe = folder / f'.write_probe.{os.getpid()}'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as err:
+        raise FolderNotWritableError(
+            f"Cannot write in {folder}: {err.strerror or err}. Make the folder writable or free disk "
+            "space (or point SOLVER_DORA_DIR at another folder), then rerun.") from None
 
 
 class ExperimentLock:

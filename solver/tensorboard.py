@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpointing.experiment import flatten_config
+from .experiment import flatten_config
 
 if tp.TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

@@ -68,6 +68,9 @@ def check_config(cfg: tp.Any) -> None:
     if lookup(cfg, 'checkpoint.incremental') and lookup(cfg, 'fsdp.use'):  # [incremental]
         raise ConfigError("checkpoint.incremental=true cannot store sharded (fsdp.use=true) checkpoints: "
                           "set one of them to false.")
+    if lookup(cfg, 'checkpoint.incremental') and lookup(cfg, 'checkpoint.remote'):  # [incremental]
+        raise ConfigError("checkpoint.incremental=true with checkpoint.remote: the mirror copies checkpoint "
+                          "files, not the blobs they name; set checkpoint.incremental=false to mirror.")
     check_saves_something(cfg)
 
 

@@ -7,8 +7,9 @@
   loss of that step is NaN (see `checkpoint.rollback`);
 - `sigterm_batches`: positions during whose step the process sends itself SIGTERM (a preemption
   that lands exactly there);
-- `slow_stage`, `slow_seconds`: sleep that long per batch of that stage (valid, evaluate or
-  generate), and log `Slow <stage> batch <i>`: a stage long enough to be signalled in.
+- `slow_stage`, `slow_seconds`, `slow_epochs`: sleep that long per batch of that stage (valid,
+  evaluate or generate) in those epochs (default: all), and log `Slow <stage> batch <i>`: a
+  stage long enough to be signalled in.
 
 With `$SOLVER_RECORD_SAMPLES` set to a folder, every rank appends the dataset indices of each
 training batch it takes to `rank<N>.jsonl` there (the data-order tests across world sizes).
@@ -74,7 +75,8 @@ class FaultySolver(RegressionSolver):
         return super().run_step(idx, batch, metrics)
 
     def slow(self, stage: str | None, idx: int) -> None:
-        if stage == self.fault('slow_stage'):
+        epochs = self.fault('slow_epochs')
+        if stage == self.fault('slow_stage') and (epochs is None or self.epoch in epochs):
             logger.info("Slow %s batch %d", stage, idx)
             time.sleep(float(self.fault('slow_seconds', 1.0)))
 

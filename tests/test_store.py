@@ -319,11 +319,12 @@ def test_a_divergence_rolls_back_from_memory_when_async_else_from_disk(dora, dor
 
 
 @pytest.mark.integration
-def test_incremental_with_fsdp_is_refused_naming_both_keys(dora):
-    code, output = dora('run', *REGRESSION, *INCREMENTAL, 'fsdp.use=true')
+@pytest.mark.parametrize('other', ['fsdp.use=true', 'checkpoint.remote=file:///tmp/mirror'])
+def test_incremental_with_fsdp_or_a_remote_mirror_is_refused_naming_both_keys(dora, other):
+    code, output = dora('run', *REGRESSION, *INCREMENTAL, other)
     assert code == 1
     last = output.strip().splitlines()[-1]
-    assert 'checkpoint.incremental=true' in last and 'fsdp.use=true' in last
+    assert 'checkpoint.incremental=true' in last and other.split('=')[0] in last
 
 
 @pytest.mark.integration

@@ -8,7 +8,7 @@ the same archive, which plain `torch.load` reads, differently:
 - the tensors' bytes come first and the pickle last, so what is pickled may depend on the
   bytes: `complete` (the checkpoint digests) runs on another thread while they are written;
 - no CRC32: the records say 0, which `torch.load` does not check (the checkpoint's xxh3
-  digests cover every byte instead);
+  digests cover every byte instead; zip tools report "bad CRC", see docs/security.md);
 - flush-behind: the write-back of each 16 MiB chunk starts as soon as it is written, and chunks
   already on disk leave the page cache, so the final fsync has little left to do and the
   kernel recycles the same pages instead of touching new ones.
@@ -165,8 +165,9 @@ class Reading:
     it is read, in parallel with reading the next ones.
     """
 
-    def __init__(self, fd: int, records: list[tuple[int, torch.Tensor]]) -> None:
+    def __init__(self, fd: int, records: list[tuple[int, torch.Tensor]], owns_fd: bool = True) -> None:
         self._fd = fd
+        self._owns_fd = owns_fd  # else the caller closes it
         self._records = sorted(records, key=lambda r: r[0])  # (offset in the file, uint8 buffer)
         self._order = {buffer.data_ptr(): i for i, (_, buffer) in enumerate(self._records)}
         self._done = 0
@@ -214,21 +215,36 @@ class Reading:
             self.ready(self._records[-1][1].untyped_storage())
 
     def close(self) -> None:
-        """Stop reading (if not done) and close the file."""
+        """Stop reading (if not done) and close the file (if it is ours)."""
         self._stop = True
         self._thread.join()
-        os.close(self._fd)
+        if self._owns_fd:
+            os.close(self._fd)
 
 
-def load(path: os.PathLike | str) -> tuple[tp.Any, Reading]:
-    """Unpickle the archive at `path` safely (weights only); its tensors' bytes arrive in the
-    background: call `Reading.ready(t.untyped_storage())` before using tensor `t` (or `wait()`),
-    then `close()`.
+def load(source: os.PathLike | str | tp.BinaryIO) -> tuple[tp.Any, Reading]:
+    """Unpickle the archive at `source` (a path, or a file open for reading) safely (weights
+    only); its tensors' bytes arrive in the background: call `Reading.ready(t.untyped_storage())`
+    before using tensor `t` (or `wait()`), then `close()`.
 
-    Raises on anything unusual (another byte order, a record of the wrong size, a damaged zip):
-    `torch.load` then gives the precise error.
+    Given an open file, everything is read through it (the caller closes it): a file replaced
+    meanwhile under the same name is not seen. Raises on anything unusual (another byte order,
+    a record of the wrong size, a damaged zip): `torch.load` then gives the precise error.
     """
-    archive: tp.Any = torch._C.PyTorchFileReader(os.fspath(path))  # its stub lacks half its methods
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, 'rb') as f:
+            fd = os.dup(f.fileno())  # for the reading thread, which outlives `f`
+            try:
+                return _load(f, fd, owns_fd=True)
+            except BaseException:
+                os.close(fd)
+                raise
+    return _load(source, source.fileno(), owns_fd=False)
+
+
+def _load(source: tp.BinaryIO, fd: int, owns_fd: bool) -> tuple[tp.Any, Reading]:
+    path = getattr(source, 'name', source)
+    archive: tp.Any = torch._C.PyTorchFileReader(source)  # its stub lacks half its methods
     if archive.has_record('byteorder') and archive.get_record('byteorder') != sys.byteorder.encode():
         raise ValueError(f"{path}: written on a machine of another byte order")
     records: list[tuple[int, torch.Tensor]] = []
@@ -251,4 +267,4 @@ def load(path: os.PathLike | str) -> tuple[tp.Any, Reading]:
     unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(archive.get_record('data.pkl')), encoding='utf-8')
     unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
     obj = unpickler.load()
-    return obj, Reading(os.open(path, os.O_RDONLY), records)
+    return obj, Reading(fd, records, owns_fd)

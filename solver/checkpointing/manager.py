@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import subprocess
+import tempfile
 import time
 import typing as tp
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from .. import distrib
 from ..errors import SolverError
 from . import format as checkpoint
-from . import policy, sharded
+from . import policy, remote, sharded
 from .fs import fsync_dir
 from .store import IncrementalStore
 from .writer import CheckpointWriter, SaveMode, SaveStats
@@ -72,6 +73,12 @@ class CheckpointManager:
         self.writer.listeners.append(self._after_durable)
         if cfg.get('incremental'):  # [incremental] equal tensors stored once (store.py)
             self.writer.store = IncrementalStore(self.folder)
+        # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
+        self.remote: remote.RemoteMirror | None = None
+        if cfg.get('remote') and distrib.is_rank_zero():
+            self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
+                                              keep_last=cfg.keep_last)
+            self.writer.listeners.append(self.remote.notify)
         self.rollbacks = 0
         self._started = self._last_save = time.time()
         self._save_cost = self._total_blocked = 0.0
@@ -109,7 +116,8 @@ class CheckpointManager:
 
     def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
                 scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
-        """This moment of the run, as the save policies see it."""
+        """This moment of the run, as the save policies see it. `scores` (the best metric of each
+        epoch so far, from the history) are also kept for the keep policies (`prune`)."""
         self._scores = list(scores) or self._scores
         return policy.SaveContext(step=step, epoch=epoch, epoch_end=epoch_end, preempted=preempted,
                                   since_last_save=time.time() - self._last_save, save_cost=self._save_cost,
@@ -187,14 +195,28 @@ class CheckpointManager:
             self.writer.store.collect()
         return removed
 
+    def raise_if_save_failed(self, on_any_rank: bool) -> None:
+        """Stop when a background save failed on any rank (`writer.failed`, agreed by the caller):
+        this rank's own error names the file and the cause; the others say where to look."""
+        if on_any_rank:
+            self.writer.raise_if_failed()
+            raise checkpoint.CheckpointError(
+                "A background checkpoint save failed on another rank (its log names the file and the "
+                "cause); stopping. The previous checkpoint is intact.")
+
     def prepare(self, full_state: tp.Callable[[], dict[str, tp.Any]]) -> None:
         """Make the async writer's staging buffers now (for `full_state()`), not at the first save."""
         if self.writer.mode is SaveMode.ASYNC:
             self.writer.prepare(full_state())
 
-    def close(self) -> None:
-        """The last save is durable and its callbacks ran (or its error is raised)."""
-        self.writer.close()
+    def close(self, preempted: bool = False) -> None:
+        """The last save is durable and its callbacks ran (or its error is raised); the remote
+        mirror has uploaded it (a bounded wait, shorter when preempted) and summed up."""
+        try:
+            self.writer.close()
+        finally:
+            if self.remote is not None:
+                self.remote.close(timeout=min(30.0, self.remote.close_timeout) if preempted else None)
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -206,6 +228,8 @@ class CheckpointManager:
         """
         if distrib.is_rank_zero():
             checkpoint.clean_stray_files(self.folder)
+            if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
+                self.remote.restore()
         distrib.barrier()
         own = checkpoint.load_newest_intact(self.folder, like=like)
         if own is not None:
@@ -222,7 +246,11 @@ class CheckpointManager:
 
     def resolve_continue_from(self, value: str, like: tp.Any,
                               pretrained: tp.Callable[[str], checkpoint.Checkpoint]) -> checkpoint.Checkpoint:
-        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder."""
+        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
+        local or an fsspec URL (fetched into a temporary folder, then read as the local form)."""
+        if remote.is_url(value):
+            with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
+                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained)
         if value.startswith('//pretrained/'):
             found = pretrained(value[len('//pretrained/'):])
             found.state = sharded.place_like(found.state, like)  # into shards, if sharded

@@ -51,7 +51,7 @@ import torch
 import xxhash
 
 from . import format as checkpoint
-from . import sharded
+from . import sharded, tree
 from .fs import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -110,13 +110,7 @@ def blob_key(tensor: torch.Tensor) -> str:
 
 def _map_tensors(obj: tp.Any, function: tp.Callable[[torch.Tensor], tp.Any]) -> tp.Any:
     """`obj` rebuilt with `function(tensor)` for each tensor, in `format`'s traversal order."""
-    if isinstance(obj, torch.Tensor):
-        return function(obj)
-    if type(obj) in (dict, checkpoint.OrderedDict):
-        return type(obj)((key, _map_tensors(value, function)) for key, value in obj.items())
-    if type(obj) in (list, tuple, torch.Size):
-        return type(obj)(_map_tensors(value, function) for value in obj)
-    return obj
+    return tree.map_leaves(obj, lambda value, path, like: function(value) if isinstance(value, torch.Tensor) else value)
 
 
 def is_incremental(payload: tp.Any) -> bool:

@@ -8,7 +8,8 @@ In `ASYNC` mode the caller pays only for copying the state's tensors into CPU st
 that are allocated once and reused (`prepare` touches them before training starts, so the first
 save is not the slow one); a background thread then hashes and writes the files, atomically as
 in `checkpoint.write_checkpoint`. At most one save is in flight: the next `save` waits for it.
-An error of a background save is raised by the next `save`, `wait` or `close`, never lost.
+An error of a background save is raised by the next `save`, `wait` or `close`, never lost, and
+by `raise_if_failed`, a check cheap enough to make after every training step.
 
 Staging costs host memory the size of the state (of this rank's shards). `staging_max_mb` bounds
 it: a state larger than the bound is not staged but written by the calling thread straight from
@@ -42,7 +43,7 @@ import torch
 from .. import distrib
 from ..best_state import copy_state
 from . import format as checkpoint
-from . import sharded
+from . import sharded, tree
 
 if tp.TYPE_CHECKING:
     from .store import IncrementalStore
@@ -84,7 +85,7 @@ class StagingBuffers:
         """The state with every tensor replaced by its staged copy (containers are rebuilt)."""
         index = 0
 
-        def stage(obj: tp.Any) -> tp.Any:
+        def stage(obj: tp.Any, *where: tp.Any) -> tp.Any:
             nonlocal index
             if sharded.is_dtensor(obj):  # stage this rank's shard only
                 from torch.distributed.tensor import DTensor
@@ -100,12 +101,8 @@ class StagingBuffers:
                 buffer.copy_(obj.detach(), non_blocking=False)
                 index += 1
                 return buffer
-            if isinstance(obj, dict):
-                return {key: stage(value) for key, value in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(stage(value) for value in obj)
             return obj
-        return stage(state)
+        return tree.map_leaves(state, stage)
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +148,7 @@ class CheckpointWriter:
         # [rollback from memory] the last save as staged, once durable (async mode only)
         self.staged: Staged | None = None
         self._over_bound_logged = False
+        self._pending_paths: list[Path] = []
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
         """Allocate and touch the staging buffers now, not at the first checkpoint."""
@@ -191,6 +189,7 @@ class CheckpointWriter:
         if self.stages(state):
             state = self.staging.snapshot(state)
             self._pending = self._io.submit(self._write, state, targets, meta, begin, True)
+            self._pending_paths = list(targets)
         else:
             self._write(state, targets, meta, begin)
         self.last.blocked = time.perf_counter() - begin
@@ -242,11 +241,38 @@ class CheckpointWriter:
         except Exception:  # a listener's failure must not stop training, but must be seen
             logger.exception("Checkpoint listener %r failed on %s", listener, [str(p) for p in paths])
 
+    def failed(self) -> bool:
+        """Whether a background save has already failed (never waits)."""
+        pending = self._pending
+        return pending is not None and pending.done() and pending.exception() is not None
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a background save that has already failed; never waits.
+
+        Cheap enough for every training step: the solver calls it after each one, so that a
+        failed save (full disk, size limit) stops training at the next step instead of an epoch
+        later at the next save. The error names the file and the cause (`wait`).
+        """
+        if self.failed():
+            self.wait()
+
     def wait(self) -> None:
-        """Block until the save in flight is durable; raise its error if it failed."""
+        """Block until the save in flight is durable; raise its error if it failed.
+
+        A failed save is raised once, as a CheckpointError naming the files and the cause; its
+        listeners were not called (nothing records it as done).
+        """
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        error = pending.exception()
+        if error is None or isinstance(error, checkpoint.CheckpointError):
             pending.result()
+            return
+        names = ', '.join(str(p) for p in self._pending_paths)
+        raise checkpoint.CheckpointError(
+            f"Could not write checkpoint {names}: {type(error).__name__}: {error}. The previous "
+            "checkpoint is untouched; rerun to resume from it.") from error
 
     def close(self) -> None:
         """Wait for the last save and the listeners; raise the last save's error if any."""

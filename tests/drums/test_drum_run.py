@@ -15,6 +15,7 @@ from solver.drums.midi import read_drum_events
 
 DEBUG = ('run', 'solver=drum_rnn/debug', 'checkpoint.save_every=1')
 METRICS = {'loss', 'perplexity', 'accuracy', 'event_accuracy', 'no_event_accuracy'}
+pytestmark = pytest.mark.integration  # every test here reads or starts a real dora run
 
 
 @pytest.fixture(scope='module')

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .. import lock
-from . import format as checkpoint
-from . import sharded, store
-from .fs import atomic_open, fsync_dir
+from . import lock
+from .checkpointing import format as checkpoint
+from .checkpointing import sharded, store
+from .checkpointing.fs import atomic_open, fsync_dir
 
 ROLLED_BACK = 'rolled_back'
 DTYPES = {'float32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -205,7 +205,7 @@ class Experiment:
 
     def best_metric(self) -> tuple[str, bool]:
         """The valid metric that picks the best state, and whether lower is better (the solver's)."""
-        from .. import builders
+        from . import builders
         try:
             klass = builders.solver_class(self.config.get('solver_class'))
         except builders.ConfigError:
