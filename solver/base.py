@@ -383,7 +383,8 @@ class StandardSolver(flashy.BaseSolver):
                               f"{limit} rollbacks (checkpoint.rollback.max_rollbacks); stopping. "
                               "Lower optim.lr or enable gradient clipping (optim.max_norm).")
         self.writer.wait()
-        ckpt = checkpoint.load_newest_intact(self.folder, like=self.load_template())
+        # into: read straight into the live tensors (issue 16)
+        ckpt = checkpoint.load_newest_intact(self.folder, like=self.load_template(), into=self.state_dict())
         if ckpt is None:
             raise SolverError(f"Training diverged ({err}) at step {self.progress['step'] + 1}, before "
                               "any checkpoint to roll back to. Lower optim.lr or save earlier "
@@ -468,7 +469,7 @@ class StandardSolver(flashy.BaseSolver):
             checkpoint.clean_stray_files(self.folder)
         distrib.barrier()
         like = self.load_template()
-        own = checkpoint.load_newest_intact(self.folder, like=like)
+        own = checkpoint.load_newest_intact(self.folder, like=like, into=self.state_dict())  # issue 16
         if own is not None:
             if self.cfg.continue_from:
                 logger.info("continue_from=%s ignored: this experiment has its own checkpoint %s, "
@@ -537,16 +538,24 @@ class StandardSolver(flashy.BaseSolver):
                 raise SolverError(f"continue_from={value}: no experiment '{sig}' in {path.parent}.")
         else:
             path = Path(value).expanduser()
+        into = self.continue_into()  # issue 16: the best state is read into the live modules
         if path.is_dir():
-            found = checkpoint.load_newest_intact(path, resumable=False, like=like)
+            found = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into)
             if found is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
             return found
         if path.is_file():
-            return checkpoint.read_checkpoint(path, like)
+            return checkpoint.read_checkpoint(path, like, into)
         raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
                           "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
+
+    def continue_into(self) -> dict[str, tp.Any]:
+        """Where `continue_from` reads a source's best state: the live states it loads into,
+        without `checkpoint.ignore_state_keys` (those keep their values)."""
+        ignored = list(self.cfg.checkpoint.ignore_state_keys or [])
+        live = {name: self.stateful.sources[name].state_dict() for name in self.best_state.sources}
+        return {'best_state': {'states': drop_keys(live, ignored)}}
 
     def load_best_state_from(self, source: checkpoint.Checkpoint) -> None:
         """Fine-tune start: take only the source's best state; optimizer, EMA... start fresh."""
