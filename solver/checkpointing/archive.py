@@ -320,7 +320,7 @@ class Reading:
 
     def _read_all(self) -> None:
         try:
-            direct_fd = _open_direct(self._fd, os.O_RDONLY) if self._direct and self._records else None
+            direct_fd = _open_direct(self._fd, os.O_RDONLY) if self._direct and self._fd is not None else None
             try:
                 with _read_bounce if direct_fd is not None else contextlib.nullcontext() as bounce:
                     for offset, buffer in self._records:
@@ -492,7 +492,8 @@ def check() -> str | None:
     """Why the private torch APIs this module uses do not work with this torch, or None when a
     tiny state survives a round trip: `save`, then plain `torch.load` and `load` into a live
     tensor."""
-    state = {'a': torch.arange(6, dtype=torch.float32).reshape(2, 3), 'b': [torch.tensor([True]), 1, 'x']}
+    a = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    state = {'a': a, 'b': [torch.tensor([True]), 1, 'x']}
     live = torch.zeros(2, 3)
     try:
         with tempfile.TemporaryFile() as f:
@@ -507,8 +508,8 @@ def check() -> str | None:
             reading = Reading(f.fileno(), list(records.values()), owned=False)
             reading.wait()
             reading.close()
-        good = [torch.equal(plain['a'], state['a']), plain['b'][1:] == [1, 'x'],
-                torch.equal(obj['a'], state['a']), torch.equal(live, state['a']), len(found) == 1,
+        good = [torch.equal(plain['a'], a), plain['b'][1:] == [1, 'x'],
+                torch.equal(obj['a'], a), torch.equal(live, a), len(found) == 1,
                 obj['a'].data_ptr() == live.data_ptr(), bool(obj['b'][0].item()), obj['b'][1:] == [1, 'x']]
     except Exception as err:  # any failure of a private API means: do not use it
         return f"{type(err).__name__}: {err}"

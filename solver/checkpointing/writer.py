@@ -61,8 +61,14 @@ class StagingBuffers:
         self.buffers: list[torch.Tensor] = []
 
     def snapshot(self, state: tp.Any) -> tp.Any:
-        """The state with every tensor replaced by its staged copy (containers are rebuilt)."""
+        """The state with every tensor replaced by its staged copy (containers are rebuilt).
+
+        The copies are made by one `torch._foreach_copy_` call once the state is walked: the
+        loop pays for the bytes, not for a Python call per tensor.
+        """
         index = 0
+        buffers: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
 
         def stage(obj: tp.Any) -> tp.Any:
             nonlocal index
@@ -77,15 +83,19 @@ class StagingBuffers:
                 buffer = self.buffers[index]
                 if buffer.shape != obj.shape or buffer.dtype != obj.dtype:
                     buffer = self.buffers[index] = torch.empty(obj.shape, dtype=obj.dtype, device='cpu')
-                buffer.copy_(obj.detach(), non_blocking=False)
                 index += 1
+                buffers.append(buffer)
+                sources.append(obj.detach())
                 return buffer
             if isinstance(obj, dict):
                 return {key: stage(value) for key, value in obj.items()}
             if isinstance(obj, (list, tuple)):
                 return type(obj)(stage(value) for value in obj)
             return obj
-        return stage(state)
+        staged = stage(state)
+        if buffers:
+            torch._foreach_copy_(buffers, sources)
+        return staged
 
     @property
     def nbytes(self) -> int:
