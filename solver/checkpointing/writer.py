@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from .. import distrib
+from . import archive, sharded
 from . import format as checkpoint
-from . import sharded
 
 logger = logging.getLogger(__name__)
 Listener = tp.Callable[[list[Path]], None]
@@ -81,8 +81,8 @@ class StagingBuffers:
                 if index == len(self.buffers):
                     self.buffers.append(torch.empty(0))
                 buffer = self.buffers[index]
-                if buffer.shape != obj.shape or buffer.dtype != obj.dtype:
-                    buffer = self.buffers[index] = torch.empty(obj.shape, dtype=obj.dtype, device='cpu')
+                if buffer.shape != obj.shape or buffer.dtype != obj.dtype:  # page-aligned: see archive
+                    buffer = self.buffers[index] = archive.aligned_empty(obj.shape, obj.dtype)
                 index += 1
                 buffers.append(buffer)
                 sources.append(obj.detach())
