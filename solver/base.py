@@ -475,8 +475,8 @@ class StandardSolver(flashy.BaseSolver):
                 logger.info("continue_from=%s ignored: this experiment has its own checkpoint %s, "
                             "which wins.", self.cfg.continue_from, own.path)
             self.load_own_state(own)
-            logger.info("Resumed from %s (epoch %d, step %d).", own.path, len(self.history),
-                        self.progress['step'])
+            logger.info("Resumed from %s (epoch %d, step %d); %d tensors read straight into the live "
+                        "state (issue 16).", own.path, len(self.history), self.progress['step'], len(own.live))
             if flashy.distrib.is_rank_zero():  # a kill between save and history update
                 self.xp.link.update_history(self.history)
             self.replay_history()

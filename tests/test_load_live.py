@@ -6,6 +6,8 @@ not work falls back to torch.save / torch.load.
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +188,25 @@ def test_a_torch_without_the_private_apis_warns_once_and_checkpoints_with_torch_
     assert proc.stdout.strip() == 'ok'
     warnings = [line for line in proc.stderr.splitlines() if 'RuntimeWarning' in line]
     assert len(warnings) == 1 and 'torch.save' in warnings[0] and 'get_record_offset' in warnings[0]
+
+
+@pytest.mark.integration
+def test_a_resumed_dora_run_reads_every_tensor_into_the_live_state(dora, dora_dir: Path):
+    from solver.train import main
+    overrides = ('solver=regression', 'optim.epochs=2', 'checkpoint.save_every=1')
+    code, output = dora('run', *overrides)
+    assert code == 0, output
+    folder = dora_dir / 'xps' / main.get_xp(list(overrides)).sig
+    shutil.copyfile(folder / 'checkpoint_1.th', folder / 'checkpoint.th')  # back to the end of epoch 1
+    (folder / 'checkpoint_2.th').unlink()
+    state = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
+    tensors: list[torch.Tensor] = []
+    checkpoint._walk({k: v for k, v in state.items() if k != 'optimizer'}, tensors)
+    code, output = dora('run', *overrides)
+    assert code == 0, output
+    found = re.search(r'Resumed from .*\(epoch 1, .*\); (\d+) tensors read straight into the live state', output)
+    assert found, output
+    # Parameters, best state... are read in place; a fresh process has no Adam moments yet (they
+    # are made by the read, and taken by the optimizer without a copy); the RNG states are made
+    # anew by each state_dict() call, and count or not.
+    assert len(tensors) - 3 <= int(found.group(1)) <= len(tensors)
