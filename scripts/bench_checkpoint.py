@@ -464,8 +464,10 @@ def train_runs(args: argparse.Namespace, folder: Path) -> dict[str, tp.Any]:
     root = Path(__file__).resolve().parent.parent
     common = ['solver=drum_rnn', f'model.hidden_size={args.run_hidden}', f'model.num_layers={args.run_layers}',
               f'optim.epochs={args.run_epochs}', f'optim.updates_per_epoch={args.run_updates}',
-              'checkpoint.async_save=true']
-    variants = {'no saves': ['checkpoint.save_last=false'], 'async save per epoch': ['checkpoint.save_last=true']}
+              f'dataset.batch_size={args.run_batch}']
+    # Saving nothing: no staging buffers either (their allocation is part of what async saving costs).
+    variants = {'no saves': ['checkpoint.save_last=false', 'checkpoint.async_save=false'],
+                'async save per epoch': ['checkpoint.save_last=true', 'checkpoint.async_save=true']}
     env = {**os.environ, 'SOLVER_DORA_DIR': str(folder / 'dora')}
     times: dict[str, list[float]] = {name: [] for name in variants}
     print(f"\n### Training overhead, whole runs: dora run {' '.join(common)}\n")
@@ -504,7 +506,8 @@ def main() -> None:
     parser.add_argument('--run-hidden', type=int, default=1024)
     parser.add_argument('--run-layers', type=int, default=4)
     parser.add_argument('--run-epochs', type=int, default=4)
-    parser.add_argument('--run-updates', type=int, default=20, help='updates per epoch of the whole runs')
+    parser.add_argument('--run-updates', type=int, default=5, help='updates per epoch of the whole runs')
+    parser.add_argument('--run-batch', type=int, default=8, help='batch size of the whole runs')
     parser.add_argument('--json', type=Path, default=None, help='write every figure and the ratios to this file')
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
