@@ -459,6 +459,49 @@ def train_overhead(args: argparse.Namespace, folder: Path) -> None:
           f"{' '.join(f'{100 * (r - 1):+.1f}%' for r in ratios)})")
 
 
+README_ROWS = [  # (label, figure, base figure, how the ratio reads)
+    ('disk: write + fsync of the same bytes', 'disk write + fsync', None, ''),
+    ('our sync save (O_DIRECT, the default)', 'our sync save', 'disk write + fsync', 'x disk'),
+    ('our sync save, buffered', 'our sync save, buffered', 'disk write + fsync', 'x disk'),
+    ('torch.save + fsync', 'torch.save + fsync', 'disk write + fsync', 'x disk'),
+    ('dcp.save', 'dcp.save', 'disk write + fsync', 'x disk'),
+    ('memcpy into touched buffers', 'memcpy into preallocated buffers', None, ''),
+    ('our async save: loop blocked', 'our async save: loop blocked', 'memcpy into preallocated buffers', 'x memcpy'),
+    ('dcp.async_save: loop blocked', 'dcp.async_save: blocked', 'memcpy into preallocated buffers', 'x memcpy'),
+    ('our async save: until durable', 'our async save: until durable', None, ''),
+    ('disk: read cold into touched memory', 'disk read, cold', None, ''),
+    ('our load into the live state, cold', 'our load into the live state, cold', 'disk read, cold', 'x disk'),
+    ('... with O_DIRECT, cold', 'our load into the live state, O_DIRECT, cold', 'disk read, cold', 'x disk'),
+    ('our load (fresh) + load_state_dict, cold', 'our load (fresh) + load_state_dict, cold', 'disk read, cold',
+     'x disk'),
+    ('torch.load(weights_only), cold', 'torch.load(weights_only), cold', 'disk read, cold', 'x disk'),
+    ('our load into the live state, cached', 'our load into the live state, cached',
+     'torch.load(weights_only), cached', 'x torch.load'),
+    ('torch.load(weights_only), cached', 'torch.load(weights_only), cached', None, ''),
+]
+
+
+def readme_table(size: str, figures: dict[str, tp.Any]) -> str:
+    """The README's performance table for one size, from this run's medians."""
+    median = {name: f['median_s'] for name, f in figures['figures'].items()}
+    cache = {name: f['page_cache_growth_mib'] for name, f in figures['figures'].items()}
+    lines = [f"| {size} MiB, {figures['tensors']} tensors | time | ratio | page cache |", "|---|---|---|---|"]
+    for label, name, base, kind in README_ROWS:
+        if kind == 'x memcpy':
+            ratio = f"{median[name] / median[tp.cast(str, base)]:.2f} x memcpy"
+        elif base is not None:
+            ratio = f"{median[base] / median[name]:.2f} {kind}"
+        else:
+            ratio = ''
+        growth = f"{statistics.median(cache[name]):+.0f} MiB" if cache.get(name) else ''
+        lines.append(f"| {label} | {median[name]:.3f} s | {ratio} | {growth} |")
+    if figures['first_async']:
+        first = figures['first_async']
+        lines.append(f"| first async save after `prepare()`: blocked | {first['blocked_s']:.3f} s | "
+                     f"{first['blocked_s'] / first['memcpy_s']:.2f} x memcpy | |")
+    return '\n'.join(lines)
+
+
 def train_runs(args: argparse.Namespace, folder: Path) -> dict[str, tp.Any]:
     """Whole `dora run` processes, in adjacent pairs: an async save at every epoch's end vs none."""
     root = Path(__file__).resolve().parent.parent
@@ -525,6 +568,7 @@ def main() -> None:
                     bench.run_once(turn, args.breakdown)
             bench.report()
             results['sizes'][str(size)] = bench.figures()
+            print(f"\nREADME table:\n\n{readme_table(str(size), results['sizes'][str(size)])}")
             del bench
             shutil.rmtree(folder)
         if args.train:

@@ -63,6 +63,7 @@ except ImportError:  # a torch without it: the round trip below fails, and we fa
 
 CHUNK = 16 << 20       # flush-behind granularity, and the size of one read
 LAG = 2                # chunks written back but still cached: the disk queue never runs dry
+ANNOUNCE = 2 * CHUNK   # a reading wakes the thread that hashes behind it once per this many bytes
 Ready = tp.Callable[[torch.UntypedStorage], None]  # waits until a storage's bytes are there
 ALIGNMENT = 64         # torch's storage alignment (`torch.utils.serialization.config.save`)
 PROTOCOL = 2           # torch.save's pickle protocol
@@ -365,16 +366,22 @@ class Reading:
             direct_fd = _open_direct(self._fd, os.O_RDONLY) if self._direct and self._fd is not None else None
             try:
                 with _read_bounce if direct_fd is not None else contextlib.nullcontext() as bounce:
-                    for offset, buffer in self._records:
+                    unannounced = 0
+                    for index, (offset, buffer) in enumerate(self._records):
                         if direct_fd is not None and bounce is not None:
                             direct_fd = self._read_direct(direct_fd, bounce, offset, buffer)
                         if direct_fd is None:
                             self._read_buffered(offset, buffer)
                         if self._stop:
                             return
+                        unannounced += buffer.numel()
                         with self._changed:
                             self._done += 1
-                            self._changed.notify_all()
+                            # Waking the hashing thread once per `ANNOUNCE` bytes, not per tensor:
+                            # on a busy machine each wake-up may wait for a time slice.
+                            if unannounced >= ANNOUNCE or index == len(self._records) - 1:
+                                self._changed.notify_all()
+                                unannounced = 0
             finally:
                 if direct_fd is not None:
                     os.close(direct_fd)
