@@ -9,7 +9,8 @@ that are allocated once and reused (`prepare` touches them before training start
 save is not the slow one), in one `torch._foreach_copy_`; a background thread then hashes and
 writes the files, atomically as in `checkpoint.write_checkpoint`. The buffers are page-aligned
 (`archive.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
-page cache, so the background write competes with training for little more than the hashing. At most one save is in flight: the next `save` waits for it.
+page cache, so the background write competes with training for little more than the hashing.
+At most one save is in flight: the next `save` waits for it.
 An error of a background save is raised by the next `save`, `wait` or `close`, never lost.
 
 In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
