@@ -1,11 +1,17 @@
-"""Copies of the best-scoring states, kept apart from the live ones."""
+"""Copies of the best-scoring states, kept apart from the live ones; what decides and loads them
+(early stopping's count, `checkpoint.ignore_state_keys` for `continue_from`)."""
 
 from __future__ import annotations
 
+import math
 import typing as tp
+from pathlib import Path
 
 import torch
 from flashy.state import StateDictSource
+from torch import nn
+
+from .errors import SolverError
 
 
 def copy_state(state: tp.Any) -> tp.Any:
@@ -69,3 +75,84 @@ class BestState:
         if unknown:
             raise KeyError(f"best state has entries {sorted(unknown)} that this solver does not register")
         self.states.update(copy_into(self.states, state['states']))
+
+
+def epochs_without_improvement(scores: tp.Sequence[float | None], lower_is_better: bool = True,
+                               min_delta: float = 0.0) -> int:
+    """Epochs since the best score last improved by more than `min_delta` (for early stopping).
+
+    `scores` is the best metric of each epoch in order (None where an epoch has none). The
+    count comes from the history alone, so it survives a resume.
+    """
+    best: float | None = None
+    since = 0
+    for score in scores:
+        since += 1
+        if score is None:
+            continue
+        gain = (best - score if lower_is_better else score - best) if best is not None else math.inf
+        if gain > min_delta:
+            best, since = score, 0
+    return since
+
+
+def early_stop_record(scores: tp.Sequence[float | None], patience: int | None, min_delta: float | None,
+                      lower_is_better: bool = True) -> dict[str, tp.Any] | None:
+    """With `early_stop.patience`: why the epoch of the last score ends the run (for its history
+    entry and the log), or None to go on."""
+    if not patience:
+        return None
+    since = epochs_without_improvement(scores, lower_is_better, min_delta or 0.0)
+    if since < patience:
+        return None
+    return {'epochs_without_improvement': since, 'patience': patience, 'min_delta': min_delta or 0.0}
+
+
+def drop_keys(states: dict[str, tp.Any], ignored: list[str]) -> dict[str, tp.Any]:
+    """States without the entries of `checkpoint.ignore_state_keys`.
+
+    'model' drops a whole state; 'model.head' drops every key of the 'model' state that is
+    'head' or starts with 'head.'.
+    """
+    kept = {name: state for name, state in states.items() if name not in ignored}
+    for key in ignored:
+        name, _, prefix = key.partition('.')
+        if prefix and name in kept and isinstance(kept[name], dict):
+            kept[name] = {k: v for k, v in kept[name].items()
+                          if not (k == prefix or str(k).startswith(prefix + '.'))}
+    return kept
+
+
+def load_module_state(module: nn.Module, state: dict[str, tp.Any], ignored: list[str], name: str) -> None:
+    """Load a module's state; only keys dropped on purpose may be missing; name any misfit."""
+    result = module.load_state_dict(state, strict=False)
+    allowed = [key[len(name) + 1:] for key in ignored if key.startswith(name + '.')]
+    missing = [k for k in result.missing_keys if not any(k == a or k.startswith(a + '.') for a in allowed)]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"state '{name}': missing keys {missing}, unexpected keys {result.unexpected_keys}")
+
+
+def take_best_state(best: BestState, source_state: dict[str, tp.Any], path: Path, ignored: list[str],
+                    registered: tp.Callable[[str], tp.Any]) -> list[str]:
+    """Load the best states of a checkpoint's state (`continue_from`) into the sources `best`
+    tracks, and make them the best states; return their names. `ignored` as in `drop_keys`;
+    `registered(name)` gives the live object (a module is loaded key by key, naming misfits)."""
+    states = source_state.get('best_state', {}).get('states')
+    if not states:
+        raise SolverError(f"{path} has no best state to continue from.")
+    states = drop_keys(states, ignored)
+    unknown = set(states) - set(best.sources)
+    if unknown:
+        raise SolverError(f"{path}: best state has {sorted(unknown)}, which this solver "
+                          f"does not register (it has {sorted(best.sources)}).")
+    for name, state in states.items():
+        target = registered(name)
+        try:
+            if isinstance(target, nn.Module):
+                load_module_state(target, state, ignored, name)
+            else:
+                best.sources[name].load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise SolverError(f"{path} does not fit this model: {err}") from err
+        best.states[name] = copy_state(best.sources[name].state_dict())
+    return list(states)

@@ -11,13 +11,13 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from . import validation
+from .errors import ConfigError
 from .sampler import ResumableBatchSampler
 
+__all__ = ['ConfigError', 'check_config', 'get_solver', 'solver_class', 'get_optimizer', 'get_lr_scheduler',
+           'get_train_loader', 'get_eval_loader', 'known_solvers']
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'config'
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
 
 
 def known_solvers() -> list[str]:
@@ -26,8 +26,20 @@ def known_solvers() -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix('')) for p in root.rglob('*.yaml'))
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse impossible values before anything is built or written: the framework's keys
+    (`validation`), then the task's (its solver class's `check_config`)."""
+    validation.check_config(cfg)
+    solver_class(cfg).check_config(cfg)
+
+
 def get_solver(cfg: DictConfig) -> tp.Any:
     """Instantiate the solver class that `solver_class` names (e.g. solver.drums.DrumRNNSolver)."""
+    return solver_class(cfg)(cfg)
+
+
+def solver_class(cfg: DictConfig) -> tp.Any:
+    """The class that `solver_class` names, imported."""
     name = cfg.get('solver_class')
     if not name or '.' not in str(name):
         raise ConfigError(f"solver_class={name!r} does not name a class; pick a solver config with "
@@ -38,7 +50,7 @@ def get_solver(cfg: DictConfig) -> tp.Any:
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"solver_class={name}: cannot import it ({err}). Known solver configs: "
                           f"{known_solvers()}.") from err
-    return klass(cfg)
+    return klass
 
 
 def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:

@@ -28,11 +28,13 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 _checkpoint_group: dist.ProcessGroup | None = None
 
 
-class RankMismatchError(RuntimeError):
+class RankMismatchError(UserError, RuntimeError):
     """Ranks that must agree (on the epoch and step after a load) do not; the message names them."""
 
 

@@ -7,8 +7,10 @@ import os
 import types
 from pathlib import Path
 
+from .errors import UserError
 
-class ExperimentLockedError(RuntimeError):
+
+class ExperimentLockedError(UserError, RuntimeError):
     """Another live process holds the experiment."""
 
 

@@ -15,15 +15,12 @@ from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
 from . import builders, distrib
-from .base import SolverError
-from .checkpointing.format import CheckpointError
-from .lock import ExperimentLock, ExperimentLockedError
+from .errors import UserError
+from .lock import ExperimentLock
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 DORA_DIR_ENV = 'SOLVER_DORA_DIR'
-USER_ERRORS = (SolverError, CheckpointError, ExperimentLockedError, builders.ConfigError,
-               distrib.RankMismatchError)
 
 
 def seed_everything(seed: int) -> None:
@@ -42,12 +39,13 @@ def main(cfg: DictConfig) -> None:
     if cfg.get('num_threads'):
         torch.set_num_threads(cfg.num_threads)
     try:
+        builders.check_config(cfg)
         if flashy.distrib.is_rank_zero():
             with ExperimentLock(xp.folder):
                 builders.get_solver(cfg).run()
         else:
             builders.get_solver(cfg).run()
-    except USER_ERRORS as err:
+    except UserError as err:
         logger.error("%s", err)
         sys.exit(1)
 

@@ -11,19 +11,17 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import time
-import typing as tp
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REGRESSION, BackgroundRun, copy_xp, history, last_lines, run_xp, without_durations
 
 from solver.checkpointing import format as checkpoint
 
-REGRESSION = ('solver=regression',)
+pytestmark = pytest.mark.integration
 TRAINED = (*REGRESSION, 'checkpoint.save_every=1')  # 3 epochs, checkpoint_<epoch>.th for each
 KEPT = (*REGRESSION, 'optim.epochs=4', 'checkpoint.save_every=1', 'checkpoint.keep_last=2',
         'checkpoint.keep_every_states=[best_state]')
@@ -32,35 +30,10 @@ BIG = (*REGRESSION, 'model.hidden_size=2048', 'dataset.dim=1024', 'optim.updates
        'dataset.eval_size=32')
 
 
-def history(folder: Path) -> list[dict]:
-    return json.loads((folder / 'history.json').read_text())
-
-
-def without_durations(entry: dict) -> dict:
-    return {stage: {k: v for k, v in metrics.items() if k != 'duration'} for stage, metrics in entry.items()}
-
-
-def last_lines(output: str, count: int = 5) -> str:
-    return '\n'.join(output.strip().splitlines()[-count:])
-
-
-def copy_dora_dir(source: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
-    """A private copy of a shared experiment, for a test that changes it."""
-    dora_dir = tmp_path / 'dora'
-    shutil.copytree(source.dora_dir, dora_dir, symlinks=True)
-    return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / source.folder.name)
-
-
-def run_xp(dora_tools: tp.Any, dora_dir: Path, *overrides: str) -> SimpleNamespace:
-    code, output = dora_tools.run(dora_dir, 'run', *overrides)
-    assert code == 0, output
-    return SimpleNamespace(dora_dir=dora_dir, folder=dora_tools.folder(dora_dir, *overrides), output=output)
-
-
 @pytest.fixture(scope='module')
 def trained(dora_tools, tmp_path_factory) -> SimpleNamespace:
     """A finished 3-epoch experiment with an epoch checkpoint per epoch (read only: copy to change)."""
-    return run_xp(dora_tools, tmp_path_factory.mktemp('trained'), *TRAINED)
+    return run_xp(tmp_path_factory.mktemp('trained'), *TRAINED)
 
 
 # -- training and resuming ------------------------------------------------------------------------
@@ -78,7 +51,7 @@ def test_save_every_writes_an_epoch_checkpoint_each_epoch(trained):
 
 
 def test_rerun_of_a_finished_experiment_changes_nothing(dora_tools, trained, tmp_path):
-    xp = copy_dora_dir(trained, tmp_path)
+    xp = copy_xp(trained, tmp_path)
     before = {name: (xp.folder / name).read_bytes() for name in ('history.json', 'checkpoint.th')}
     code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
     assert code == 0, output
@@ -90,7 +63,7 @@ def test_rerun_of_a_finished_experiment_changes_nothing(dora_tools, trained, tmp
 @pytest.fixture(scope='module')
 def resumed(dora_tools, trained, tmp_path_factory) -> SimpleNamespace:
     """The trained experiment cut back to its epoch-1 checkpoint, then rerun."""
-    xp = copy_dora_dir(trained, tmp_path_factory.mktemp('resumed'))
+    xp = copy_xp(trained, tmp_path_factory.mktemp('resumed'))
     shutil.copyfile(xp.folder / 'checkpoint_1.th', xp.folder / 'checkpoint.th')
     for epoch in (2, 3):
         (xp.folder / f'checkpoint_{epoch}.th').unlink()
@@ -107,12 +80,11 @@ def test_rerun_resumes_at_the_epoch_of_the_checkpoint(resumed, trained):
 
 
 def test_resumed_run_reproduces_the_uninterrupted_metrics(resumed, trained):
-    assert [without_durations(e) for e in history(resumed.folder)] == \
-        [without_durations(e) for e in history(trained.folder)]
+    assert without_durations(history(resumed.folder)) == without_durations(history(trained.folder))
 
 
 def test_rerun_repairs_a_history_json_left_behind_by_a_kill_after_the_save(dora_tools, trained, tmp_path):
-    xp = copy_dora_dir(trained, tmp_path)
+    xp = copy_xp(trained, tmp_path)
     full = history(xp.folder)
     (xp.folder / 'history.json').write_text(json.dumps(full[:2]))
     code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
@@ -125,7 +97,7 @@ def test_rerun_repairs_a_history_json_left_behind_by_a_kill_after_the_save(dora_
 @pytest.fixture(scope='module')
 def continued(dora_tools, trained) -> SimpleNamespace:
     """A new experiment started from the trained one's best state; lr 0 keeps the weights it got."""
-    xp = run_xp(dora_tools, trained.dora_dir, *REGRESSION, f'continue_from=//sig/{trained.folder.name}',
+    xp = run_xp(trained.dora_dir, *REGRESSION, f'continue_from=//sig/{trained.folder.name}',
                 'optim.lr=0', 'optim.epochs=1')
     assert xp.folder != trained.folder
     return xp
@@ -168,20 +140,20 @@ def test_continue_from_an_experiment_folder_takes_its_best_state(dora, trained):
 def test_continue_from_an_unknown_sig_fails_naming_it(dora):
     code, output = dora('run', *REGRESSION, 'continue_from=//sig/0badc0de', 'optim.epochs=1')
     assert code != 0
-    assert '0badc0de' in last_lines(output)
+    assert '0badc0de' in last_lines(output, 5)
 
 
 def test_continue_from_a_missing_path_fails_naming_the_path(dora):
     code, output = dora('run', *REGRESSION, 'continue_from=/no/such/path', 'optim.epochs=1')
     assert code != 0
-    assert '/no/such/path' in last_lines(output)
+    assert '/no/such/path' in last_lines(output, 5)
 
 
 # -- keep policy --------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def kept(dora_tools, tmp_path_factory) -> SimpleNamespace:
-    return run_xp(dora_tools, tmp_path_factory.mktemp('kept'), *KEPT)
+    return run_xp(tmp_path_factory.mktemp('kept'), *KEPT)
 
 
 def test_keep_last_leaves_only_the_newest_epoch_checkpoints(kept):
@@ -197,7 +169,7 @@ def test_keep_every_states_limits_epoch_checkpoints_to_those_states(kept):
 
 def test_a_damaged_latest_checkpoint_with_partial_epoch_files_names_keep_every_states(
         dora_tools, kept, tmp_path):
-    xp = copy_dora_dir(kept, tmp_path)
+    xp = copy_xp(kept, tmp_path)
     (xp.folder / 'checkpoint.th').write_bytes(b'')
     code, output = dora_tools.run(xp.dora_dir, 'run', *KEPT)
     assert code != 0
@@ -207,7 +179,7 @@ def test_a_damaged_latest_checkpoint_with_partial_epoch_files_names_keep_every_s
 # -- execute_only, refusals ------------------------------------------------------------------------
 
 def test_execute_only_evaluate_runs_evaluate_and_leaves_the_history(dora_tools, trained, tmp_path):
-    xp = copy_dora_dir(trained, tmp_path)
+    xp = copy_xp(trained, tmp_path)
     before = (xp.folder / 'history.json').read_bytes()
     code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED, 'execute_only=evaluate')
     assert code == 0, output
@@ -243,43 +215,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(dora, dora_tools, dora_dir,
 
 # -- processes: the lock, kill -9 ------------------------------------------------------------------
 
-class Training:
-    """`dora run` in the background, in its own process group, with its output in a file."""
-
-    def __init__(self, dora_tools: tp.Any, dora_dir: Path, *overrides: str) -> None:
-        self.folder = dora_tools.folder(dora_dir, *overrides)
-        self.log = dora_dir.parent / f'run_{time.monotonic_ns()}.log'
-        dora_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, 'w') as out:
-            self.proc = subprocess.Popen(['dora', 'run', *overrides], cwd=dora_tools.root,
-                                         env=dora_tools.env(dora_dir), stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def wait_for(self, condition: tp.Callable[[], bool], what: str, timeout: float = 60) -> None:
-        """Poll `condition` until it holds; fail if the run ends first (the timeout is a safety net)."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.log.read_text()}"
-            assert time.monotonic() < deadline, f"no {what} after {timeout}s:\n{self.log.read_text()}"
-            time.sleep(0.001)
-
-    def wait_for_lock(self) -> None:
-        lock = self.folder / '.lock'
-        self.wait_for(lambda: lock.exists() and lock.read_text().strip() == str(self.proc.pid),
-                      'lock taken by the run')
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
 @pytest.fixture
-def training(dora_tools, dora_dir):
-    started: list[Training] = []
+def training(dora_dir):
+    """`training(*overrides)`: a background `dora run`, killed at the end of the test if still going."""
+    started: list[BackgroundRun] = []
 
-    def start(*overrides: str) -> Training:
-        started.append(Training(dora_tools, dora_dir, *overrides))
+    def start(*overrides: str) -> BackgroundRun:
+        started.append(BackgroundRun(dora_dir, *overrides))
         return started[-1]
     yield start
     for run in started:

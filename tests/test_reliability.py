@@ -4,8 +4,8 @@ preemption signals, divergence rollback, and the checkpoint writer's listeners a
 The promise under test: whatever happens, at most the work since the last checkpoint is lost, no
 damaged checkpoint is ever loaded, and a resumed run ends bit-identical to the same run left
 alone. Runs are real `dora run` processes of the regression solver, faults are real signals,
-real files and real resource limits; the regression solver's test-only `faults.*` keys inject a
-NaN batch or a SIGTERM at a chosen position of the training stream.
+real files and real resource limits; the test-only faulty solver (`tests/faulty_solver.py`)
+injects a NaN batch or a SIGTERM at a chosen position of the training stream, or slows a stage.
 
 The fault-injection test kills training `SOLVER_FAULT_KILLS` times (default 30, about two minutes
 on two cores). The longer run:
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import logging
 import os
 import random
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -33,76 +31,34 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import (
+    FAULTY,
+    REGRESSION,
+    SAVE_LINE,
+    assert_same,
+    assert_same_run,
+    copy_xp,
+    history,
+    last_lines,
+    run_xp,
+    temporary_files,
+)
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
-REGRESSION = ('solver=regression',)  # 16 steps per epoch, 3 epochs: a run of seconds
+integration = pytest.mark.integration
 WIDE = (*REGRESSION, 'model.hidden_size=512', 'dataset.dim=256')  # a 2 MB checkpoint
 # Steps of ~10 ms, 96 per epoch: long enough to signal or kill a run in the middle of an epoch.
 EXACT = (*WIDE, 'dataset.batch_size=256',
          'dataset.train_size=24576', 'dataset.eval_size=256', 'optim.epochs=2', 'optim.lr=1e-3')
 EXACT_STEPS = 96
-SAVE_LINE = ' - Checkpoint checkpoint.th'  # the log line of every save of the latest checkpoint
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-def history(folder: Path) -> list[dict]:
-    return json.loads((folder / 'history.json').read_text())
-
-
-def without_durations(entries: list[dict]) -> list[dict]:
-    return [{stage: {k: v for k, v in metrics.items() if k != 'duration'} for stage, metrics in entry.items()}
-            for entry in entries]
-
-
-def last_lines(output: str, count: int = 3) -> str:
-    return '\n'.join(output.strip().splitlines()[-count:])
-
-
-def assert_identical(actual: tp.Any, expected: tp.Any, where: str = 'state') -> None:
-    """Equal structure, equal scalars, tensors equal bit for bit (dtype and shape included)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
-        assert torch.equal(actual, expected), f"{where} differs"
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: keys differ"
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected) and len(actual) == len(expected), f"{where}: lengths differ"
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_identical(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
-
-
-def assert_same_run(folder: Path, reference: Path) -> None:
-    """`folder` ended where `reference` did: every state of the latest checkpoint (model,
-    optimizer, best state, RNG, data position) bit-identical, the same metrics in the history."""
-    actual = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
-    expected = checkpoint.read_checkpoint(reference / 'checkpoint.th').state
-    assert without_durations(history(folder)) == without_durations(history(reference))
-    assert without_durations(actual.pop('history')) == without_durations(expected.pop('history'))
-    actual.pop('xp.sig'), expected.pop('xp.sig')  # the experiments' names differ with their configs
-    assert_identical(actual, expected)
-
-
-def temporary_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob('.checkpoint*.tmp.*'))
-
-
-def run_xp(dora_tools: tp.Any, dora_dir: Path, *overrides: str) -> SimpleNamespace:
-    code, output = dora_tools.run(dora_dir, 'run', *overrides)
-    assert code == 0, output
-    return SimpleNamespace(dora_dir=dora_dir, folder=dora_tools.folder(dora_dir, *overrides), output=output)
 
 
 @pytest.fixture(scope='module')
 def exact_reference(dora_tools, tmp_path_factory) -> Path:
     """The EXACT run left alone: what interrupted and resumed runs must end as."""
-    return run_xp(dora_tools, tmp_path_factory.mktemp('reference') / 'dora', *EXACT).folder
+    return run_xp(tmp_path_factory.mktemp('reference') / 'dora', *EXACT).folder
 
 
 # -- exact resume after kill -9 -------------------------------------------------------------------
@@ -122,15 +78,18 @@ def killed(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(folder=run.folder, saved=saved, code=code, output=output)
 
 
+@integration
 def test_a_kill_after_a_mid_epoch_save_leaves_that_mid_epoch_checkpoint(killed):
     assert killed.saved['epoch'] == 1 and 0 < killed.saved['epoch_step'] < EXACT_STEPS
 
 
+@integration
 def test_the_rerun_after_a_kill_resumes_at_the_batch_of_the_mid_epoch_checkpoint(killed):
     assert killed.code == 0, killed.output
     assert f"Resuming the train stage at step {killed.saved['epoch_step']} of {EXACT_STEPS}." in killed.output
 
 
+@integration
 def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_one_left_alone(killed, exact_reference):
     assert_same_run(killed.folder, exact_reference)
 
@@ -154,6 +113,7 @@ def preempted(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
                            rerun_code=rerun_code, rerun_output=rerun_output)
 
 
+@integration
 def test_a_signal_mid_epoch_makes_the_run_save_then_exit_with_128_plus_the_signal(preempted):
     assert preempted.code == 128 + preempted.signal, preempted.output
     received = preempted.output.index(f'Received {preempted.signal.name}')
@@ -162,19 +122,22 @@ def test_a_signal_mid_epoch_makes_the_run_save_then_exit_with_128_plus_the_signa
     assert 0 < preempted.saved['epoch_step'] < EXACT_STEPS
 
 
+@integration
 def test_the_rerun_after_a_signal_resumes_at_the_batch_it_saved(preempted):
     assert preempted.rerun_code == 0, preempted.rerun_output
     assert f"Resuming the train stage at step {preempted.saved['epoch_step']} of {EXACT_STEPS}." \
         in preempted.rerun_output
 
 
+@integration
 def test_a_preempted_and_resumed_run_ends_bit_identical_to_one_left_alone(preempted, exact_reference):
     assert_same_run(preempted.folder, exact_reference)
 
 
+@integration
 @pytest.mark.parametrize('extra', [(), ('checkpoint.save_last=false',)], ids=['save_last', 'no save_last'])
 def test_a_signal_in_the_last_step_of_an_epoch_saves_that_epoch_before_exiting(dora, dora_tools, dora_dir, extra):
-    overrides = (*REGRESSION, 'faults.sigterm_batches=[15]', *extra)  # batch 15: epoch 1's last step
+    overrides = (*FAULTY, '+faults.sigterm_batches=[15]', *extra)  # batch 15: epoch 1's last step
     code, output = dora('run', *overrides)
     assert code == 128 + signal.SIGTERM, output
     saved = checkpoint.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th').meta
@@ -232,7 +195,7 @@ FAULT = (*FAULT_BASE, f'optim.epochs={FAULT_EPOCHS}')
 
 @pytest.fixture(scope='module')
 def fault_reference(dora_tools, tmp_path_factory) -> Path:
-    return run_xp(dora_tools, tmp_path_factory.mktemp('fault_reference') / 'dora', *FAULT).folder
+    return run_xp(tmp_path_factory.mktemp('fault_reference') / 'dora', *FAULT).folder
 
 
 def kill_when_planned(run: tp.Any, kill: Kill) -> None:
@@ -276,6 +239,7 @@ def assert_resumed_as_expected(output: str, expected: str | None) -> None:
         assert expected in output, f"expected {expected!r} in:\n{output}"
 
 
+@integration
 @pytest.mark.parametrize('mode', ['sync', 'async'])
 def test_fault_injection_kill_at_random_moments_then_resume_ends_as_if_never_killed(
         dora_tools, tmp_path, fault_reference, mode):
@@ -303,13 +267,7 @@ TRAINED = (*REGRESSION, 'checkpoint.save_every=1')  # checkpoint.th and checkpoi
 @pytest.fixture(scope='module')
 def trained(dora_tools, tmp_path_factory) -> SimpleNamespace:
     """A finished run with an epoch checkpoint per epoch (read only: tests damage a copy)."""
-    return run_xp(dora_tools, tmp_path_factory.mktemp('trained') / 'dora', *TRAINED)
-
-
-def copy_xp(source: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
-    dora_dir = tmp_path / 'dora'
-    shutil.copytree(source.dora_dir, dora_dir, symlinks=True)
-    return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / source.folder.name)
+    return run_xp(tmp_path_factory.mktemp('trained') / 'dora', *TRAINED)
 
 
 def truncate(keep: float | int) -> tp.Callable[[Path], None]:
@@ -349,6 +307,7 @@ DAMAGES = {
 }
 
 
+@integration
 @pytest.mark.parametrize('damages', DAMAGES.values(), ids=DAMAGES.keys())
 def test_a_rerun_reports_each_damaged_checkpoint_and_resumes_from_the_newest_intact_one(
         dora_tools, trained, tmp_path, damages):
@@ -370,6 +329,7 @@ def files_on_disk(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in owned}
 
 
+@integration
 def test_with_every_checkpoint_damaged_the_run_refuses_to_start_over_and_changes_nothing(
         dora_tools, trained, tmp_path):
     xp = copy_xp(trained, tmp_path)
@@ -393,6 +353,7 @@ def limit_file_size(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@integration
 @pytest.mark.parametrize('mode', ['sync', 'async'])
 def test_a_save_past_the_file_size_limit_stops_the_run_naming_the_file_and_keeps_the_previous_one(
         dora_tools, dora_dir, mode):
@@ -416,8 +377,9 @@ def test_a_save_past_the_file_size_limit_stops_the_run_naming_the_file_and_keeps
 
 # -- rollback on divergence ------------------------------------------------------------------------
 
+@integration
 def test_a_nan_loss_rolls_back_skips_the_batches_and_the_run_finishes(dora, dora_tools, dora_dir):
-    overrides = (*REGRESSION, 'faults.nan_batches=[20]')  # in epoch 2; the last checkpoint is at 16
+    overrides = (*FAULTY, '+faults.nan_batches=[20]')  # in epoch 2; the last checkpoint is at 16
     code, output = dora('run', *overrides)
     assert code == 0, output
     assert 'Rollback 1/3: loss is nan' in output and 'skipped training batches 16-20' in output
@@ -427,9 +389,10 @@ def test_a_nan_loss_rolls_back_skips_the_batches_and_the_run_finishes(dora, dora
     assert (progress['step'], progress['train_batches']) == (48, 48 + 5)
 
 
+@integration
 def test_a_rollback_to_an_earlier_epoch_still_runs_every_epoch(dora, dora_tools, dora_dir):
-    overrides = (*REGRESSION, 'optim.epochs=4', 'checkpoint.save_last=false', 'checkpoint.save_every=2',
-                 'faults.nan_batches=[56]')  # in epoch 4; the newest checkpoint is checkpoint_2.th
+    overrides = (*FAULTY, 'optim.epochs=4', 'checkpoint.save_last=false', 'checkpoint.save_every=2',
+                 '+faults.nan_batches=[56]')  # in epoch 4; the newest checkpoint is checkpoint_2.th
     code, output = dora('run', *overrides)
     assert code == 0, output
     folder = dora_tools.folder(dora_dir, *overrides)
@@ -437,16 +400,18 @@ def test_a_rollback_to_an_earlier_epoch_still_runs_every_epoch(dora, dora_tools,
     assert len(history(folder)) == 4
 
 
+@integration
 def test_a_nan_loss_at_every_step_stops_after_max_rollbacks_naming_the_key(dora):
-    code, output = dora('run', *REGRESSION, 'faults.nan_batches=[20,21,22,23,24,25]')
+    code, output = dora('run', *FAULTY, '+faults.nan_batches=[20,21,22,23,24,25]')
     assert code != 0
     assert 'Rollback 3/3' in output and 'Rollback 4' not in output
     assert 'checkpoint.rollback.max_rollbacks' in last_lines(output, 1)
 
 
+@integration
 def test_max_rollbacks_zero_stops_at_the_first_nan_before_saving_anything_trained_on_it(
         dora, dora_tools, dora_dir):
-    overrides = (*REGRESSION, 'faults.nan_batches=[20]', 'checkpoint.rollback.max_rollbacks=0')
+    overrides = (*FAULTY, '+faults.nan_batches=[20]', 'checkpoint.rollback.max_rollbacks=0')
     code, output = dora('run', *overrides)
     assert code != 0
     assert 'Rollback 1' not in output
@@ -490,7 +455,7 @@ def test_a_failing_listener_is_logged_and_saving_goes_on(tmp_path, caplog):
         writer.close()
     failures = [r for r in caplog.records if 'failing_listener' in r.getMessage()]
     assert len(failures) == 2 and 'upload failed' in failures[0].exc_text
-    assert_identical(checkpoint.read_checkpoint(tmp_path / 'b.th').state, STATE)
+    assert_same(checkpoint.read_checkpoint(tmp_path / 'b.th').state, STATE)
 
 
 def unwritable_target(tmp_path: Path) -> Path:

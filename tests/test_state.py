@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from solver.base import drop_keys
-from solver.best_state import BestState
+from solver.best_state import BestState, drop_keys
 from solver.checkpointing import format as checkpoint
 from solver.ema import ModuleDictEMA
 from solver.lock import ExperimentLock, ExperimentLockedError
@@ -236,12 +235,14 @@ def holder(tmp_path: Path):
         proc.wait()
 
 
+@pytest.mark.integration
 def test_lock_held_by_another_process_is_refused_naming_its_pid(tmp_path: Path, holder):
     with pytest.raises(ExperimentLockedError, match=f'pid {holder.pid}') as err:
         ExperimentLock(tmp_path).__enter__()
     assert str(tmp_path) in str(err.value)
 
 
+@pytest.mark.integration
 def test_lock_of_a_process_killed_with_sigkill_can_be_taken(tmp_path: Path, holder):
     holder.send_signal(signal.SIGKILL)
     holder.wait()

@@ -40,6 +40,7 @@ import torch
 import xxhash
 
 from .. import distrib
+from ..errors import UserError
 from . import archive, sharded
 from .fs import atomic_open, fsync_dir
 
@@ -51,7 +52,7 @@ LATEST = 'checkpoint.th'
 _EPOCH_RE = re.compile(r'^checkpoint_(\d+)\.th$')
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written, found or used; the message says which file and why."""
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import builders, distrib
-from ..base import SolverError, StandardSolver
+from .. import builders, distrib, validation
+from ..base import StandardSolver
+from ..errors import ConfigError, SolverError
 from . import data, midi
 from .encoding import NUM_EVENTS, STEPS_PER_BAR, pitches_to_event
 from .model import DrumRNN, finalize_metrics, sample, sequence_metrics
@@ -29,6 +30,15 @@ def resolve_path(value: str | Path) -> Path:
 
 class DrumRNNSolver(StandardSolver):
     best_metric_name = 'loss'
+
+    @classmethod
+    def check_config(cls, cfg: tp.Any) -> None:
+        """generate.* is used only after a whole epoch: refuse what cannot work before training."""
+        validation.number(cfg, 'generate.temperature', "a number > 0 (1.0 samples the model's "
+                          "distribution; lower is more conservative)", lambda v: v > 0)
+        if cfg.generate.primer and not resolve_path(cfg.generate.primer).is_file():
+            raise ConfigError(f"generate.primer={cfg.generate.primer}: no such MIDI file "
+                              f"(looked at {resolve_path(cfg.generate.primer)}); give a .mid file or null.")
 
     def build_dataloaders(self) -> None:
         cfg = self.cfg.dataset
@@ -87,6 +97,7 @@ class DrumRNNSolver(StandardSolver):
         self.model.eval()
         totals: dict[str, float] = {}
         for batch in self.dataloaders[split]:
+            self.check_stop()  # a preemption signal stops the stage here
             inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
             logits, _ = self.model(inputs)
             later = torch.arange(targets.shape[1], device=targets.device)[None] >= STEPS_PER_BAR - 1
@@ -145,6 +156,7 @@ class DrumRNNSolver(StandardSolver):
         primer = self.primer().to(self.device)
         hits = []
         for index in range(cfg.num_samples):
+            self.check_stop()
             events = sample(self.model, primer, cfg.num_steps, cfg.temperature,
                             generator=generator).cpu().numpy()
             name = f'sample_{index:02d}'

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import typing as tp
 
 import torch
@@ -45,8 +43,6 @@ class RegressionSolver(StandardSolver):
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
         x, y = (t.to(self.device) for t in batch)
-        if self.is_training:
-            x = self.inject_faults(x)
         loss = F.mse_loss(self.model(x), y)
         if self.is_training:
             self.optimizer.zero_grad()
@@ -54,22 +50,16 @@ class RegressionSolver(StandardSolver):
             self.optimizer.step()
         return {'loss': loss.item()}
 
-    def inject_faults(self, x: torch.Tensor) -> torch.Tensor:
-        """The tests' faults (`faults.*`) at this position of the training stream: a NaN batch, or
-        a SIGTERM in the middle of the step."""
-        position = self.progress['train_batches']
-        if position in self.cfg.faults.sigterm_batches:
-            os.kill(os.getpid(), signal.SIGTERM)
-        if position in self.cfg.faults.nan_batches:
-            x = torch.full_like(x, float('nan'))
-        return x
-
     def evaluate(self) -> dict[str, float]:
-        losses = [self.run_step(i, batch, {})['loss'] for i, batch in enumerate(self.dataloaders['evaluate'])]
+        losses = []
+        for i, batch in enumerate(self.dataloaders['evaluate']):
+            self.check_stop()  # a preemption signal stops the stage here
+            losses.append(self.run_step(i, batch, {})['loss'])
         return distrib.average_metrics({'loss': sum(losses) / len(losses)}, len(losses))
 
     def generate(self) -> dict[str, float]:
         """Write the predictions on a few fixed inputs as JSON under samples/epoch_<N>/."""
+        self.check_stop()
         x = make_dataset(4, self.cfg.dataset.dim, seed=99).tensors[0].to(self.device)
         predictions = self.model(x).squeeze(1).tolist()  # on every rank: a sharded model needs all
         if distrib.is_rank_zero():

@@ -1,0 +1,273 @@
+"""CheckpointManager: the one owner of an experiment's checkpoints.
+
+The solver asks it three things: save (at a moment of the run; the policies decide which files),
+restore (the newest intact checkpoint of this experiment, else `continue_from`), and roll back
+(after a divergence). It owns the writer (sync or async), the save and keep policies
+(`policy`), the save statistics, and the durability callbacks: what must only happen once a
+save is on disk (Dora's history) is handed to `save(on_durable=...)`.
+
+It knows no solver: it saves and loads dicts of states with metadata.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import os
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from .. import distrib
+from ..errors import SolverError
+from . import format as checkpoint
+from . import policy, sharded
+from .fs import fsync_dir
+from .writer import CheckpointWriter, SaveMode, SaveStats
+
+logger = logging.getLogger(__name__)
+Targets = dict[Path, tp.Optional[tp.Sequence[str]]]
+PRETRAINED_ENV = 'SOLVER_PRETRAINED_DIR'
+
+
+def pretrained_dir() -> Path:
+    """Where `//pretrained/NAME` is looked up: $SOLVER_PRETRAINED_DIR, else `pretrained/` at the root."""
+    default = Path(__file__).resolve().parents[2] / 'pretrained'
+    return Path(os.environ.get(PRETRAINED_ENV, default))
+
+
+def find_pretrained(name: str) -> checkpoint.Checkpoint:
+    """`<pretrained dir>/<name>.th` (written by `scripts/export_checkpoint.py`), verified."""
+    folder = pretrained_dir()
+    path = folder / f'{name}.th'
+    if not path.exists():
+        known = sorted(p.stem for p in folder.glob('*.th')) if folder.exists() else []
+        raise SolverError(f"No pretrained model '{name}': looked for {path} ({PRETRAINED_ENV} sets the "
+                          f"folder). Known names: {known or 'none'}.")
+    return checkpoint.read_checkpoint(path)
+
+
+class CheckpointManager:
+    """Save decisions, retention, restore, `continue_from` and rollback for one experiment folder.
+
+    `cfg` is the `checkpoint` config section; `sig` the experiment's signature, recorded in every
+    checkpoint and checked on resume; `lower_is_better` the direction of the best metric
+    (for `checkpoint.keep_best`).
+    """
+
+    def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True) -> None:
+        self.folder = Path(folder)
+        self.cfg = cfg
+        self.sig = sig
+        self.lower_is_better = lower_is_better
+        self.policies = policy.from_config(cfg)
+        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC)
+        self.writer.listeners.append(self._after_durable)
+        self.rollbacks = 0
+        self._started = self._last_save = time.time()
+        self._save_cost = self._total_blocked = 0.0
+        self._latest_saved = False
+        self._scores: list[float | None] = []
+        self._on_durable: collections.deque[tp.Callable[[], None] | None] = collections.deque()
+
+    @property
+    def latest_path(self) -> Path:
+        return self.folder / checkpoint.LATEST
+
+    def describe(self) -> str:
+        """One line on what is saved when, what is kept, and the rollback policy, for the log."""
+        cfg = self.cfg
+        parts = ['latest every epoch' if cfg.save_last else 'latest only on preemption']
+        if cfg.save_every:
+            parts.append(f"checkpoint_<epoch>.th every {cfg.save_every} epochs"
+                         + (f" (newest {cfg.keep_last} kept)" if cfg.keep_last else ''))
+        if cfg.get('keep_every'):
+            parts.append(f"checkpoint_<epoch>.th every {cfg.keep_every} epochs kept for good")
+        if cfg.get('keep_best'):
+            parts.append(f"the best {cfg.keep_best} epochs' checkpoints kept")
+        if cfg.every_steps:
+            parts.append(f"every {cfg.every_steps} steps")
+        if cfg.every_minutes:
+            parts.append(f"every {cfg.every_minutes} min")
+        if cfg.max_overhead:
+            parts.append(f"mid-epoch interval chosen for <= {cfg.max_overhead:.1%} overhead")
+        rollback = cfg.rollback
+        spike = f" or > {rollback.spike_factor}x running mean" if rollback.spike_factor else ''
+        limit = f"up to {rollback.max_rollbacks} times" if rollback.max_rollbacks else 'off, stop at once'
+        return f"{self.writer.mode.value} saves; {', '.join(parts)}. Rollback on non-finite{spike} loss: {limit}"
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
+                scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
+        """This moment of the run, as the save policies see it."""
+        self._scores = list(scores) or self._scores
+        return policy.SaveContext(step=step, epoch=epoch, epoch_end=epoch_end, preempted=preempted,
+                                  since_last_save=time.time() - self._last_save, save_cost=self._save_cost,
+                                  scores=self._scores, lower_is_better=self.lower_is_better)
+
+    def plan(self, ctx: policy.SaveContext, latest: bool = False) -> Targets:
+        """The files to write at this moment (empty: none), with the states each holds (None: all).
+
+        The latest file is written when a save policy asks, or with `latest=True`; at an epoch
+        end also whenever it exists, since a stale latest file would be resumed from in place of
+        a newer epoch file. Epoch files are written at epoch ends by their policies: in full
+        when `keep_best` asks for them, else restricted to `checkpoint.keep_every_states`.
+        """
+        targets: Targets = {}
+        if latest or self.policies.latest.should_save(ctx) or (
+                ctx.epoch_end and (self._latest_saved or self.latest_path.exists())):
+            targets[self.latest_path] = None
+        if ctx.epoch_end and self.policies.epoch_file.should_save(ctx):
+            best = any(isinstance(p, policy.BestEpochs) and p.should_save(ctx)
+                       for p in self.policies.epoch_file.policies)
+            names = None if best else self.cfg.keep_every_states
+            targets[checkpoint.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
+        return targets
+
+    def save(self, state: dict[str, tp.Any], targets: Targets, meta: dict[str, tp.Any],
+             on_durable: tp.Callable[[], None] | None = None) -> SaveStats:
+        """Write `state` to `targets` (every rank calls this; see `CheckpointWriter.save`).
+
+        `on_durable` runs once every file is durable (on the writer's listener thread, after
+        the keep policies pruned old files): never before, even with async saves.
+        """
+        writes = self.writer.writes(state)
+        if writes:
+            self._on_durable.append(on_durable)
+        try:
+            stats = self.writer.save(state, targets, dict(meta, sig=self.sig, versions=versions()))
+        except BaseException:
+            if writes:
+                self._on_durable.pop()
+            raise
+        distrib.barrier()
+        self._latest_saved = self._latest_saved or self.latest_path in targets
+        self._last_save = time.time()
+        self._save_cost = stats.blocked
+        self._total_blocked += stats.blocked
+        share = self._total_blocked / max(time.time() - self._started, 1e-9)
+        logger.info("Checkpoint %s (epoch %d, step %d): loop blocked %.3fs; previous save durable "
+                    "after %.3fs; %.2f%% of run time spent checkpointing.",
+                    ', '.join(p.name for p in targets), meta.get('epoch', 0), meta.get('step', 0),
+                    stats.blocked, stats.durable, 100 * share)
+        return stats
+
+    def _after_durable(self, paths: list[Path]) -> None:
+        """Writer listener: prune by the keep policies, then run the save's `on_durable`."""
+        callback = self._on_durable.popleft() if self._on_durable else None
+        if distrib.is_rank_zero():
+            self.prune()
+        if callback is not None:
+            callback()
+
+    def prune(self) -> list[Path]:
+        """Delete the epoch checkpoints no keep policy keeps; return them."""
+        found = checkpoint.epoch_checkpoints(self.folder)
+        ctx = policy.KeepContext([epoch for epoch, _ in found], self._scores, self.lower_is_better)
+        kept = self.policies.keep.keep(ctx)
+        removed = [path for epoch, path in found if epoch not in kept]
+        for path in removed:
+            path.unlink(missing_ok=True)
+            sharded.remove_superseded(path)
+            logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s, keep_best=%s)", path.name,
+                        self.cfg.keep_last, self.cfg.get('keep_best'))
+        if removed:
+            fsync_dir(self.folder)
+        return removed
+
+    def prepare(self, full_state: tp.Callable[[], dict[str, tp.Any]]) -> None:
+        """Make the async writer's staging buffers now (for `full_state()`), not at the first save."""
+        if self.writer.mode is SaveMode.ASYNC:
+            self.writer.prepare(full_state())
+
+    def close(self) -> None:
+        """The last save is durable and its callbacks ran (or its error is raised)."""
+        self.writer.close()
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def restore(self, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint | None:
+        """This experiment's newest intact checkpoint (None if it has none); `into` as in
+        `read_checkpoint`: the live state the tensors are read straight into (issue 16).
+
+        Stray temporary files of killed saves are removed first. A checkpoint of another
+        experiment (another signature in its metadata) is refused: it was copied in by hand.
+        """
+        if distrib.is_rank_zero():
+            checkpoint.clean_stray_files(self.folder)
+        distrib.barrier()
+        own = checkpoint.load_newest_intact(self.folder, like=like, into=into)
+        if own is not None:
+            self.check_signature(own)
+        return own
+
+    def check_signature(self, ckpt: checkpoint.Checkpoint) -> None:
+        other = ckpt.meta.get('sig')
+        if other is not None and other != self.sig:
+            raise checkpoint.CheckpointError(
+                f"{ckpt.path} belongs to experiment {other}, not to this experiment {self.sig}: it "
+                f"was copied or moved here. Move it out of {self.folder}; to start from it, use "
+                f"continue_from=//sig/{other} (or continue_from=<path of the file>).")
+
+    def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], checkpoint.Checkpoint],
+                              into: tp.Any = None) -> checkpoint.Checkpoint:
+        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder;
+        `into` as in `read_checkpoint`."""
+        if value.startswith('//pretrained/'):
+            found = pretrained(value[len('//pretrained/'):])
+            found.state = sharded.place_like(found.state, like)  # into shards, if sharded
+            return found
+        if value.startswith('//sig/'):
+            sig = value[len('//sig/'):]
+            path = self.folder.parent / sig
+            if not path.is_dir():
+                raise SolverError(f"continue_from={value}: no experiment '{sig}' in {path.parent}.")
+        else:
+            path = Path(value).expanduser()
+        if path.is_dir():
+            newest = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into)
+            if newest is None:
+                raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
+                                  f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
+            return newest
+        if path.is_file():
+            return checkpoint.read_checkpoint(path, like, into)
+        raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
+                          "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
+
+    def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint:
+        """The checkpoint to reload after a divergence at `step`, within `rollback.max_rollbacks`;
+        `into` as in `read_checkpoint`."""
+        self.rollbacks += 1
+        limit = self.cfg.rollback.max_rollbacks
+        if self.rollbacks > limit:
+            raise SolverError(f"Training diverged ({problem}) at step {step} after {limit} rollbacks "
+                              "(checkpoint.rollback.max_rollbacks); stopping. Lower optim.lr or enable "
+                              "gradient clipping (optim.max_norm).")
+        self.writer.wait()
+        found = checkpoint.load_newest_intact(self.folder, like=like, into=into)
+        if found is None:
+            raise SolverError(f"Training diverged ({problem}) at step {step}, before any checkpoint to "
+                              "roll back to. Lower optim.lr or save earlier (checkpoint.every_steps).")
+        return found
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """Library versions and the git commit of the code, for the checkpoint metadata."""
+    import importlib.metadata as md
+    found = {'torch': str(torch.__version__)}
+    for package in ('solver', 'flashy', 'dora-search', 'hydra-core', 'numpy'):
+        with contextlib.suppress(md.PackageNotFoundError):
+            found[package] = md.version(package)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found['git'] = subprocess.run(
+            ['git', 'rev-parse', 'HEAD'], cwd=Path(__file__).parent, capture_output=True, text=True,
+            timeout=5).stdout.strip()
+    return found

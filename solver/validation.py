@@ -1,0 +1,80 @@
+"""The config checked once, up front: values that cannot work are refused before anything is built.
+
+Each refusal is a `ConfigError` naming the key, the value and what is allowed. Settings a task
+uses late (in evaluate or generate) are its own to check: `StandardSolver.check_config`, called
+right after these checks by `builders.check_config`.
+"""
+
+from __future__ import annotations
+
+import math
+import typing as tp
+
+from .errors import ConfigError
+
+STAGES = ('valid', 'evaluate', 'generate')
+# Keys that make a run write checkpoints without a preemption signal.
+SAVING_KEYS = ('checkpoint.save_last', 'checkpoint.save_every', 'checkpoint.every_steps',
+               'checkpoint.every_minutes', 'checkpoint.max_overhead', 'checkpoint.keep_every',
+               'checkpoint.keep_best')
+
+
+def lookup(cfg: tp.Any, key: str) -> tp.Any:
+    """The value at a dotted key, None where a part is missing."""
+    value = cfg
+    for part in key.split('.'):
+        value = value.get(part) if hasattr(value, 'get') else None
+        if value is None:
+            return None
+    return value
+
+
+def number(cfg: tp.Any, key: str, allowed: str, ok: tp.Callable[[float], bool],
+           integer: bool = False, optional: bool = False) -> None:
+    """Refuse `key` unless it is a number (an integer with `integer`) for which `ok` holds, or
+    missing/null with `optional`; `allowed` says what is allowed, for the message."""
+    value = lookup(cfg, key)
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"{key}={value!r} cannot work: expected {allowed}.")
+
+
+def check_config(cfg: tp.Any) -> None:
+    """Refuse impossible values of the framework's keys (see the module docstring)."""
+    number(cfg, 'optim.epochs', 'an integer >= 1', lambda v: v >= 1, integer=True)
+    number(cfg, 'optim.lr', 'a finite number >= 0', lambda v: v >= 0)
+    number(cfg, 'optim.updates_per_epoch', 'null or an integer >= 1', lambda v: v >= 1, integer=True, optional=True)
+    number(cfg, 'dataset.batch_size', 'an integer >= 1', lambda v: v >= 1, integer=True)
+    number(cfg, 'optim.ema.decay', 'a number in [0, 1)', lambda v: 0 <= v < 1, optional=True)
+    number(cfg, 'optim.ema.updates', 'an integer >= 1', lambda v: v >= 1, integer=True, optional=True)
+    for key in ('checkpoint.keep_last', 'checkpoint.keep_best'):
+        number(cfg, key, 'null or an integer >= 0', lambda v: v >= 0, integer=True, optional=True)
+    for key in ('checkpoint.save_every', 'checkpoint.keep_every', 'checkpoint.every_steps'):
+        number(cfg, key, 'null or an integer >= 1', lambda v: v >= 1, integer=True, optional=True)
+    number(cfg, 'checkpoint.every_minutes', 'null or a number > 0', lambda v: v > 0, optional=True)
+    number(cfg, 'checkpoint.max_overhead', 'null or a share in (0, 1), e.g. 0.01', lambda v: 0 < v < 1,
+           optional=True)
+    number(cfg, 'checkpoint.rollback.max_rollbacks', 'an integer >= 0 (0: off)', lambda v: v >= 0,
+           integer=True, optional=True)
+    number(cfg, 'checkpoint.rollback.spike_factor', 'null or a number > 1', lambda v: v > 1, optional=True)
+    number(cfg, 'early_stop.patience', 'null or an integer >= 0 (0: off)', lambda v: v >= 0, integer=True,
+           optional=True)
+    number(cfg, 'early_stop.min_delta', 'a number >= 0', lambda v: v >= 0, optional=True)
+    stage = cfg.get('execute_only')
+    if stage is not None and stage not in STAGES:
+        raise ConfigError(f"execute_only={stage!r}: expected one of {', '.join(STAGES)} (or null).")
+    check_saves_something(cfg)
+
+
+def check_saves_something(cfg: tp.Any) -> None:
+    """Refuse a config that never writes a checkpoint (a rerun would train again from scratch),
+    unless `checkpoint.allow_none=true` says that is meant. `execute_only` writes none anyway."""
+    if cfg.get('execute_only') or lookup(cfg, 'checkpoint.allow_none'):
+        return
+    if not any(lookup(cfg, key) for key in SAVING_KEYS):
+        raise ConfigError(
+            f"This config never writes a checkpoint: {', '.join(SAVING_KEYS)} are all off, so the run "
+            "could not be resumed and a rerun would train from scratch. Set checkpoint.save_last=true "
+            "or checkpoint.save_every=N (or checkpoint.allow_none=true if that is what you want).")
