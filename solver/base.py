@@ -359,7 +359,7 @@ class StandardSolver(flashy.BaseSolver):
                 logger.info("continue_from=%s ignored: this experiment has its own checkpoint %s, "
                             "which wins.", self.cfg.continue_from, own.path)
             load_states(self.stateful.sources, own.state, own.path)
-            logger.info("Resumed from %s (epoch %d, step %d); %d tensors read straight into the live "
+            logger.info("Resumed from %s (epoch %d, step %d). %d tensors read straight into the live "
                         "state.", own.path, len(self.history), self.progress['step'], len(own.live))
             self.publish_history(self.history)  # a kill between save and history update
             replay_history(self.history)

@@ -204,7 +204,7 @@ def test_a_resumed_dora_run_reads_every_tensor_into_the_live_state(dora, dora_di
     checkpoint._walk({k: v for k, v in state.items() if k != 'optimizer'}, tensors)
     code, output = dora('run', *overrides)
     assert code == 0, output
-    found = re.search(r'Resumed from .*\(epoch 1, .*\); (\d+) tensors read straight into the live state', output)
+    found = re.search(r'Resumed from .*\(epoch 1, .*\)\. (\d+) tensors read straight into the live state', output)
     assert found, output
     # Parameters, best state... are read in place; a fresh process has no Adam moments yet (they
     # are made by the read, and taken by the optimizer without a copy); the RNG states are made
