@@ -509,7 +509,7 @@ def train_runs(args: argparse.Namespace, folder: Path) -> dict[str, tp.Any]:
               f'optim.epochs={args.run_epochs}', f'optim.updates_per_epoch={args.run_updates}',
               f'dataset.batch_size={args.run_batch}']
     # Saving nothing: no staging buffers either (their allocation is part of what async saving costs).
-    variants = {'no saves': ['checkpoint.save_last=false', 'checkpoint.async_save=false'],
+    variants = {'no saves': ['checkpoint.save_last=false', 'checkpoint.async_save=false', 'checkpoint.allow_none=true'],
                 'async save per epoch': ['checkpoint.save_last=true', 'checkpoint.async_save=true']}
     env = {**os.environ, 'SOLVER_DORA_DIR': str(folder / 'dora')}
     times: dict[str, list[float]] = {name: [] for name in variants}
