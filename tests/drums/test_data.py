@@ -64,11 +64,13 @@ def test_corpus_files_keep_their_split_whatever_else_is_in_the_folder(tmp_path):
     names = [f"{folder}/groove_{i}.mid" for folder in "zab" for i in range(8)]
     for i, name in enumerate(reversed(names)):  # written in another order than listed
         write_drums(tmp_path / name, bars=8, seed=i)
-    before = load_corpus(tmp_path, min_bars=4)
+    fractions = (0.6, 0.2, 0.2)  # 24 files: every split's share within a factor 2 of its fraction
+    before = load_corpus(tmp_path, min_bars=4, fractions=fractions)
     write_drums(tmp_path / "a" / "new.mid", bars=8)
-    after = load_corpus(tmp_path, min_bars=4)
+    after = load_corpus(tmp_path, min_bars=4, fractions=fractions)
+    assert before.split_by == after.split_by == "file"
     for split in SPLITS:
-        assert before.files[split] == [n for n in sorted(names) if split_of(n) == split]
+        assert before.files[split] == [n for n in sorted(names) if split_of(n, fractions) == split]
         assert set(before.files[split]) <= set(after.files[split])
 
 
