@@ -153,6 +153,7 @@ def load_corpus(
             f"point dataset.path at a folder of drum MIDI files (.mid/.midi, channel-10 drums, "
             f"at least {min_bars} bars in 4/4 or 2/2)"
         )
+    read_skips = dict(corpus.skipped_bars)  # tails are counted by the split that cuts them
     min_steps = min_bars * STEPS_PER_BAR
     by_file = {relpath: split_of(relpath, fractions) for relpath in usable}
     for relpath, sections in usable.items():
@@ -160,7 +161,8 @@ def load_corpus(
     if not _far_from(corpus, fractions):
         return corpus
     file_bars = {s: corpus.bars(s) for s in SPLITS}
-    sectioned = Corpus(root=root, window_steps=window_steps, skipped=corpus.skipped, split_by="section")
+    sectioned = Corpus(root=root, window_steps=window_steps, skipped=corpus.skipped, skipped_bars=read_skips,
+                       split_by="section")
     split_sections(sectioned, usable, window_steps, min_bars, fractions)
     logger.info("drum corpus %s is small: a split by file gives %s bars for fractions %s, so sections of "
                 "%d bars go to splits instead: %s bars", root, "/".join(str(file_bars[s]) for s in SPLITS),
@@ -172,7 +174,8 @@ def load_corpus(
 def read_sections(corpus: Corpus, paths: Sequence[Path], min_bars: int) -> dict[str, list[np.ndarray]]:
     """The sections of at least `min_bars` bars of each readable file, by relative path.
 
-    Skipped bars are counted in `corpus.skipped_bars` and skipped files recorded with the reason.
+    Bars left out of a usable file are counted in `corpus.skipped_bars` by reason; a file with
+    nothing usable is recorded in `corpus.skipped` with the reason instead.
     """
     usable: dict[str, list[np.ndarray]] = {}
     for path in paths:
@@ -182,14 +185,14 @@ def read_sections(corpus: Corpus, paths: Sequence[Path], min_bars: int) -> dict[
         except DrumFileError as exc:
             _skip(corpus, relpath, exc.reason)
             continue
-        for reason, bars in track.skipped_bars.items():
-            _count(corpus, reason, bars)
         long_enough = [s for s in track.sections if len(s) >= min_bars * STEPS_PER_BAR]
         short = [len(s) // STEPS_PER_BAR for s in track.sections if len(s) < min_bars * STEPS_PER_BAR]
         if not long_enough:
             where = "" if len(short) == 1 else f" (4/4 sections of {short} bars)"
             _skip(corpus, relpath, f"too short: {max(short)} bars < dataset.min_bars={min_bars}{where}")
             continue
+        for reason, bars in track.skipped_bars.items():  # a skipped file counts as a file, not bars
+            _count(corpus, reason, bars)
         _count(corpus, f"4/4 section under dataset.min_bars={min_bars}", sum(short))
         usable[relpath] = long_enough
     return usable

@@ -187,3 +187,121 @@ def test_event_frequencies_count_every_step():
 def test_event_frequencies_reject_foreign_events():
     with pytest.raises(ValueError, match="out of range"):
         event_frequencies([np.array([0, 512])])
+
+
+# -- small and messy collections ------------------------------------------------------------------
+
+def test_a_few_songs_are_split_by_sections_in_every_split(tmp_path, caplog):
+    for i in range(7):
+        write_drums(tmp_path / f"song_{i}.mid", bars=40, seed=i)
+    with caplog.at_level(logging.INFO, logger="solver.drums.data"):
+        corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.split_by == "section" and corpus.section_bars == 4
+    assert [len(corpus.windows[s]) for s in SPLITS] == [56, 7, 7]  # 70 sections: 10% each held out
+    assert "is small" in caplog.text and "sections of 4 bars" in corpus.summary()
+    again = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    for split in SPLITS:
+        assert all(np.array_equal(a, b) for a, b in zip(corpus.windows[split], again.windows[split]))
+
+
+def _starts(corpus):
+    """Memory address of each window: windows are views into their file's events."""
+    return [w.__array_interface__["data"][0] for split in SPLITS for w in corpus.windows[split]]
+
+
+def test_sections_are_disjoint_and_cover_the_file(tmp_path):
+    write_drums(tmp_path / "only.mid", bars=12, seed=3)
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.split_by == "section" and corpus.section_bars == 4
+    assert [corpus.bars(s) for s in SPLITS] == [4, 4, 4]
+    assert len(set(_starts(corpus))) == 3
+    whole = np.concatenate(sorted((w for s in SPLITS for w in corpus.windows[s]),
+                                  key=lambda w: w.__array_interface__["data"][0]))
+    np.testing.assert_array_equal(whole, drum_events(12, seed=3))
+
+
+def test_a_one_file_folder_of_min_bars_trains_on_shorter_sections(tmp_path):
+    write_drums(tmp_path / "four_bars.mid", bars=4)
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.section_bars == 1  # 4 bars of 4 or 2 give fewer than 3 sections
+    assert [corpus.bars(s) for s in SPLITS] == [2, 1, 1]
+
+
+def test_too_few_bars_for_three_splits_is_a_clear_error(tmp_path):
+    write_drums(tmp_path / "two_bars.mid", bars=2)
+    with pytest.raises(NoDrumDataError, match=r"only 2 usable bars.*dataset\.splits"):
+        load_corpus(tmp_path, min_bars=1, window_steps=64)
+    assert load_corpus(tmp_path, min_bars=1, window_steps=64, fractions=ALL_TRAIN).bars("train") == 2
+
+
+def write_band_song(path, intro_bars, groove_bars, seed=0):
+    """A type-1 song as a DAW exports it: a 3/4 intro then a 4/4 groove, a tempo change, and
+    bass and keys tracks beside two drum tracks (kick alone on one, the kit on the other)."""
+    tpq, step = 480, 120
+    rng = np.random.default_rng(seed)
+    intro = intro_bars * 12 * step
+    mid = mido.MidiFile(type=1, ticks_per_beat=tpq)
+    conductor = [(0, mido.MetaMessage("time_signature", numerator=3, denominator=4)),
+                 (0, mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(92))),
+                 (intro, mido.MetaMessage("time_signature", numerator=4, denominator=4)),
+                 (intro + 4 * 16 * step, mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(104)))]
+    waltz = [(bar * 12 * step + beat * 4 * step, 36 if beat == 0 else 42)
+             for bar in range(intro_bars) for beat in range(3)]
+    kicks, kit = [], list(waltz)
+    for bar in range(groove_bars):
+        for s in range(16):
+            tick = intro + (bar * 16 + s) * step + int(rng.integers(-12, 13)) * (s > 0)  # humanized
+            if s % 8 == 0 or (s == 10 and rng.random() < 0.5):
+                kicks.append((tick, 36))
+            if s % 8 == 4:
+                kit.append((tick, 38))
+            if s % 2 == 0:
+                kit.append((tick, 42))
+    bass = [(t, 40) for t, _ in kicks]  # on channel 2: never read as a snare
+    keys = [(intro + bar * 16 * step, 60) for bar in range(groove_bars)]
+    mid.tracks.append(_track(conductor))
+    for channel, notes in ((9, kicks), (2, bass), (0, keys), (9, kit)):
+        timed = []
+        for tick, pitch in notes:
+            timed += [(tick, mido.Message("note_on", channel=channel, note=pitch, velocity=int(rng.integers(60, 120)))),
+                      (tick + 60, mido.Message("note_off", channel=channel, note=pitch, velocity=0))]
+        mid.tracks.append(_track(sorted(timed, key=lambda m: (m[0], m[1].type == "note_on"))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mid.save(path)
+    return path
+
+
+def _track(timed):
+    track, now = mido.MidiTrack(), 0
+    for tick, message in sorted(timed, key=lambda m: m[0]):
+        track.append(message.copy(time=tick - now))
+        now = tick
+    return track
+
+
+def test_a_messy_nested_collection_reads_what_is_usable_and_says_what_it_skipped(tmp_path):
+    # The Groove MIDI Dataset's layout: drummer/session/<id>_<style>_<bpm>_<beat|fill>_<meter>.mid
+    write_band_song(tmp_path / "drummer1/session1/1_funk_92_beat_4-4.mid", intro_bars=2, groove_bars=12)
+    write_band_song(tmp_path / "drummer1/session2/2_rock_104_beat_4-4.mid", intro_bars=1, groove_bars=9, seed=1)
+    write_band_song(tmp_path / "drummer2/eval_session/3_jazz_92_fill_4-4.mid", intro_bars=3, groove_bars=2)
+    waltz = tmp_path / "drummer2/eval_session/4_waltz_92_beat_3-4.mid"
+    mid = mido.MidiFile(type=1)
+    mid.tracks.append(_track([(0, mido.MetaMessage("time_signature", numerator=3, denominator=4))]))
+    hits = [(i * 480 + off, mido.Message(kind, channel=9, note=36, velocity=90 * (kind == "note_on")))
+            for i in range(12) for off, kind in ((0, "note_on"), (60, "note_off"))]
+    mid.tracks.append(_track(hits))
+    mid.save(waltz)
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert sorted(corpus.skipped) == ["drummer2/eval_session/3_jazz_92_fill_4-4.mid",
+                                      "drummer2/eval_session/4_waltz_92_beat_3-4.mid"]
+    assert "too short: 2 bars" in corpus.skipped["drummer2/eval_session/3_jazz_92_fill_4-4.mid"]
+    assert "4 bars in time signature 3/4" in corpus.skipped["drummer2/eval_session/4_waltz_92_beat_3-4.mid"]
+    # bars left out of the two usable songs: their 3/4 intros, and one bar after two 4-bar sections
+    assert corpus.skipped_bars == {"time signature 3/4": 2 + 1, "tail under dataset.min_bars=4": 1}
+    assert sum(corpus.bars(s) for s in SPLITS) == 12 + 8
+    line = corpus.summary()
+    assert "bars used 20, skipped 4 (tail under dataset.min_bars=4: 1, time signature 3/4: 3)" in line
+    assert "files skipped 2" in line
+    # the groove reads as written: kick on 1 and 3, snare on 2 and 4, hats on 8ths; no bass as snare
+    first_bars = next(w for s in SPLITS for w in corpus.windows[s] if len(w) and w[4] == 2 + 4)
+    assert first_bars[0] & 1 and first_bars[4] == 2 + 4 and first_bars[8] & 1 and first_bars[12] == 2 + 4
