@@ -51,6 +51,7 @@ class DrumTrack:
 
     sections: list[np.ndarray]
     skipped_bars: dict[str, int] = field(default_factory=dict)
+    qpm: float = 120.0  # the tempo where the first section starts (MIDI's default: 120)
 
 
 def read_drum_track(path: str | Path, steps_per_quarter: int = STEPS_PER_QUARTER) -> DrumTrack:
@@ -88,6 +89,8 @@ def read_drum_track(path: str | Path, steps_per_quarter: int = STEPS_PER_QUARTER
             raise DrumFileError(path, f"drum part spans {num_bars} bars, more than the {MAX_BARS} we accept")
         events = np.zeros(num_bars * steps_per_bar, dtype=np.int64)
         np.bitwise_or.at(events, steps - first, np.left_shift(1, classes[mine]))
+        if not track.sections:
+            track.qpm = _tempo_at(score, start + first * tpq // steps_per_quarter)
         track.sections.append(events)
     if not track.sections:
         skipped = ", ".join(f"{bars} bars in {reason}" for reason, bars in track.skipped_bars.items())
@@ -102,6 +105,16 @@ def read_drum_events(path: str | Path, steps_per_quarter: int = STEPS_PER_QUARTE
     hit to the end of the bar of the last. Raises DrumFileError if the file has no such section.
     """
     return read_drum_track(path, steps_per_quarter).sections[0]
+
+
+def _tempo_at(score: ScoreTick, tick: int) -> float:
+    """Quarter notes per minute in effect at `tick` (120 before the first tempo, as in MIDI)."""
+    qpm = 120.0
+    for tempo in sorted(score.tempos, key=lambda t: t.time):
+        if tempo.time > tick:
+            break
+        qpm = float(tempo.qpm)
+    return qpm if qpm > 0 else 120.0
 
 
 def _meter_stretches(score: ScoreTick) -> tuple[np.ndarray, list[tuple[int, int]]]:
