@@ -1,8 +1,10 @@
 """Specification of the drum corpus: hash splits, skipped files, windows, batches and counts."""
 
 import logging
+import subprocess
+import sys
 from collections import Counter
-from pathlib import PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import mido
 import numpy as np
@@ -255,3 +257,15 @@ def test_a_messy_nested_collection_reads_what_is_usable_and_says_what_it_skipped
     # the groove reads as written: kick on 1 and 3, snare on 2 and 4, hats on 8ths; no bass as snare
     first_bars = next(w for s in SPLITS for w in corpus.windows[s] if len(w) and w[4] == 2 + 4)
     assert first_bars[0] & 1 and first_bars[4] == 2 + 4 and first_bars[8] & 1 and first_bars[12] == 2 + 4
+
+
+def test_the_small_set_script_writes_a_messy_collection_that_trains(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_small_drum_set.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.mid"))
+    assert len(files) == 7 and all(f.startswith("drummer") and f.count("/") == 2 for f in files)
+    assert all(len(mido.MidiFile(tmp_path / f).tracks) == 4 for f in files)  # conductor, drums, bass, keys
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.split_by == "section" and not corpus.skipped
+    assert corpus.skipped_bars == {"time signature 3/4": 8}
+    assert [corpus.bars(s) for s in SPLITS] == [272, 32, 32]
