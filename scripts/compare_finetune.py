@@ -75,7 +75,7 @@ def main() -> None:
         out = dora('run', *overrides)
         if 'execute_only=evaluate' in overrides:  # one stage: its metrics are only in the log
             line = next(ln for ln in out.splitlines() if 'Evaluate Summary' in ln)
-            rows[name] = {k: float(v) for k, v in (p.split('=') for p in line.split('|')[2:] if '=' in p)}
+            rows[name] = {k.strip(): float(v) for k, v in (p.split('=') for p in line.split('|')[2:] if '=' in p)}
         else:
             rows[name] = last_evaluate(xp_folder(*overrides))
     print('| run | ' + ' | '.join(COLUMNS) + ' |')
