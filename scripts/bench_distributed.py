@@ -1,7 +1,8 @@
 """Sharded checkpoints (DCP, every rank writes its shards) beside a consolidated rank-0 save of
-the same state, at 1 and 2 ranks (CPU, gloo), with the peak memory of every rank.
+the same state, at several world sizes (CPU, gloo), with the peak memory of every rank.
 
     python scripts/bench_distributed.py --mb 512
+    python scripts/bench_distributed.py --mb 85 --ranks 1 2 4 8 --sharded-only   # time vs ranks
 
 The state is an FSDP2-sharded stack of linear layers and its Adam optimizer (3 x --mb). Per
 world size, in one run of fresh processes:
@@ -14,6 +15,8 @@ world size, in one run of fresh processes:
 
 Times are the slowest rank's, each the best of --repeat. Memory is the peak RSS a phase adds
 over what the process held before it (VmHWM, reset before each phase via /proc/self/clear_refs).
+With several world sizes, sharded save and load are also given against 1 rank, with the size of
+DCP's global `.metadata` and the number of files per checkpoint (what grows with the ranks).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def build(mb: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def worker(rank: int, world: int, port: int, mb: int, repeat: int, folder: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, mb: int, repeat: int, folder: str, out: str, phases: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -98,18 +101,20 @@ def worker(rank: int, world: int, port: int, mb: int, repeat: int, folder: str, 
         if rank == 0:
             checkpoint.write_checkpoint(full_path, {'model': model_state, 'optimizer': optim_state}, meta)
 
-    phases = {
+    run = {
         'sharded save': lambda: checkpoint.write_checkpoint(sharded_path, state, meta),
         'sharded load': lambda: checkpoint.read_checkpoint(sharded_path, like=state),
         'consolidated save': consolidated_save,
         'consolidated load': lambda: checkpoint.read_checkpoint(full_path, like=state),
     }
     results = {}
-    for name, fn in phases.items():
-        runs = [measure(fn) for _ in range(repeat)]
+    for name in phases:
+        runs = [measure(run[name]) for _ in range(repeat)]
         results[name] = {'seconds': min(r[0] for r in runs), 'peak_mb': max(r[1] for r in runs)}
     shard_mb = sum(t.to_local().numel() * t.element_size() for t in checkpoint_tensors(state)) / 2**20
-    Path(out, f'rank{rank}.json').write_text(json.dumps({'results': results, 'shard_mb': shard_mb}))
+    [shards] = Path(folder).glob('sharded.th.dcp.*')
+    files = {'count': len(list(shards.iterdir())), 'metadata_kb': (shards / '.metadata').stat().st_size / 1024}
+    Path(out, f'rank{rank}.json').write_text(json.dumps({'results': results, 'shard_mb': shard_mb, 'files': files}))
     dist.destroy_process_group()
 
 
@@ -127,11 +132,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(world: int, mb: int, repeat: int, root: Path) -> list[dict]:
+def run(world: int, mb: int, repeat: int, root: Path, phases: list[str]) -> list[dict]:
     folder, out = root / f'ckpt{world}', root / f'out{world}'
     folder.mkdir()
     out.mkdir()
-    mp.spawn(worker, args=(world, free_port(), mb, repeat, str(folder), str(out)), nprocs=world)
+    mp.spawn(worker, args=(world, free_port(), mb, repeat, str(folder), str(out), phases), nprocs=world)
     return [json.loads((out / f'rank{r}.json').read_text()) for r in range(world)]
 
 
@@ -141,33 +146,44 @@ def main() -> int:
     parser.add_argument('--ranks', type=int, nargs='+', default=[1, 2])
     parser.add_argument('--repeat', type=int, default=2)
     parser.add_argument('--dir', default=None, help='where to write (default: a temporary folder)')
+    parser.add_argument('--sharded-only', action='store_true', help='skip the consolidated save and load')
     args = parser.parse_args()
+    phases = [p for p in PHASES if not (args.sharded_only and p.startswith('consolidated'))]
     root = Path(tempfile.mkdtemp(prefix='bench_distributed_', dir=args.dir))
     try:
-        table = {world: run(world, args.mb, args.repeat, root) for world in args.ranks}
+        table = {world: run(world, args.mb, args.repeat, root, phases) for world in args.ranks}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"State: {args.mb} MB of parameters + Adam = {3 * args.mb} MB; best of {args.repeat}; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo.")
     print(f"{'ranks':>5}  {'phase':<18} {'time s':>7}  peak RSS added per rank, MB (shard held: MB)")
     for world, ranks in table.items():
-        for phase in PHASES:
+        for phase in phases:
             seconds = max(r['results'][phase]['seconds'] for r in ranks)
             peaks = ', '.join(f"r{i} {r['results'][phase]['peak_mb']:.0f}" for i, r in enumerate(ranks))
             print(f"{world:>5}  {phase:<18} {seconds:>7.2f}  {peaks} ({ranks[0]['shard_mb']:.0f})")
-    print("Ratios (consolidated / sharded):")
-    for world, ranks in table.items():
-        r0 = ranks[0]['results']
-        save = max(r['results']['consolidated save']['seconds'] for r in ranks) / \
-            max(r['results']['sharded save']['seconds'] for r in ranks)
-        load = max(r['results']['consolidated load']['seconds'] for r in ranks) / \
-            max(r['results']['sharded load']['seconds'] for r in ranks)
-        memory = r0['consolidated save']['peak_mb'] / max(r0['sharded save']['peak_mb'], 1.0)
-        print(f"  {world} rank(s): save time x{save:.2f}, load time x{load:.2f}, "
-              f"rank-0 peak memory while saving x{memory:.1f}")
-    if 1 in table and 2 in table:
-        one, two = (max(r['results']['sharded save']['seconds'] for r in table[w]) for w in (1, 2))
-        print(f"Sharded save, 2 ranks / 1 rank: time x{two / one:.2f}")
+    def slowest(world: int, phase: str) -> float:
+        return max(r['results'][phase]['seconds'] for r in table[world])
+
+    if not args.sharded_only:
+        print("Ratios (consolidated / sharded):")
+        for world, ranks in table.items():
+            r0 = ranks[0]['results']
+            save = slowest(world, 'consolidated save') / slowest(world, 'sharded save')
+            load = slowest(world, 'consolidated load') / slowest(world, 'sharded load')
+            memory = r0['consolidated save']['peak_mb'] / max(r0['sharded save']['peak_mb'], 1.0)
+            print(f"  {world} rank(s): save time x{save:.2f}, load time x{load:.2f}, "
+                  f"rank-0 peak memory while saving x{memory:.1f}")
+    if 1 in table and len(table) > 1:
+        print("Sharded, against 1 rank (same total state): time x, max peak RSS added per rank MB, "
+              ".metadata KB, files")
+        for world, ranks in table.items():
+            peak = {phase: max(r['results'][phase]['peak_mb'] for r in ranks) for phase in phases}
+            save, load = (slowest(world, phase) / slowest(1, phase) for phase in ('sharded save', 'sharded load'))
+            files = ranks[0]['files']
+            print(f"  {world:>2} rank(s): save x{save:.2f} (peak {peak['sharded save']:.0f}), "
+                  f"load x{load:.2f} (peak {peak['sharded load']:.0f}); "
+                  f".metadata {files['metadata_kb']:.0f} KB, {files['count']} files")
     return 0
 
 

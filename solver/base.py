@@ -32,6 +32,7 @@ from .preemption import PreemptionHandler, StopRequested
 from .rng import RNGState
 from .sampler import ResumableBatchSampler
 from .stateful import full_state, load_states, swapped
+from .tensorboard import open_writer as open_tensorboard
 
 __all__ = ['StandardSolver', 'SolverError', 'DivergenceError']
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class StandardSolver(flashy.BaseSolver):
     #: the valid metric that decides the best state, and its direction
     best_metric_name: str = 'loss'
     best_metric_lower_is_better: bool = True
+    #: with logging.log_tensorboard, a SummaryWriter of this run's TensorBoard folder, for media
+    tensorboard: tp.Any = None
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -154,7 +157,8 @@ class StandardSolver(flashy.BaseSolver):
         self.restore()
         distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
-            self.init_tensorboard(sub_dir='tensorboard')
+            self.init_tensorboard()  # flashy: stage metrics per epoch in <xp>/tensorboard
+            self.tensorboard = open_tensorboard(self.folder, self.cfg, [f'valid/{self.best_metric_name}'])
         if self.cfg.execute_only:
             self.run_one_stage(self.cfg.execute_only)
             return
@@ -178,6 +182,8 @@ class StandardSolver(flashy.BaseSolver):
                         break
         finally:
             self.manager.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def is_complete(self) -> bool:
         """Whether the experiment has nothing left to do (all epochs, or an early stop); says so."""
@@ -329,10 +335,14 @@ class StandardSolver(flashy.BaseSolver):
         whether to save; rank 0 writes a replicated state, each rank its shards of a sharded one."""
         ctx = self.manager.context(self.progress['step'], len(self.history), epoch_end,
                                    self.preemption.requested, self.scores())
-        ctx.preempted, due = self.preemption.agree(bool(self.manager.plan(ctx)))
-        if not due:
+        # Ranks agree on the latest file (time-based policies differ); epoch files are the same. A failed
+        # background save stops every rank at this step, not an epoch later at the next save.
+        ctx.preempted, latest, failed = self.preemption.agree(self.manager.latest_path in self.manager.plan(ctx),
+                                                              self.manager.writer.failed())
+        self.manager.raise_if_save_failed(failed)
+        targets = self.manager.plan(ctx, latest=latest)
+        if not targets:
             return
-        targets = self.manager.plan(ctx) or self.manager.plan(ctx, latest=True)
         if not epoch_end:  # rank 0's running sums are saved: make them the mean over ranks, which
             sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
             sums.update(distrib.average_metrics(sums))
@@ -347,7 +357,7 @@ class StandardSolver(flashy.BaseSolver):
             write_history(self.xp.link.history_file, history)
 
     def leave_after_save(self) -> tp.NoReturn:
-        self.manager.close()
+        self.manager.close(preempted=True)
         self.preemption.leave()
 
     def restore(self) -> bool:

@@ -11,18 +11,13 @@ import torch
 from flashy.state import StateDictSource
 from torch import nn
 
+from .checkpointing.tree import map_leaves
 from .errors import SolverError
 
 
 def copy_state(state: tp.Any) -> tp.Any:
     """A deep copy of a state dict in which every tensor is cloned (not shared)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {key: copy_state(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(copy_state(value) for value in state)
-    return state
+    return map_leaves(state, lambda value, *_: value.detach().clone() if isinstance(value, torch.Tensor) else value)
 
 
 def copy_into(current: tp.Any, state: tp.Any) -> tp.Any:

@@ -30,27 +30,25 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse impossible values before anything is built or written: the framework's keys
     (`validation`), then the task's (its solver class's `check_config`)."""
     validation.check_config(cfg)
-    solver_class(cfg).check_config(cfg)
+    solver_class(cfg.get('solver_class')).check_config(cfg)
 
 
 def get_solver(cfg: DictConfig) -> tp.Any:
     """Instantiate the solver class that `solver_class` names (e.g. solver.drums.DrumRNNSolver)."""
-    return solver_class(cfg)(cfg)
+    return solver_class(cfg.get('solver_class'))(cfg)
 
 
-def solver_class(cfg: DictConfig) -> tp.Any:
-    """The class that `solver_class` names, imported."""
-    name = cfg.get('solver_class')
+def solver_class(name: tp.Any) -> tp.Any:
+    """The class that `solver_class` names (e.g. solver.drums.DrumRNNSolver), imported."""
     if not name or '.' not in str(name):
         raise ConfigError(f"solver_class={name!r} does not name a class; pick a solver config with "
                           f"solver=<name>, one of {known_solvers()}.")
     module_name, _, class_name = str(name).rpartition('.')
     try:
-        klass = getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"solver_class={name}: cannot import it ({err}). Known solver configs: "
                           f"{known_solvers()}.") from err
-    return klass
 
 
 def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:
@@ -90,8 +88,11 @@ def get_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig | No
 def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
                      collate_fn: tp.Callable | None = None) -> DataLoader:
     """Training loader over a resumable, rank-aware batch stream (see `sampler`)."""
-    sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
-                                    rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
+    try:  # the sampler's messages name the keys (batch size against ranks or data): user errors
+        sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
+                                        rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.dataset.num_workers, generator=_own_generator(seed))
 

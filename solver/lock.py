@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import types
@@ -12,6 +13,34 @@ from .errors import UserError
 
 class ExperimentLockedError(UserError, RuntimeError):
     """Another live process holds the experiment."""
+
+
+class FolderNotWritableError(UserError, RuntimeError):
+    """A folder the run must write to cannot be written (permissions, a full disk, a file)."""
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and write, fsync and remove a small file in it.
+
+    Run at the start, so that a read-only folder or a full disk stops the run in one line
+    before it trains, not at its first checkpoint an epoch later.
+    """
+    folder = Path(folder)
+    probe = folder / f'.write_probe.{os.getpid()}'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as err:
+        raise FolderNotWritableError(
+            f"Cannot write in {folder}: {err.strerror or err}. Make the folder writable or free disk "
+            "space (or point SOLVER_DORA_DIR at another folder), then rerun.") from None
 
 
 class ExperimentLock:
@@ -46,3 +75,26 @@ class ExperimentLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def holder(folder: Path) -> int | None:
+    """The pid of the live process holding the lock of experiment `folder`, or None when free.
+
+    Probes with a non-blocking lock released at once: the OS, not the pid file, says whether
+    the holder is alive (a killed run leaves its pid in the file but no lock).
+    """
+    path = Path(folder) / '.lock'
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 64, 0).decode(errors='replace').strip()
+        return int(owner) if owner.isdigit() else -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

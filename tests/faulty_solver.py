@@ -7,31 +7,63 @@
   loss of that step is NaN (see `checkpoint.rollback`);
 - `sigterm_batches`: positions during whose step the process sends itself SIGTERM (a preemption
   that lands exactly there);
-- `slow_stage`, `slow_seconds`: sleep that long per batch of that stage (valid, evaluate or
-  generate), and log `Slow <stage> batch <i>`: a stage long enough to be signalled in.
+- `slow_stage`, `slow_seconds`, `slow_epochs`: sleep that long per batch of that stage (valid,
+  evaluate or generate) in those epochs (default: all), and log `Slow <stage> batch <i>`: a
+  stage long enough to be signalled in.
+
+With `$SOLVER_RECORD_SAMPLES` set to a folder, every rank appends the dataset indices of each
+training batch it takes to `rank<N>.jsonl` there (the data-order tests across world sizes).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import time
 import typing as tp
+from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 
+from solver import builders, distrib
 from solver.regression import RegressionSolver
+from solver.regression.solver import make_dataset
 
 logger = logging.getLogger(__name__)
 
 
+RECORD_SAMPLES_ENV = 'SOLVER_RECORD_SAMPLES'
+
+
 class FaultySolver(RegressionSolver):
+    def build_dataloaders(self) -> None:
+        """The regression loaders, with each training item's index carried beside it."""
+        super().build_dataloaders()
+        data = self.cfg.dataset
+        train = make_dataset(data.train_size, data.dim, seed=1)
+        self.dataloaders['train'] = builders.get_train_loader(
+            TensorDataset(*train.tensors, torch.arange(data.train_size)), self.cfg, seed=self.cfg.seed)
+
+    def record_samples(self, indices: torch.Tensor) -> None:
+        """Append this rank's sample indices at this position of the stream."""
+        folder = os.environ.get(RECORD_SAMPLES_ENV)
+        if folder:
+            line = {'batch': self.progress['train_batches'], 'rank': distrib.rank(),
+                    'world_size': distrib.world_size(), 'samples': indices.tolist()}
+            with open(Path(folder) / f'rank{distrib.rank()}.jsonl', 'a') as f:
+                f.write(json.dumps(line) + '\n')
+
     def fault(self, key: str, default: tp.Any = None) -> tp.Any:
         return (self.cfg.get('faults') or {}).get(key, default)
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_training:
+            x, y, indices = batch
+            self.record_samples(indices)
+            batch = (x, y)
             position = self.progress['train_batches']
             if position in self.fault('sigterm_batches', []):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -43,7 +75,8 @@ class FaultySolver(RegressionSolver):
         return super().run_step(idx, batch, metrics)
 
     def slow(self, stage: str | None, idx: int) -> None:
-        if stage == self.fault('slow_stage'):
+        epochs = self.fault('slow_epochs')
+        if stage == self.fault('slow_stage') and (epochs is None or self.epoch in epochs):
             logger.info("Slow %s batch %d", stage, idx)
             time.sleep(float(self.fault('slow_seconds', 1.0)))
 

@@ -106,12 +106,14 @@ def test_eval_loaders_give_every_rank_the_same_number_of_batches_covering_the_sp
 
 # -- DDP ------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_ddp_run_lives_in_the_folder_of_the_single_process_signature(ddp, dora_tools):
     assert ddp.folder == dora_tools.folder(ddp.dora_dir, *TRAINED)
     assert len(history(ddp.folder)) == 3 and (ddp.folder / 'worker_1.log').exists()
     assert 'Distributed: rank 0 of 2' in ddp.output
 
 
+@pytest.mark.integration
 def test_ddp_writes_one_consolidated_checkpoint_without_module_prefixes(ddp):
     assert not list(ddp.folder.glob('*.dcp.*'))
     state = checkpoint.read_checkpoint(ddp.folder / 'checkpoint.th').state
@@ -119,12 +121,14 @@ def test_ddp_writes_one_consolidated_checkpoint_without_module_prefixes(ddp):
     assert set(state['best_state']['states']['model']) == set(state['model'])
 
 
+@pytest.mark.integration
 def test_ddp_training_matches_single_process_training_on_the_global_batch(ddp, dora_tools, tmp_path):
     single = run_xp(dora_tools, tmp_path / 'dora', *TRAINED)
     assert losses(ddp.folder) == pytest.approx(losses(single.folder), rel=1e-5)
     assert_close_weights(ddp.folder, single.folder)
 
 
+@pytest.mark.integration
 def test_ddp_resume_matches_the_uninterrupted_run(ddp, dora_tools, tmp_path):
     xp = cut_back_to_epoch_1(ddp, tmp_path)
     code, output = dora_tools.run(xp.dora_dir, 'run', *TWO_RANKS, *TRAINED)
@@ -133,6 +137,7 @@ def test_ddp_resume_matches_the_uninterrupted_run(ddp, dora_tools, tmp_path):
     assert losses(xp.folder) == losses(ddp.folder)
 
 
+@pytest.mark.integration
 def test_torchrun_resume_matches_the_uninterrupted_run(ddp, dora_tools, tmp_path):
     xp = cut_back_to_epoch_1(ddp, tmp_path)
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
@@ -146,6 +151,7 @@ def test_torchrun_resume_matches_the_uninterrupted_run(ddp, dora_tools, tmp_path
 
 # -- FSDP: sharded checkpoints ----------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_fsdp_writes_each_checkpoint_as_a_file_and_one_shard_folder(fsdp):
     for name in ('checkpoint.th', 'checkpoint_1.th', 'checkpoint_3.th'):
         folders = list(fsdp.folder.glob(f'{name}.dcp.*'))
@@ -157,16 +163,19 @@ def test_fsdp_writes_each_checkpoint_as_a_file_and_one_shard_folder(fsdp):
     assert set(payload['shards']['files']) == {'.metadata', '__0_0.distcp', '__1_0.distcp'}
 
 
+@pytest.mark.integration
 def test_fsdp_training_matches_ddp_training(fsdp, ddp):
     assert losses(fsdp.folder) == pytest.approx(losses(ddp.folder), rel=1e-6)
 
 
+@pytest.mark.integration
 def test_a_sharded_checkpoint_loads_whole_in_one_process(fsdp, ddp):
     ckpt = checkpoint.read_checkpoint(fsdp.folder / 'checkpoint.th')
     assert ckpt.state['optimizer']['state'][0]['exp_avg'].shape == (32, 8)
     assert_close_weights(fsdp.folder, ddp.folder)
 
 
+@pytest.mark.integration
 def test_fsdp_resume_on_two_ranks_matches_the_uninterrupted_run(fsdp, dora_tools, tmp_path):
     xp = cut_back_to_epoch_1(fsdp, tmp_path)
     code, output = dora_tools.run(xp.dora_dir, 'run', *TWO_RANKS, *FSDP)
@@ -175,6 +184,7 @@ def test_fsdp_resume_on_two_ranks_matches_the_uninterrupted_run(fsdp, dora_tools
     assert losses(xp.folder) == losses(fsdp.folder)
 
 
+@pytest.mark.integration
 def test_fsdp_resume_in_one_process_reshards_and_matches(fsdp, dora_tools, tmp_path):
     xp = cut_back_to_epoch_1(fsdp, tmp_path)
     code, output = dora_tools.run(xp.dora_dir, 'run', *FSDP)
@@ -184,6 +194,7 @@ def test_fsdp_resume_in_one_process_reshards_and_matches(fsdp, dora_tools, tmp_p
     assert not list(xp.folder.glob('checkpoint.th.dcp.*')), 'one process writes consolidated checkpoints'
 
 
+@pytest.mark.integration
 def test_continue_from_a_sharded_experiment_fine_tunes_in_one_process(fsdp, dora_tools):
     xp = run_xp(dora_tools, fsdp.dora_dir, 'solver=regression', f'continue_from=//sig/{fsdp.folder.name}',
                 'optim.lr=0', 'optim.epochs=1')
@@ -193,9 +204,13 @@ def test_continue_from_a_sharded_experiment_fine_tunes_in_one_process(fsdp, dora
     assert all(torch.equal(model[key], source[key]) for key in source)
 
 
+@pytest.mark.integration
 def test_export_of_a_sharded_experiment_is_one_consolidated_file(fsdp, dora_tools, tmp_path):
+    verified = subprocess.run(['solver', 'verify', str(fsdp.folder)], cwd=dora_tools.root, capture_output=True,
+                              text=True, timeout=60)  # the solver command reads shards in one process
+    assert verified.returncode == 0 and f"{fsdp.folder / 'checkpoint.th'}: intact" in verified.stdout, verified
     target = tmp_path / 'exported.th'
-    proc = subprocess.run([sys.executable, 'scripts/export_checkpoint.py', str(fsdp.folder), str(target)],
+    proc = subprocess.run(['solver', 'export', str(fsdp.folder), str(target)],
                           cwd=dora_tools.root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(target, weights_only=True)
@@ -204,6 +219,7 @@ def test_export_of_a_sharded_experiment_is_one_consolidated_file(fsdp, dora_tool
     assert all(torch.equal(exported['state']['best_state']['states']['model'][k], v) for k, v in best.items())
 
 
+@pytest.mark.integration
 def test_a_damaged_shard_file_is_named_and_the_previous_checkpoint_used(fsdp, tmp_path, caplog):
     folder = tmp_path / 'xp'
     shutil.copytree(fsdp.folder, folder)
@@ -216,6 +232,7 @@ def test_a_damaged_shard_file_is_named_and_the_previous_checkpoint_used(fsdp, tm
     assert checkpoint.load_newest_intact(folder).path == folder / 'checkpoint_3.th'
 
 
+@pytest.mark.integration
 def test_dcp_metadata_that_would_run_code_is_refused(fsdp, tmp_path):
     folder = tmp_path / 'shards'
     folder.mkdir()
@@ -239,6 +256,7 @@ def rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
+@pytest.mark.integration
 def test_kill_of_one_rank_during_a_sharded_save_leaves_the_previous_checkpoint(dora_tools, tmp_path):
     dora_dir = tmp_path / 'dora'
     dora_dir.mkdir()
@@ -280,6 +298,7 @@ def _disagree(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_ranks_that_disagree_on_the_epoch_after_a_load_stop_naming_them(dora_tools):
     # This file run as a script spawns the ranks (see the end): spawned processes import their
     # function by module, and `tests` is not an importable package name here.

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REGRESSION, BackgroundRun, copy_xp, history, last_lines, run_xp, without_durations
+from helpers import REGRESSION, BackgroundRun, copy_xp, history, last_lines, run_xp, without_durations, xp_folder
 
 from solver.checkpointing import format as checkpoint
 
@@ -211,6 +211,83 @@ def test_a_checkpoint_that_would_run_code_is_refused(dora, dora_tools, dora_dir,
     assert code != 0
     assert 'Refused' in output and 'arbitrary' in output
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_experiment_is_refused_naming_both_and_continue_from(dora, dora_dir, trained):
+    overrides = (*REGRESSION, 'optim.epochs=4')
+    folder = xp_folder(dora_dir, *overrides)
+    folder.mkdir(parents=True)
+    shutil.copyfile(trained.folder / 'checkpoint.th', folder / 'checkpoint.th')
+    code, output = dora('run', *overrides)
+    assert code == 1
+    line = last_lines(output, 1)
+    assert trained.folder.name in line and folder.name in line and 'continue_from' in line
+    assert 'Traceback' not in output and not (folder / 'history.json').exists()
+
+
+@pytest.mark.parametrize('override, key', [('optim.epochs=0', 'optim.epochs'),
+                                           ('checkpoint.keep_last=-2', 'checkpoint.keep_last'),
+                                           ('checkpoint.save_last=false', 'checkpoint.allow_none')])
+def test_an_impossible_config_is_refused_in_one_line_before_anything_is_built(dora, dora_dir, override, key):
+    code, output = dora('run', *REGRESSION, override)
+    assert code == 1
+    assert key in last_lines(output, 1) and 'Traceback' not in output
+    assert 'parameters' not in output  # the model was never built
+    assert not list(xp_folder(dora_dir, *REGRESSION, override).glob('checkpoint*'))
+
+
+# -- early stopping -------------------------------------------------------------------------------
+
+# lr 0: the valid loss never improves after epoch 1, so patience 2 stops the run after epoch 3.
+EARLY = (*REGRESSION, 'optim.lr=0', 'optim.epochs=10', 'early_stop.patience=2')
+
+
+@pytest.fixture(scope='module')
+def stopped(tmp_path_factory) -> SimpleNamespace:
+    return run_xp(tmp_path_factory.mktemp('early') / 'dora', *EARLY)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement_and_says_why(stopped):
+    assert 'Early stop at epoch 3' in stopped.output and 'early_stop.patience' in stopped.output
+    entries = history(stopped.folder)
+    assert len(entries) == 3 and 'early_stop' not in entries[1]
+    assert entries[-1]['early_stop']['epochs_without_improvement'] == 2
+    assert checkpoint.read_checkpoint(stopped.folder / 'checkpoint.th').meta['epoch'] == 3
+
+
+def test_a_rerun_of_an_early_stopped_experiment_says_it_is_complete_and_trains_nothing(stopped, tmp_path):
+    xp = copy_xp(stopped, tmp_path)
+    before = (xp.folder / 'checkpoint.th').read_bytes()
+    rerun = run_xp(xp.dora_dir, *EARLY)
+    assert 'is complete' in rerun.output and 'stopped early' in rerun.output
+    assert 'Train Summary' not in rerun.output
+    assert (xp.folder / 'checkpoint.th').read_bytes() == before
+
+
+# -- history.json only names durable checkpoints ----------------------------------------------------
+
+def saved_epoch(path: Path) -> int:
+    """The epoch of a checkpoint file, read through one open file (a replace cannot mix two)."""
+    with open(path, 'rb') as f:
+        return torch.load(f, map_location='cpu', weights_only=True)['meta']['epoch']
+
+
+def test_with_async_saves_history_json_never_runs_ahead_of_the_checkpoint(dora_dir):
+    overrides = (*BIG, 'optim.epochs=6', 'checkpoint.async_save=true')
+    seen: list[tuple[int, int]] = []
+    with BackgroundRun(dora_dir, *overrides) as run:
+        latest, log = run.folder / 'checkpoint.th', run.folder / 'history.json'
+        while run.proc.poll() is None:
+            if not log.exists():
+                continue
+            recorded = len(json.loads(log.read_text()))  # read first: the checkpoint only grows after
+            durable = saved_epoch(latest) if latest.exists() else 0
+            seen.append((recorded, durable))
+            assert recorded <= durable, f"history.json names {recorded} epochs, the checkpoint holds {durable}"
+        code, output = run.finish()
+    assert code == 0, output
+    assert len(history(run.folder)) == 6
+    assert len({recorded for recorded, _ in seen}) >= 3, seen  # it was watched through the run
 
 
 # -- processes: the lock, kill -9 ------------------------------------------------------------------

@@ -135,13 +135,47 @@ def test_a_preempted_and_resumed_run_ends_bit_identical_to_one_left_alone(preemp
 
 
 @integration
-@pytest.mark.parametrize('extra', [(), ('checkpoint.save_last=false',)], ids=['save_last', 'no save_last'])
-def test_a_signal_in_the_last_step_of_an_epoch_saves_that_epoch_before_exiting(dora, dora_tools, dora_dir, extra):
+@pytest.mark.parametrize('extra', [(), ('checkpoint.save_last=false', 'checkpoint.allow_none=true')],
+                         ids=['save_last', 'no save_last'])
+def test_a_signal_in_the_last_step_of_an_epoch_saves_its_train_stage_before_exiting(dora, dora_tools, dora_dir, extra):
     overrides = (*FAULTY, '+faults.sigterm_batches=[15]', *extra)  # batch 15: epoch 1's last step
     code, output = dora('run', *overrides)
     assert code == 128 + signal.SIGTERM, output
     saved = checkpoint.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th').meta
-    assert (saved['epoch'], saved['step']) == (1, 16)
+    # the train stage is saved whole; the epoch is not committed: valid has not run
+    assert (saved['epoch'], saved['step'], saved['epoch_step']) == (0, 16, 16)
+    assert 'Valid Summary' not in output
+
+
+@pytest.fixture(scope='module')
+def plain_reference(tmp_path_factory) -> Path:
+    """The regression run left alone (3 epochs)."""
+    return run_xp(tmp_path_factory.mktemp('plain') / 'dora', *REGRESSION).folder
+
+
+@integration
+@pytest.mark.parametrize('stage', ['valid', 'evaluate', 'generate'])
+def test_a_signal_during_a_slow_stage_stops_it_at_the_next_batch_and_the_rerun_repeats_it(
+        dora_tools, dora_dir, plain_reference, stage):
+    # 1 s per batch of the stage in epoch 1: without the check between batches, the stage would
+    # run 4 s more after the signal, and the save would wait for the end of the epoch.
+    overrides = (*FAULTY, f'+faults.slow_stage={stage}', '+faults.slow_epochs=[1]', '+faults.slow_seconds=1')
+    with dora_tools.start(dora_dir, *overrides) as run:
+        run.wait_for_line(f'Slow {stage} batch 1')
+        run.send(signal.SIGTERM)
+        run.wait_for_line('Received SIGTERM')
+        run.send(signal.SIGTERM)  # a second signal is logged, not ignored without a word
+        code, output = run.finish()
+    assert code == 128 + signal.SIGTERM, output
+    assert 'Received SIGTERM again' in output
+    assert f'Slow {stage} batch 2' not in output  # stopped between batches 1 and 2
+    assert output.index('Received SIGTERM') < output.index(SAVE_LINE) < output.index('Stopped by SIGTERM')
+    saved = checkpoint.read_checkpoint(run.folder / 'checkpoint.th').meta
+    assert (saved['epoch'], saved['step'], saved['epoch_step']) == (0, 16, 16)
+    code, output = dora_tools.run(dora_dir, 'run', *overrides)
+    assert code == 0, output
+    assert 'Resuming the train stage at step 16 of 16.' in output and f'Slow {stage} batch 3' in output
+    assert_same_run(run.folder, plain_reference)
 
 
 # -- fault injection: kill -9 at random moments, many times ---------------------------------------

@@ -145,3 +145,49 @@ def tensors_of(state: dict) -> list[torch.Tensor]:
     return found
 
 
+
+
+def test_raise_if_failed_does_not_wait_for_a_save_in_flight(tmp_path: Path, monkeypatch):
+    disk = SlowDisk(monkeypatch)
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(live_state(), {tmp_path / 'a.th': None}, META)
+    assert disk.entered.acquire(timeout=60)
+    writer.raise_if_failed()  # the write is held: returns at once, raises nothing
+    disk.release.set()
+    writer.close()
+    checkpoint.read_checkpoint(tmp_path / 'a.th')
+
+
+_FSIZE_SCRIPT = '''
+import resource, signal, sys, time, torch
+from pathlib import Path
+from solver.checkpointing.writer import CheckpointWriter, SaveMode
+from solver.checkpointing.format import CheckpointError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+target = Path(sys.argv[1])
+writer = CheckpointWriter(SaveMode.ASYNC)
+called = []
+writer.listeners.append(called.append)
+writer.save({'w': torch.zeros(1 << 16)}, {target: None}, {'epoch': 1})
+for step in range(100000):
+    try:
+        writer.raise_if_failed()
+    except CheckpointError as err:
+        print('raised:', err)
+        break
+    time.sleep(0.001)
+writer.close()  # raised once: nothing left
+print('listeners called:', called, 'file exists:', target.exists())
+'''
+
+
+def test_a_save_past_a_real_file_size_limit_is_raised_by_raise_if_failed_and_not_recorded(tmp_path: Path):
+    import subprocess
+    import sys
+    target = tmp_path / 'checkpoint.th'
+    proc = subprocess.run([sys.executable, '-c', _FSIZE_SCRIPT, str(target)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert f"raised: Could not write checkpoint {target}: File too large" in proc.stdout
+    assert 'listeners called: [] file exists: False' in proc.stdout

@@ -8,7 +8,7 @@ the same archive, which plain `torch.load` reads, differently:
 - the tensors' bytes come first and the pickle last, so what is pickled may depend on the
   bytes: `complete` (the checkpoint digests) runs on another thread while they are written;
 - no CRC32: the records say 0, which `torch.load` does not check (the checkpoint's xxh3
-  digests cover every byte instead);
+  digests cover every byte instead; zip tools report "bad CRC", see docs/security.md);
 - flush-behind: the write-back of each 16 MiB chunk starts as soon as it is written, and chunks
   already on disk leave the page cache, so the final fsync has little left to do and the
   kernel recycles the same pages instead of touching new ones.
@@ -348,9 +348,9 @@ class Reading:
     records are read into (see `load`): once reading starts, their old contents are gone.
     """
 
-    def __init__(self, fd: int | None, records: list[tuple[int, torch.Tensor]], *, owned: bool = True,
+    def __init__(self, fd: int | None, records: list[tuple[int, torch.Tensor]], *, owns_fd: bool = True,
                  direct: bool = False, live: list[torch.Tensor] | None = None) -> None:
-        self._fd, self._owned, self._direct = fd, owned, direct
+        self._fd, self._owns_fd, self._direct = fd, owns_fd, direct
         self._records = sorted(records, key=lambda r: r[0])  # (offset in the file, uint8 buffer)
         self._order = {buffer.data_ptr(): i for i, (_, buffer) in enumerate(self._records)}
         self.live = live or []
@@ -443,7 +443,7 @@ class Reading:
         """Stop reading (if not done) and close the file (if this reading owns it)."""
         self._stop = True
         self._thread.join()
-        if self._owned and self._fd is not None:
+        if self._owns_fd and self._fd is not None:
             os.close(self._fd)
 
 
@@ -468,21 +468,22 @@ def load(f: os.PathLike | str | tp.BinaryIO, targets: Pairs | None = None,
     (`_fits`), the bytes are read into the live tensor and the loaded one becomes a view of it
     (`Reading.live` lists them). `direct` (default `DIRECT_READS`) reads with O_DIRECT.
 
-    Raises on anything unusual (another byte order, a record of the wrong size, a damaged zip):
-    `torch.load` then gives the precise error.
+    Given an open file, everything is read through it (the caller closes it): a file replaced
+    meanwhile under the same name is not seen. Raises on anything unusual (another byte order,
+    a record of the wrong size, a damaged zip): `torch.load` then gives the precise error.
     """
     direct = DIRECT_READS if direct is None else direct
-    owned = not hasattr(f, 'read')
-    file = tp.cast(tp.BinaryIO, open(tp.cast(str, f), 'rb') if owned else f)
+    owns_fd = not hasattr(f, 'read')
+    file = tp.cast(tp.BinaryIO, open(tp.cast(str, f), 'rb') if owns_fd else f)
     try:
         if not AVAILABLE:
             return torch.load(file, map_location='cpu', weights_only=True), Reading(None, [])
         obj, records, uses = _unpickle(file)
         live = _redirect(obj, targets, records, uses) if targets is not None else []
-        fd = os.dup(file.fileno()) if owned else file.fileno()
-        return obj, Reading(fd, list(records.values()), owned=owned, direct=direct, live=live)
+        fd = os.dup(file.fileno()) if owns_fd else file.fileno()
+        return obj, Reading(fd, list(records.values()), owns_fd=owns_fd, direct=direct, live=live)
     finally:
-        if owned:
+        if owns_fd:
             file.close()
 
 
@@ -554,7 +555,7 @@ def check() -> str | None:
             f.seek(0)
             obj, records, uses = _unpickle(tp.cast(tp.BinaryIO, f))
             found = _redirect(obj, lambda obj: [(obj['a'], live)], records, uses)
-            reading = Reading(f.fileno(), list(records.values()), owned=False)
+            reading = Reading(f.fileno(), list(records.values()), owns_fd=False)
             reading.wait()
             reading.close()
         good = [torch.equal(plain['a'], a), plain['b'][1:] == [1, 'x'],

@@ -28,11 +28,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import pickle
 import re
 import typing as tp
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ import xxhash
 
 from .. import distrib
 from ..errors import UserError
-from . import archive, sharded
+from . import archive, sharded, tree
 from .fs import atomic_open, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,12 @@ def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
     return Path(folder) / f'checkpoint_{epoch}.th'
 
 
+def epoch_of(path: Path) -> int | None:
+    """The epoch in a `checkpoint_<epoch>.th` name, else None."""
+    match = _EPOCH_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """The `checkpoint_<epoch>.th` files of a folder, oldest first."""
     found = []
@@ -113,7 +119,6 @@ def candidates(folder: Path) -> list[Path]:
 # Integrity
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
-_CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)
 
 
 def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
@@ -123,21 +128,20 @@ def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
     included): such a value would make the file need arbitrary pickles, which loading refuses.
     Exact types are checked, since a subclass (defaultdict, a str enum) pickles as its class.
     """
-    kind = type(obj)
-    if kind in _PLAIN:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return ('tensor', str(obj.dtype), tuple(obj.shape))
-    if kind in (dict, OrderedDict):
-        for key in obj:
-            if type(key) not in _PLAIN:
-                raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
-        return {key: _walk(value, tensors) for key, value in obj.items()}
-    if kind in _CONTAINERS:
-        return kind(_walk(value, tensors) for value in obj)
-    raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({obj!r:.60}): "
-                    "store tensors, plain containers and plain scalars only")
+    def leaf(value: tp.Any, path: tree.Path, like: tp.Any) -> tp.Any:
+        kind = type(value)
+        if kind in _PLAIN:
+            return value
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return ('tensor', str(value.dtype), tuple(value.shape))
+        raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({value!r:.60}): "
+                        "store tensors, plain containers and plain scalars only")
+
+    def check_key(key: tp.Any) -> None:
+        if type(key) not in _PLAIN:
+            raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
+    return tree.map_leaves(obj, leaf, check_key=check_key)
 
 
 def _live_pairs(loaded: tp.Any, live: tp.Any) -> tp.Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -296,6 +300,8 @@ def _write_file(path: Path, content: dict[str, tp.Any]) -> None:
 def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Checkpoint:
     """Load and verify a checkpoint file, safely (`weights_only`): never runs pickled code.
 
+    The file is opened once and everything is read through that one descriptor: a concurrent
+    atomic replace (a run saving) gives the old checkpoint or the new one, never a mix.
     `like` (optional) is a live state: where it holds a DTensor, the tensor at the same place
     in the checkpoint comes back as this rank's shard of the same layout, whichever the format
     and the number of ranks that wrote it. Elsewhere tensors come back whole, on the CPU.
@@ -308,22 +314,43 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     match, `DamagedIntoLiveError` names the live tensors that now hold damaged bytes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"No checkpoint file at {path}.")
-    if path.stat().st_size == 0:
+    try:
+        f = open(path, 'rb')
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"No checkpoint file at {path}.") from None
+    except OSError as err:
+        raise CheckpointError(f"Cannot open checkpoint {path}: {err.strerror or err}.") from err
+    with f:
+        payload, ckpt = _read_payload(path, f, into)
+    if 'shards' in payload:
+        try:
+            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
+        except (sharded.ShardError, OSError) as err:
+            raise CorruptCheckpointError(f"{path} cannot be loaded: {err}") from err
+    elif like is not None and sharded.has_dtensors(like):
+        ckpt.state = sharded.place_like(ckpt.state, like)
+    return ckpt
+
+
+def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.Any, Checkpoint]:
+    """The verified payload of the open checkpoint file `f` (named `path` in messages); `into`
+    as in `read_checkpoint`."""
+    if os.fstat(f.fileno()).st_size == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes): a save was cut short.")
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(f):
         raise CorruptCheckpointError(
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
     reading: archive.Reading | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
         targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
-        payload, reading = archive.load(path, targets)
+        f.seek(0)
+        payload, reading = archive.load(f, targets)
     except Exception:  # anything unusual (damage, unsafe pickles): torch.load below names it
         pass
     try:
         if reading is None:
-            payload = torch.load(path, map_location='cpu', weights_only=True)
+            f.seek(0)
+            payload = torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = [line.strip() for line in str(err).splitlines() if 'unsupported global' in line.lower()]
         if not unsafe:
@@ -349,14 +376,7 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     finally:
         if reading is not None:
             reading.close()
-    if 'shards' in payload:
-        try:
-            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
-        except (sharded.ShardError, OSError) as err:
-            raise CorruptCheckpointError(f"{path} cannot be loaded: {err}") from err
-    elif like is not None and sharded.has_dtensors(like):
-        ckpt.state = sharded.place_like(ckpt.state, like)
-    return ckpt
+    return payload, ckpt
 
 
 def _damaged(err: CorruptCheckpointError, live: list[torch.Tensor]) -> CorruptCheckpointError:
@@ -381,8 +401,9 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
     for path in tried:
         try:
             found = read_checkpoint(path, like, into)
-        except CheckpointError as err:
-            logger.error("Skipping damaged checkpoint: %s", err)
+        except CheckpointError as err:  # damaged, unsafe, or gone since it was listed (pruned)
+            logger.error("Skipping %s checkpoint: %s",
+                         'damaged' if isinstance(err, CorruptCheckpointError) else 'unusable', err)
             errors.append(str(err))
             dirty.update({t.data_ptr(): path for t in getattr(err, 'live', [])})
             continue
@@ -404,7 +425,9 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
         raise CorruptCheckpointError(
             f"No checkpoint of {folder} can resume the run, refusing to start over silently:\n  "
             + "\n  ".join(errors)
-            + "\nMove them away (or delete the experiment folder) to train from scratch.")
+            + "\nIf a run is saving into this folder right now, retry once it is done. Otherwise keep "
+            "them for inspection (`python -m solver.checkpointing.inspect FILE`) and move them "
+            "into a subfolder to train from scratch; delete nothing you have not inspected.")
     return None
 
 

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import subprocess
+import tempfile
 import time
 import typing as tp
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from .. import distrib
 from ..errors import SolverError
 from . import format as checkpoint
-from . import policy, sharded
+from . import policy, remote, sharded
 from .fs import fsync_dir
 from .writer import CheckpointWriter, SaveMode, SaveStats
 
@@ -42,7 +43,7 @@ def pretrained_dir() -> Path:
 
 
 def find_pretrained(name: str) -> checkpoint.Checkpoint:
-    """`<pretrained dir>/<name>.th` (written by `scripts/export_checkpoint.py`), verified."""
+    """`<pretrained dir>/<name>.th` (written by `solver export`), verified."""
     folder = pretrained_dir()
     path = folder / f'{name}.th'
     if not path.exists():
@@ -66,8 +67,15 @@ class CheckpointManager:
         self.sig = sig
         self.lower_is_better = lower_is_better
         self.policies = policy.from_config(cfg)
-        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC)
+        self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
+                                       staging_max_mb=cfg.get('staging_max_mb'))
         self.writer.listeners.append(self._after_durable)
+        # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
+        self.remote: remote.RemoteMirror | None = None
+        if cfg.get('remote') and distrib.is_rank_zero():
+            self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
+                                              keep_last=cfg.keep_last)
+            self.writer.listeners.append(self.remote.notify)
         self.rollbacks = 0
         self._started = self._last_save = time.time()
         self._save_cost = self._total_blocked = 0.0
@@ -105,7 +113,8 @@ class CheckpointManager:
 
     def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
                 scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
-        """This moment of the run, as the save policies see it."""
+        """This moment of the run, as the save policies see it. `scores` (the best metric of each
+        epoch so far, from the history) are also kept for the keep policies (`prune`)."""
         self._scores = list(scores) or self._scores
         return policy.SaveContext(step=step, epoch=epoch, epoch_end=epoch_end, preempted=preempted,
                                   since_last_save=time.time() - self._last_save, save_cost=self._save_cost,
@@ -181,14 +190,28 @@ class CheckpointManager:
             fsync_dir(self.folder)
         return removed
 
+    def raise_if_save_failed(self, on_any_rank: bool) -> None:
+        """Stop when a background save failed on any rank (`writer.failed`, agreed by the caller):
+        this rank's own error names the file and the cause; the others say where to look."""
+        if on_any_rank:
+            self.writer.raise_if_failed()
+            raise checkpoint.CheckpointError(
+                "A background checkpoint save failed on another rank (its log names the file and the "
+                "cause); stopping. The previous checkpoint is intact.")
+
     def prepare(self, full_state: tp.Callable[[], dict[str, tp.Any]]) -> None:
         """Make the async writer's staging buffers now (for `full_state()`), not at the first save."""
         if self.writer.mode is SaveMode.ASYNC:
             self.writer.prepare(full_state())
 
-    def close(self) -> None:
-        """The last save is durable and its callbacks ran (or its error is raised)."""
-        self.writer.close()
+    def close(self, preempted: bool = False) -> None:
+        """The last save is durable and its callbacks ran (or its error is raised); the remote
+        mirror has uploaded it (a bounded wait, shorter when preempted) and summed up."""
+        try:
+            self.writer.close()
+        finally:
+            if self.remote is not None:
+                self.remote.close(timeout=min(30.0, self.remote.close_timeout) if preempted else None)
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -201,6 +224,8 @@ class CheckpointManager:
         """
         if distrib.is_rank_zero():
             checkpoint.clean_stray_files(self.folder)
+            if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
+                self.remote.restore()
         distrib.barrier()
         own = checkpoint.load_newest_intact(self.folder, like=like, into=into)
         if own is not None:
@@ -217,8 +242,13 @@ class CheckpointManager:
 
     def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], checkpoint.Checkpoint],
                               into: tp.Any = None) -> checkpoint.Checkpoint:
-        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder;
+        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
+        local or an fsspec URL (fetched into a temporary folder, then read as the local form);
         `into` as in `read_checkpoint`."""
+        if remote.is_url(value):
+            with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
+                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained,
+                                                  into)
         if value.startswith('//pretrained/'):
             found = pretrained(value[len('//pretrained/'):])
             found.state = sharded.place_like(found.state, like)  # into shards, if sharded

@@ -11,7 +11,14 @@ writes the files, atomically as in `checkpoint.write_checkpoint`. The buffers ar
 (`archive.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
 page cache, so the background write competes with training for little more than the hashing.
 At most one save is in flight: the next `save` waits for it.
-An error of a background save is raised by the next `save`, `wait` or `close`, never lost.
+An error of a background save is raised by the next `save`, `wait` or `close`, never lost, and
+by `raise_if_failed`, a check cheap enough to make after every training step.
+
+Staging costs host memory the size of the state (of this rank's shards). `staging_max_mb` bounds
+it: a state larger than the bound is not staged but written by the calling thread straight from
+its tensors, one tensor at a time (a tensor on a GPU is copied to the host just before its bytes
+are written), as in `SYNC` mode. The loop then blocks for the whole write instead of a copy, and
+host memory grows by at most one tensor. A state within the bound is staged as before.
 
 In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
 (the others return at once), a sharded one (DTensors, FSDP2) by every rank, each its shards
@@ -37,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .. import distrib
-from . import archive, sharded
+from . import archive, sharded, tree
 from . import format as checkpoint
 
 logger = logging.getLogger(__name__)
@@ -73,7 +80,7 @@ class StagingBuffers:
         buffers: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
 
-        def stage(obj: tp.Any) -> tp.Any:
+        def stage(obj: tp.Any, *where: tp.Any) -> tp.Any:
             nonlocal index
             if sharded.is_dtensor(obj):  # stage this rank's shard only
                 from torch.distributed.tensor import DTensor
@@ -90,12 +97,8 @@ class StagingBuffers:
                 buffers.append(buffer)
                 sources.append(obj.detach())
                 return buffer
-            if isinstance(obj, dict):
-                return {key: stage(value) for key, value in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(stage(value) for value in obj)
             return obj
-        staged = stage(state)
+        staged = tree.map_leaves(state, stage)
         if buffers:
             torch._foreach_copy_(buffers, sources)
         return staged
@@ -103,6 +106,13 @@ class StagingBuffers:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+def staged_nbytes(state: tp.Any) -> int:
+    """Bytes the staging buffers of `state` take: its tensors, only this rank's shard of a DTensor."""
+    from torch.utils._pytree import tree_leaves
+    local = [t.to_local() if sharded.is_dtensor(t) else t for t in tree_leaves(state)]
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor))
 
 
 def _background_priority() -> None:
@@ -117,19 +127,39 @@ def _background_priority() -> None:
 
 
 class CheckpointWriter:
-    def __init__(self, mode: SaveMode | str = SaveMode.SYNC) -> None:
+    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None) -> None:
         self.mode = SaveMode(mode)
+        self.staging_max_mb = staging_max_mb
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
         self.last = SaveStats()
         self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer', initializer=_background_priority)
         self._notify = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-listeners')
         self._pending: Future | None = None
+        self._over_bound_logged = False
+        self._pending_paths: list[Path] = []
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
         """Allocate and touch the staging buffers now, not at the first checkpoint."""
-        if self.mode is SaveMode.ASYNC and self.writes(state):
+        if self.stages(state) and self.writes(state):
             self.staging.snapshot(state)
+
+    def stages(self, state: dict[str, tp.Any]) -> bool:
+        """Whether a save of `state` is staged (ASYNC, within `staging_max_mb`); if the state is
+        over the bound, the staging buffers are released and the caller writes (see module doc)."""
+        if self.mode is not SaveMode.ASYNC:
+            return False
+        if self.staging_max_mb is None:
+            return True
+        size = staged_nbytes(state)
+        if size <= self.staging_max_mb * 2**20:
+            return True
+        if self.staging.buffers or not self._over_bound_logged:
+            logger.info("Checkpoint state of %.0f MB > checkpoint.staging_max_mb=%s: written by the "
+                        "training loop, tensor by tensor, not staged.", size / 2**20, self.staging_max_mb)
+            self._over_bound_logged = True
+        self.staging.buffers.clear()
+        return False
 
     @staticmethod
     def writes(state: dict[str, tp.Any]) -> bool:
@@ -144,9 +174,10 @@ class CheckpointWriter:
         if not self.writes(state):
             self.last = SaveStats()
             return self.last
-        if self.mode is SaveMode.ASYNC:
+        if self.stages(state):
             state = self.staging.snapshot(state)
             self._pending = self._io.submit(self._write, state, targets, meta, begin)
+            self._pending_paths = list(targets)
         else:
             self._write(state, targets, meta, begin)
         self.last.blocked = time.perf_counter() - begin
@@ -172,11 +203,38 @@ class CheckpointWriter:
         except Exception:  # a listener's failure must not stop training, but must be seen
             logger.exception("Checkpoint listener %r failed on %s", listener, [str(p) for p in paths])
 
+    def failed(self) -> bool:
+        """Whether a background save has already failed (never waits)."""
+        pending = self._pending
+        return pending is not None and pending.done() and pending.exception() is not None
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a background save that has already failed; never waits.
+
+        Cheap enough for every training step: the solver calls it after each one, so that a
+        failed save (full disk, size limit) stops training at the next step instead of an epoch
+        later at the next save. The error names the file and the cause (`wait`).
+        """
+        if self.failed():
+            self.wait()
+
     def wait(self) -> None:
-        """Block until the save in flight is durable; raise its error if it failed."""
+        """Block until the save in flight is durable; raise its error if it failed.
+
+        A failed save is raised once, as a CheckpointError naming the files and the cause; its
+        listeners were not called (nothing records it as done).
+        """
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        error = pending.exception()
+        if error is None or isinstance(error, checkpoint.CheckpointError):
             pending.result()
+            return
+        names = ', '.join(str(p) for p in self._pending_paths)
+        raise checkpoint.CheckpointError(
+            f"Could not write checkpoint {names}: {type(error).__name__}: {error}. The previous "
+            "checkpoint is untouched; rerun to resume from it.") from error
 
     def close(self) -> None:
         """Wait for the last save and the listeners; raise the last save's error if any."""

@@ -1,0 +1,194 @@
+"""CheckpointManager on real files: what it writes when, what it keeps, what it restores, and
+that a save's `on_durable` callback (Dora's history) never runs before the save is on disk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from solver.checkpointing import format as checkpoint
+from solver.checkpointing.manager import CheckpointManager
+from solver.errors import SolverError, UserError
+
+STATE = {'model': {'weight': torch.arange(4.0)}, 'progress': {'step': 0}}
+
+
+def config(**overrides) -> object:
+    base = dict(save_last=True, save_every=None, keep_last=None, keep_every=None, keep_best=None,
+                keep_every_states=None, every_steps=None, every_minutes=None, max_overhead=None,
+                async_save=False, rollback={'max_rollbacks': 2, 'spike_factor': None})
+    return OmegaConf.create({**base, **overrides})
+
+
+def manager(folder: Path, sig: str = 'abc123', **overrides) -> CheckpointManager:
+    folder.mkdir(parents=True, exist_ok=True)
+    return CheckpointManager(folder, config(**overrides), sig)
+
+
+def save_epoch(m: CheckpointManager, epoch: int, scores: list[float], **kwargs) -> list[Path]:
+    """What the solver does at an epoch end: plan, then save; returns the files written."""
+    ctx = m.context(step=10 * epoch, epoch=epoch, epoch_end=True, scores=scores)
+    targets = m.plan(ctx)
+    if targets:
+        m.save({**STATE, 'progress': {'step': 10 * epoch}}, targets, {'epoch': epoch, 'step': 10 * epoch}, **kwargs)
+    return sorted(targets)
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob('checkpoint*.th'))
+
+
+# -- what is written when --------------------------------------------------------------------------
+
+def test_by_default_the_latest_file_is_written_at_every_epoch_end_and_holds_the_signature(tmp_path):
+    m = manager(tmp_path)
+    assert save_epoch(m, 1, [1.0]) == [tmp_path / 'checkpoint.th']
+    m.close()
+    meta = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th').meta
+    assert meta['sig'] == 'abc123' and meta['epoch'] == 1 and 'torch' in meta['versions']
+
+
+def test_mid_epoch_the_latest_file_is_written_only_when_a_policy_asks(tmp_path):
+    m = manager(tmp_path, every_steps=4)
+    due = [step for step in range(1, 10) if m.plan(m.context(step=step, epoch=0))]
+    assert due == [4, 8]
+    assert m.plan(m.context(step=3, epoch=0, preempted=True)) == {tmp_path / 'checkpoint.th': None}
+
+
+def test_epoch_files_hold_keep_every_states_but_best_k_files_are_full(tmp_path):
+    m = manager(tmp_path, save_last=False, save_every=1, keep_every_states=['model'], keep_best=1)
+    first = m.plan(m.context(step=10, epoch=1, epoch_end=True, scores=[1.0]))
+    second = m.plan(m.context(step=20, epoch=2, epoch_end=True, scores=[1.0, 2.0]))
+    assert first == {tmp_path / 'checkpoint_1.th': None}          # the best so far: full
+    assert second == {tmp_path / 'checkpoint_2.th': ['model']}    # not among the best 1
+
+
+def test_without_save_last_a_latest_file_once_written_is_kept_up_to_date_at_epoch_ends(tmp_path):
+    m = manager(tmp_path, save_last=False, save_every=2)
+    assert save_epoch(m, 1, [1.0]) == []
+    m.save(STATE, m.plan(m.context(step=15, epoch=1, preempted=True)), {'epoch': 1})  # e.g. a mid-epoch save
+    assert save_epoch(m, 2, [1.0, 1.0]) == [tmp_path / 'checkpoint.th', tmp_path / 'checkpoint_2.th']
+    m.close()
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+LOSSES = [5.0, 1.0, 4.0, 2.0, 6.0, 7.0]  # best two: epochs 2 and 4
+
+
+def test_keep_best_keeps_the_k_best_epochs_with_keep_last_and_never_the_newest_evicted(tmp_path):
+    m = manager(tmp_path, save_every=1, keep_last=1, keep_best=2, keep_every_states=["model"])
+    for epoch in range(1, 7):
+        save_epoch(m, epoch, LOSSES[:epoch])
+    m.close()
+    assert names(tmp_path) == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th', 'checkpoint_6.th']
+    assert 'partial' not in checkpoint.read_checkpoint(tmp_path / 'checkpoint_2.th').meta  # best files are full
+
+
+def test_a_resumed_manager_keeps_the_true_best_it_did_not_rank_itself(tmp_path):
+    first = manager(tmp_path, save_every=1, keep_last=1, keep_best=1)
+    for epoch in range(1, 3):
+        save_epoch(first, epoch, LOSSES[:epoch])
+    first.close()
+    resumed = manager(tmp_path, save_every=1, keep_last=1, keep_best=1)  # a new process: history restored
+    for epoch in range(3, 7):
+        save_epoch(resumed, epoch, LOSSES[:epoch])
+    resumed.close()
+    assert names(tmp_path) == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_6.th']
+
+
+def test_keep_every_keeps_its_epochs_for_good(tmp_path):
+    m = manager(tmp_path, save_every=1, keep_last=1, keep_every=3)
+    for epoch in range(1, 8):
+        save_epoch(m, epoch, LOSSES[:epoch] + [0.0] * (epoch - len(LOSSES)))
+    m.close()
+    assert names(tmp_path) == ['checkpoint.th', 'checkpoint_3.th', 'checkpoint_6.th', 'checkpoint_7.th']
+
+
+# -- durability callbacks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('async_save', [False, True], ids=['sync', 'async'])
+def test_on_durable_runs_after_the_file_is_on_disk_and_never_before(tmp_path, monkeypatch, async_save):
+    written = threading.Event()
+    real = checkpoint.write_checkpoint
+
+    def slow_write(path: Path, state: dict, meta: dict) -> None:
+        time.sleep(0.2)  # a slow disk: the async save returns long before this
+        real(path, state, meta)
+        written.set()
+
+    monkeypatch.setattr(checkpoint, 'write_checkpoint', slow_write)
+    m = manager(tmp_path, async_save=async_save)
+    seen: list[int] = []
+    save_epoch(m, 1, [1.0], on_durable=lambda: seen.append(checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+                                                               .meta['epoch']))
+    assert written.is_set() or seen == []
+    m.close()
+    assert seen == [1]
+
+
+def test_on_durable_callbacks_follow_their_saves_in_order(tmp_path):
+    m = manager(tmp_path, async_save=True)
+    seen: list[int] = []
+    for epoch in (1, 2, 3):
+        save_epoch(m, epoch, [1.0] * epoch, on_durable=lambda epoch=epoch: seen.append(epoch))
+    m.close()
+    assert seen == [1, 2, 3]
+
+
+# -- restore, continue_from, rollback ---------------------------------------------------------------
+
+def test_restore_of_an_empty_folder_finds_nothing(tmp_path):
+    assert manager(tmp_path).restore() is None
+
+
+def test_restore_refuses_a_checkpoint_of_another_experiment_naming_both_and_continue_from(tmp_path):
+    other = manager(tmp_path / 'xps' / 'other99', sig='other99')
+    save_epoch(other, 1, [1.0])
+    other.close()
+    mine = manager(tmp_path / 'xps' / 'mine42', sig='mine42')
+    (tmp_path / 'xps' / 'mine42' / 'checkpoint.th').write_bytes((tmp_path / 'xps' / 'other99' / 'checkpoint.th')
+                                                                 .read_bytes())
+    with pytest.raises(UserError) as err:
+        mine.restore()
+    message = str(err.value)
+    assert 'other99' in message and 'mine42' in message and 'continue_from=//sig/other99' in message
+
+
+def test_continue_from_names_an_unknown_signature_and_a_missing_path(tmp_path):
+    m = manager(tmp_path / 'xps' / 'mine42')
+    with pytest.raises(SolverError, match="no experiment '0badc0de'"):
+        m.resolve_continue_from('//sig/0badc0de', None, pretrained=lambda name: None)
+    with pytest.raises(SolverError, match='/no/such/file'):
+        m.resolve_continue_from('/no/such/file', None, pretrained=lambda name: None)
+
+
+def test_continue_from_a_folder_takes_its_newest_checkpoint(tmp_path):
+    other = manager(tmp_path / 'xps' / 'other99', sig='other99')
+    for epoch in (1, 2):
+        save_epoch(other, epoch, [1.0] * epoch)
+    other.close()
+    found = manager(tmp_path / 'xps' / 'mine42').resolve_continue_from('//sig/other99', None, lambda n: None)
+    assert found.meta['epoch'] == 2 and found.meta['sig'] == 'other99'
+
+
+def test_rollback_gives_the_newest_checkpoint_then_refuses_past_max_rollbacks(tmp_path):
+    m = manager(tmp_path)
+    with pytest.raises(SolverError, match='before any checkpoint'):
+        m.rollback('loss is nan', step=3)
+    save_epoch(m, 1, [1.0])
+    assert m.rollback('loss is nan', step=12).meta['epoch'] == 1  # the second of max_rollbacks=2
+    with pytest.raises(SolverError, match='checkpoint.rollback.max_rollbacks'):
+        m.rollback('loss is nan', step=12)
+    m.close()
+
+
+def test_describe_names_what_is_saved_and_kept(tmp_path):
+    line = manager(tmp_path, save_every=2, keep_last=3, keep_best=1, every_steps=50).describe()
+    assert 'checkpoint_<epoch>.th every 2 epochs (newest 3 kept)' in line
+    assert 'best 1' in line and 'every 50 steps' in line and 'up to 2 times' in line
