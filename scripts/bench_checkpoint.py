@@ -1,4 +1,4 @@
-"""Checkpoint saving and loading against the limits of this machine's disk and memory (issue 5).
+"""Checkpoint saving and loading against the limits of this machine's disk and memory (issues 5, 16).
 
 For each size, a model + Adam state of ~260 tensors (an MLP: 65 parameters, each with Adam's
 step, exp_avg and exp_avg_sq) is saved and loaded every way we care about; every repeat runs
@@ -12,12 +12,31 @@ are printed. Ratios compare with figures of the same run:
 "Cold" loads first drop the file from the page cache (fsync, then posix_fadvise DONTNEED:
 `echo 1 > /proc/sys/vm/drop_caches` works too as root, but empties every job's cache); loads
 compare with the disk read of the same cache state. Before each variant `os.sync()` lets the disk
-finish what the previous one left (write-back, the discards of deleted files).
+finish what the previous one left (write-back, the discards of deleted files). `page cache`
+is the growth of /proc/meminfo's Cached during a variant (other jobs move it too).
 
-    python scripts/bench_checkpoint.py                       # 256 MiB and 1 GiB, 3 repeats (~1.5 min)
-    python scripts/bench_checkpoint.py --repeats 5 --breakdown   # the README's figures (~2.5 min)
+"Into the live state" is a resume: `read_checkpoint(into=state)` reads the bytes into the
+model's and optimizer's own (touched) tensors, then `load_state_dict`, which copies nothing.
+Saves write with O_DIRECT by default (`archive.DIRECT_WRITES`), loads read buffered: the
+"buffered" and "O_DIRECT" variants set the other way.
+
+    python scripts/bench_checkpoint.py                       # 256 MiB and 1 GiB, 3 repeats (~2 min)
+    python scripts/bench_checkpoint.py --sizes 1024 --repeats 5 --json FILE   # the README's figures
     python scripts/bench_checkpoint.py --sizes '' --train --rounds 6  # training overhead (~4 min idle)
-    python scripts/bench_checkpoint.py --sizes '' --train --hidden 1024  # a smaller one
+    python scripts/bench_checkpoint.py --sizes '' --train-runs 3      # ... as whole dora runs
+
+`--json FILE` writes every figure (each run, medians, page-cache growth) and, per size, the
+ratios named in issue 16: `sync_save_x_disk` (disk write + fsync / our sync save),
+`load_cold_x_disk` (cold disk read into touched memory / our cold load into the live state),
+`load_cached_x_torch_load` (torch.load cached / ours cached), `async_blocked_x_memcpy` (our
+blocked time / memcpy into touched buffers), `first_async_blocked_x_memcpy` (the same for the
+first save after `prepare()`, against the memcpy of its repeat) and `dcp_async_blocked_x_ours`
+(dcp.async_save's blocked time / ours): above 1 is better for every one but the two
+`x_memcpy`, where at most 1 is the goal.
+
+`--train-runs N` times N pairs of whole `dora run solver=drum_rnn` runs (hidden 1024 x 4 layers:
+about 0.5 GiB of model, Adam and best state; 4 short epochs), one with an async save at every
+epoch's end and one saving nothing, from the outside: wall time of each process.
 
 `--train` trains the drum RNN (`DrumRNN`, hidden 2048 x 2 layers: about 0.85 GiB of model, Adam
 and best state) on random events, with an epoch as long as 20 synchronous saves, and compares
@@ -29,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +115,26 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def page_cache_mib() -> float:
+    """The kernel's page cache (Cached in /proc/meminfo), in MiB."""
+    with open('/proc/meminfo') as f:
+        for line in f:
+            if line.startswith('Cached:'):
+                return int(line.split()[1]) / 1024
+    return float('nan')
+
+
+@contextlib.contextmanager
+def direct_io(writes: bool, reads: bool) -> tp.Iterator[None]:
+    """Checkpoints written and read with O_DIRECT or not (`archive.DIRECT_*`) inside the block."""
+    before = archive.DIRECT_WRITES, archive.DIRECT_READS
+    archive.DIRECT_WRITES, archive.DIRECT_READS = writes, reads
+    try:
+        yield
+    finally:
+        archive.DIRECT_WRITES, archive.DIRECT_READS = before
+
+
 def timed(function: tp.Callable[[], tp.Any]) -> float:
     begin = time.perf_counter()
     function()
@@ -119,6 +160,7 @@ class SaveLoadBench:
         self.ours = folder / 'checkpoint.th'
         self.read_buffer = torch.ones(self.nbytes + 16 * MiB, dtype=torch.uint8)
         self.times: dict[str, list[float]] = {}
+        self.cache: dict[str, list[float]] = {}  # page-cache growth during each run, MiB
         checkpoint.write_checkpoint(self.ours, self.state, META)  # a previous checkpoint to replace
         self.writer = CheckpointWriter(SaveMode.ASYNC)
         self.writer.prepare(self.state)  # as StandardSolver.run does before the first epoch
@@ -126,6 +168,12 @@ class SaveLoadBench:
 
     def add(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
+
+    def measure(self, name: str, function: tp.Callable[[], tp.Any]) -> None:
+        """Time `function` and the page cache's growth while it runs."""
+        before = page_cache_mib()
+        self.add(name, timed(function))
+        self.cache.setdefault(name, []).append(page_cache_mib() - before)
 
     # -- the limits ----------------------------------------------------------------------------
 
@@ -190,7 +238,8 @@ class SaveLoadBench:
         settle()
         self.add('  torch.save without CRC32 + fsync', self.torch_save(crc32=False))
         settle()
-        with contextlib.ExitStack() as stack:  # our save with the kernel's default write-back
+        with contextlib.ExitStack() as stack:  # our buffered save with the kernel's default write-back
+            stack.enter_context(direct_io(writes=False, reads=archive.DIRECT_READS))
             stack.callback(setattr, archive, '_sync_range', archive._sync_range)
             archive._sync_range = None
             self.add('  our sync save without flush-behind', self.ours_sync())
@@ -211,35 +260,48 @@ class SaveLoadBench:
 
     # -- loads ---------------------------------------------------------------------------------
 
-    def load_into_model(self) -> None:
-        ckpt = checkpoint.read_checkpoint(self.ours)
+    def load_into_model(self, into_live: bool = False) -> None:
+        """A resume: read the checkpoint (into the live tensors, or fresh ones), load_state_dict."""
+        ckpt = checkpoint.read_checkpoint(self.ours, into=self.state if into_live else None)
         self.model.load_state_dict(ckpt.state['model'])
         self.optimizer.load_state_dict(ckpt.state['optimizer'])
         self.state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
         self.tensors = tensors_of(self.state)
+        assert not into_live or len(ckpt.live) == len(self.tensors), "not all read into the live state"
+
+    def load_direct(self) -> None:
+        with direct_io(writes=archive.DIRECT_WRITES, reads=True):
+            self.load_into_model(into_live=True)
 
     def loads(self, turn: int) -> None:
         variants: list[tuple[str, tp.Callable[[], tp.Any]]] = [
             ('disk read', lambda: self.disk_read(self.ours)),
             ('disk read into fresh memory', lambda: self.disk_read(self.ours, fresh=True)),
-            ('our load', lambda: checkpoint.read_checkpoint(self.ours)),
+            ('our load into the live state', lambda: self.load_into_model(into_live=True)),
+            ('our load into the live state, O_DIRECT', self.load_direct),
+            ('our load (fresh tensors)', lambda: checkpoint.read_checkpoint(self.ours)),
             ('torch.load(weights_only)', lambda: torch.load(self.ours, weights_only=True)),
-            ('our load + load_state_dict', self.load_into_model),
+            ('our load (fresh) + load_state_dict', self.load_into_model),
         ]
         turn %= len(variants)  # each repeat starts with another variant
         for name, load in variants[turn:] + variants[:turn]:
             drop_cache(self.ours)
             settle()
-            self.add(f'{name}, cold', timed(load))
-            self.add(f'{name}, cached', timed(load))
+            self.measure(f'{name}, cold', load)
+            self.measure(f'{name}, cached', load)
+
+    def ours_sync_buffered(self) -> float:
+        with direct_io(writes=False, reads=archive.DIRECT_READS):
+            return self.ours_sync()
 
     def run_once(self, turn: int, breakdown: bool = False) -> None:
         for name, variant in [('disk write + fsync', self.disk_write),
                               ('memcpy into preallocated buffers', self.memcpy),
                               ('memcpy into fresh memory', self.memcpy_fresh),
+                              ('our sync save, buffered', self.ours_sync_buffered),
                               ('our sync save', self.ours_sync)]:
             settle()
-            self.add(name, variant())
+            self.measure(name, variant)
         if breakdown:
             self.breakdown()
         settle()
@@ -258,6 +320,37 @@ class SaveLoadBench:
         self.add('dcp.async_save: until durable', durable)
         self.loads(turn)
 
+    def ratios(self) -> dict[str, float]:
+        """The ratios of issue 16, from the medians of this run (see the module doc)."""
+        median = {name: statistics.median(values) for name, values in self.times.items()}
+        blocked, memcpy = median['our async save: loop blocked'], median['memcpy into preallocated buffers']
+        ratios = {
+            'sync_save_x_disk': median['disk write + fsync'] / median['our sync save'],
+            'sync_save_buffered_x_disk': median['disk write + fsync'] / median['our sync save, buffered'],
+            'load_cold_x_disk': median['disk read, cold'] / median['our load into the live state, cold'],
+            'load_cold_direct_x_disk':
+                median['disk read, cold'] / median['our load into the live state, O_DIRECT, cold'],
+            'load_cached_x_torch_load':
+                median['torch.load(weights_only), cached'] / median['our load into the live state, cached'],
+            'async_blocked_x_memcpy': blocked / memcpy,
+            'dcp_async_blocked_x_ours': median['dcp.async_save: blocked'] / blocked,
+        }
+        if self.first_async is not None:
+            ratios['first_async_blocked_x_memcpy'] = self.first_async[0] / self.first_async[1]
+        return ratios
+
+    def figures(self) -> dict[str, tp.Any]:
+        """Every figure of this size, for --json."""
+        return {
+            'nbytes': self.nbytes, 'tensors': len(self.tensors),
+            'figures': {name: {'median_s': statistics.median(values), 'runs_s': values,
+                               'page_cache_growth_mib': self.cache.get(name)}
+                        for name, values in self.times.items()},
+            'first_async': {'blocked_s': self.first_async[0], 'memcpy_s': self.first_async[1]}
+            if self.first_async else None,
+            'ratios': self.ratios(),
+        }
+
     def report(self) -> None:
         median = {name: statistics.median(values) for name, values in self.times.items()}
         disk, memcpy = median['disk write + fsync'], median['memcpy into preallocated buffers']
@@ -266,6 +359,7 @@ class SaveLoadBench:
             'disk write + fsync': (disk, 'x disk'),
             'memcpy into fresh memory': (memcpy, 'x memcpy, time'),
             'our sync save': (disk, 'x disk'),
+            'our sync save, buffered': (disk, 'x disk'),
             '  torch.save without CRC32 + fsync': (disk, 'x disk'),
             '  our sync save without flush-behind': (disk, 'x disk'),
             'our async save: loop blocked': (memcpy, 'x memcpy, time'),
@@ -277,8 +371,8 @@ class SaveLoadBench:
         }
         print(f"\n### {self.nbytes / MiB:.0f} MiB in {len(self.tensors)} tensors "
               f"(medians of {len(self.times['our sync save'])})\n")
-        print(f"| {'operation':<42} | {'time':>8} | {'ratio':<22} | runs")
-        print(f"|{'-' * 44}|{'-' * 10}|{'-' * 24}|-----")
+        print(f"| {'operation':<50} | {'time':>8} | {'ratio':<22} | {'cache':>9} | runs")
+        print(f"|{'-' * 52}|{'-' * 10}|{'-' * 24}|{'-' * 11}|-----")
         for name, value in median.items():
             if name.endswith(', cold') or name.endswith(', cached'):  # vs the disk read of the same cache
                 base, kind = median['disk read' + name[name.rindex(','):]], 'x disk'
@@ -291,11 +385,13 @@ class SaveLoadBench:
             else:
                 ratio = f"{value / base:.2f} {kind}"
             runs = ' '.join(f"{v:.3f}" for v in self.times[name])
-            print(f"| {name:<42} | {value:7.3f}s | {ratio:<22} | {runs}")
+            cache = f"{statistics.median(self.cache[name]):+.0f} MiB" if name in self.cache else ''
+            print(f"| {name:<50} | {value:7.3f}s | {ratio:<22} | {cache:>9} | {runs}")
         if self.first_async is not None:
             blocked, copy = self.first_async
             print(f"\nfirst async save after prepare(): blocked {blocked:.3f}s, {blocked / copy:.2f} x the "
                   f"memcpy of the same repeat ({copy:.3f}s); included above")
+        print("\nratios (issue 16): " + ', '.join(f"{k} {v:.2f}" for k, v in self.ratios().items()))
 
     def close(self) -> None:
         self.writer.close()
@@ -363,6 +459,79 @@ def train_overhead(args: argparse.Namespace, folder: Path) -> None:
           f"{' '.join(f'{100 * (r - 1):+.1f}%' for r in ratios)})")
 
 
+README_ROWS = [  # (label, figure, base figure, how the ratio reads)
+    ('disk: write + fsync of the same bytes', 'disk write + fsync', None, ''),
+    ('our sync save (O_DIRECT, the default)', 'our sync save', 'disk write + fsync', 'x disk'),
+    ('our sync save, buffered', 'our sync save, buffered', 'disk write + fsync', 'x disk'),
+    ('torch.save + fsync', 'torch.save + fsync', 'disk write + fsync', 'x disk'),
+    ('dcp.save', 'dcp.save', 'disk write + fsync', 'x disk'),
+    ('memcpy into touched buffers', 'memcpy into preallocated buffers', None, ''),
+    ('our async save: loop blocked', 'our async save: loop blocked', 'memcpy into preallocated buffers', 'x memcpy'),
+    ('dcp.async_save: loop blocked', 'dcp.async_save: blocked', 'memcpy into preallocated buffers', 'x memcpy'),
+    ('our async save: until durable', 'our async save: until durable', None, ''),
+    ('disk: read cold into touched memory', 'disk read, cold', None, ''),
+    ('our load into the live state, cold', 'our load into the live state, cold', 'disk read, cold', 'x disk'),
+    ('... with O_DIRECT, cold', 'our load into the live state, O_DIRECT, cold', 'disk read, cold', 'x disk'),
+    ('our load (fresh) + load_state_dict, cold', 'our load (fresh) + load_state_dict, cold', 'disk read, cold',
+     'x disk'),
+    ('torch.load(weights_only), cold', 'torch.load(weights_only), cold', 'disk read, cold', 'x disk'),
+    ('our load into the live state, cached', 'our load into the live state, cached',
+     'torch.load(weights_only), cached', 'x torch.load'),
+    ('torch.load(weights_only), cached', 'torch.load(weights_only), cached', None, ''),
+]
+
+
+def readme_table(size: str, figures: dict[str, tp.Any]) -> str:
+    """The README's performance table for one size, from this run's medians."""
+    median = {name: f['median_s'] for name, f in figures['figures'].items()}
+    cache = {name: f['page_cache_growth_mib'] for name, f in figures['figures'].items()}
+    lines = [f"| {size} MiB, {figures['tensors']} tensors | time | ratio | page cache |", "|---|---|---|---|"]
+    for label, name, base, kind in README_ROWS:
+        if kind == 'x memcpy':
+            ratio = f"{median[name] / median[tp.cast(str, base)]:.2f} x memcpy"
+        elif base is not None:
+            ratio = f"{median[base] / median[name]:.2f} {kind}"
+        else:
+            ratio = ''
+        growth = f"{statistics.median(cache[name]):+.0f} MiB" if cache.get(name) else ''
+        lines.append(f"| {label} | {median[name]:.3f} s | {ratio} | {growth} |")
+    if figures['first_async']:
+        first = figures['first_async']
+        lines.append(f"| first async save after `prepare()`: blocked | {first['blocked_s']:.3f} s | "
+                     f"{first['blocked_s'] / first['memcpy_s']:.2f} x memcpy | |")
+    return '\n'.join(lines)
+
+
+def train_runs(args: argparse.Namespace, folder: Path) -> dict[str, tp.Any]:
+    """Whole `dora run` processes, in adjacent pairs: an async save at every epoch's end vs none."""
+    root = Path(__file__).resolve().parent.parent
+    common = ['solver=drum_rnn', f'model.hidden_size={args.run_hidden}', f'model.num_layers={args.run_layers}',
+              f'optim.epochs={args.run_epochs}', f'optim.updates_per_epoch={args.run_updates}',
+              f'dataset.batch_size={args.run_batch}']
+    # Saving nothing: no staging buffers either (their allocation is part of what async saving costs).
+    variants = {'no saves': ['checkpoint.save_last=false', 'checkpoint.async_save=false', 'checkpoint.allow_none=true'],
+                'async save per epoch': ['checkpoint.save_last=true', 'checkpoint.async_save=true']}
+    env = {**os.environ, 'SOLVER_DORA_DIR': str(folder / 'dora')}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    print(f"\n### Training overhead, whole runs: dora run {' '.join(common)}\n")
+    for pair in range(args.train_runs):
+        order = list(variants) if pair % 2 == 0 else list(reversed(variants))  # neither always first
+        for name in order:
+            begin = time.perf_counter()
+            proc = subprocess.run(['dora', 'run', '--clear', *common, *variants[name]], cwd=root, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            elapsed = time.perf_counter() - begin
+            if proc.returncode:
+                sys.exit(f"dora run failed ({name}):\n{proc.stdout[-3000:]}")
+            times[name].append(elapsed)
+            print(f"pair {pair + 1} {name}: {elapsed:.1f}s", flush=True)
+    ratios = [b / a for a, b in zip(times['no saves'], times['async save per epoch'])]
+    print(f"run time with / without saves: {statistics.median(ratios):.3f}x (median of {len(ratios)} pairs: "
+          f"{' '.join(f'{r:.3f}' for r in ratios)})")
+    return {'command': ['dora', 'run', *common], 'variants': variants, 'runs_s': times, 'ratios': ratios,
+            'train_runs_x_no_save': statistics.median(ratios)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', default='256,1024', help='state sizes in MiB, comma-separated')
@@ -376,9 +545,18 @@ def main() -> None:
     parser.add_argument('--length', type=int, default=32)
     parser.add_argument('--rounds', type=int, default=4, help='pairs of epochs with and without a save')
     parser.add_argument('--steps', type=int, default=0, help='steps per epoch (default: 20 sync saves long)')
+    parser.add_argument('--train-runs', type=int, default=0, help='pairs of whole dora runs, with and without saves')
+    parser.add_argument('--run-hidden', type=int, default=1024)
+    parser.add_argument('--run-layers', type=int, default=4)
+    parser.add_argument('--run-epochs', type=int, default=4)
+    parser.add_argument('--run-updates', type=int, default=5, help='updates per epoch of the whole runs')
+    parser.add_argument('--run-batch', type=int, default=8, help='batch size of the whole runs')
+    parser.add_argument('--json', type=Path, default=None, help='write every figure and the ratios to this file')
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results: dict[str, tp.Any] = {'command': sys.argv, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+                                  'load_average_start': os.getloadavg(), 'sizes': {}}
     with tempfile.TemporaryDirectory(prefix='bench_checkpoint_', dir=args.dir) as tmp:
         for size in [int(s) for s in args.sizes.split(',') if s.strip()]:
             folder = Path(tmp) / f'{size}'
@@ -389,11 +567,19 @@ def main() -> None:
                 for turn in range(args.repeats):
                     bench.run_once(turn, args.breakdown)
             bench.report()
+            results['sizes'][str(size)] = bench.figures()
+            print(f"\nREADME table:\n\n{readme_table(str(size), results['sizes'][str(size)])}")
             del bench
             shutil.rmtree(folder)
         if args.train:
             train_overhead(args, Path(tmp))
+        if args.train_runs:
+            results['train_runs'] = train_runs(args, Path(tmp))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results['load_average_end'] = os.getloadavg()
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"figures and ratios written to {args.json}")
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import builders, distrib
-from .best_state import BestState, early_stop_record, take_best_state
+from .best_state import BestState, drop_keys, early_stop_record, take_best_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
 from .checkpointing.manager import CheckpointManager, find_pretrained
@@ -314,7 +314,8 @@ class StandardSolver(flashy.BaseSolver):
     def rollback(self, err: DivergenceError) -> None:
         """Reload the newest intact checkpoint and skip the batches that led to the divergence."""
         bad_batch = self.progress['train_batches']  # the batch whose step diverged
-        ckpt = self.manager.rollback(str(err), self.progress['step'] + 1, like=self.load_template())
+        ckpt = self.manager.rollback(str(err), self.progress['step'] + 1, like=self.load_template(),
+                                     into=self.state_dict())  # read into the live tensors (issue 16)
         load_states(self.stateful.sources, ckpt.state, ckpt.path)
         skipped = (self.progress['train_batches'], bad_batch)
         self.progress['train_batches'] = bad_batch + 1
@@ -368,19 +369,20 @@ class StandardSolver(flashy.BaseSolver):
     def restore(self) -> bool:
         """Load this experiment's newest intact checkpoint, else `continue_from`; say which."""
         like = self.load_template()
-        own = self.manager.restore(like)
+        own = self.manager.restore(like, into=self.state_dict())  # read into the live tensors (issue 16)
         if own is not None:
             if self.cfg.continue_from:
                 logger.info("continue_from=%s ignored: this experiment has its own checkpoint %s, "
                             "which wins.", self.cfg.continue_from, own.path)
             load_states(self.stateful.sources, own.state, own.path)
-            logger.info("Resumed from %s (epoch %d, step %d).", own.path, len(self.history),
-                        self.progress['step'])
+            logger.info("Resumed from %s (epoch %d, step %d). %d tensors read straight into the live "
+                        "state.", own.path, len(self.history), self.progress['step'], len(own.live))
             self.publish_history(self.history)  # a kill between save and history update
             replay_history(self.history)
             return True
         if self.cfg.continue_from:
-            source = self.manager.resolve_continue_from(str(self.cfg.continue_from), like, self.load_from_pretrained)
+            source = self.manager.resolve_continue_from(str(self.cfg.continue_from), like, self.load_from_pretrained,
+                                                        into=self.continue_into())  # issue 16
             self.load_best_state_from(source)
             return True
         return False
@@ -393,6 +395,13 @@ class StandardSolver(flashy.BaseSolver):
     def full_state(self) -> dict[str, tp.Any]:
         """The state with fresh optimizers' per-parameter states made (see `stateful.full_state`)."""
         return full_state(self.state_dict, [self.registered(name) for name in self.stateful.sources])
+
+    def continue_into(self) -> dict[str, tp.Any]:
+        """Where `continue_from` reads a source's best state: the live states it loads into,
+        without `checkpoint.ignore_state_keys` (those keep their values)."""
+        ignored = list(self.cfg.checkpoint.ignore_state_keys or [])
+        live = {name: self.stateful.sources[name].state_dict() for name in self.best_state.sources}
+        return {'best_state': {'states': drop_keys(live, ignored)}}
 
     def load_best_state_from(self, source: checkpoint.Checkpoint) -> None:
         """Fine-tune start: take only the source's best state; optimizer, EMA... start fresh."""

@@ -20,6 +20,23 @@ def copy_state(state: tp.Any) -> tp.Any:
     return map_leaves(state, lambda value, *_: value.detach().clone() if isinstance(value, torch.Tensor) else value)
 
 
+def copy_into(current: tp.Any, state: tp.Any) -> tp.Any:
+    """`state` copied into the tensors of `current` where they fit (same shape, dtype and device),
+    elsewhere cloned: loading a state reuses the memory already there (a copy onto itself, as
+    after `read_checkpoint(into=...)`, costs nothing)."""
+    if isinstance(state, torch.Tensor):
+        if isinstance(current, torch.Tensor) and current.shape == state.shape \
+                and current.dtype == state.dtype and current.device == state.device:
+            return current.copy_(state)
+        return state.detach().clone()
+    if isinstance(state, dict):
+        current = current if isinstance(current, dict) else {}
+        return {key: copy_into(current.get(key), value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(copy_state(value) for value in state)
+    return state
+
+
 class BestState:
     """The best states of registered sources, with the metric value that made them best."""
 
@@ -52,7 +69,7 @@ class BestState:
         unknown = set(state['states']) - set(self.sources)
         if unknown:
             raise KeyError(f"best state has entries {sorted(unknown)} that this solver does not register")
-        self.states.update(copy_state(state['states']))
+        self.states.update(copy_into(self.states, state['states']))
 
 
 def epochs_without_improvement(scores: tp.Sequence[float | None], lower_is_better: bool = True,

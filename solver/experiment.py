@@ -12,11 +12,13 @@ never delete what a user could want back: a rollback moves the abandoned branch 
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import functools
 import json
 import math
 import shutil
+import tempfile
 import time
 import typing as tp
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import torch
 
 from . import lock
 from .checkpointing import format as checkpoint
-from .checkpointing import sharded, store
+from .checkpointing import remote, sharded, store
 from .checkpointing.fs import atomic_open, fsync_dir
 
 ROLLED_BACK = 'rolled_back'
@@ -50,8 +52,15 @@ def resolve(target: str, dora_dir: Path) -> Experiment | Path:
     """An experiment (a folder, or a signature or unique prefix of one in `dora_dir`) or a file
     (a path, or `<sig>/<file>`).
 
-    An unknown name raises an error listing the signatures that look like it.
+    An unknown name raises an error listing the signatures that look like it. An fsspec URL
+    (`s3://bucket/runs/<sig>` or a checkpoint file's URL) is fetched into a temporary folder
+    removed at exit (`remote.fetch_source`), then read as its local form.
     """
+    if remote.is_url(target):
+        cache = Path(tempfile.mkdtemp(prefix='solver-remote-'))
+        atexit.register(shutil.rmtree, cache, True)
+        local = remote.fetch_source(target, cache)
+        return local if local.is_file() else Experiment(local)
     path = Path(target).expanduser()
     if path.is_file():
         return path

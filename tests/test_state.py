@@ -171,9 +171,10 @@ def test_sampler_resumed_at_k_continues_the_uninterrupted_stream(position: int):
     assert take(resumed, 20 - position) == uninterrupted[position:]
 
 
-def test_sampler_ranks_partition_each_global_batch():
-    single = take(ResumableBatchSampler(48, 12, seed=2), 8)
-    ranks = [take(ResumableBatchSampler(48, 12, seed=2, rank=r, world_size=3), 8) for r in range(3)]
+@pytest.mark.parametrize('size', [48, 5])  # 5: a set smaller than a batch, drawn across passes
+def test_sampler_ranks_partition_each_global_batch(size: int):
+    single = take(ResumableBatchSampler(size, 12, seed=2), 8)
+    ranks = [take(ResumableBatchSampler(size, 12, seed=2, rank=r, world_size=3), 8) for r in range(3)]
     for step, global_batch in enumerate(single):
         shares = [ranks[r][step] for r in range(3)]
         assert all(len(share) == 4 for share in shares)
@@ -185,9 +186,45 @@ def test_sampler_refuses_a_batch_not_divisible_by_the_world_size():
         ResumableBatchSampler(48, 10, world_size=4)
 
 
-def test_sampler_refuses_a_dataset_smaller_than_a_batch():
-    with pytest.raises(ValueError, match='dataset.batch_size'):
-        ResumableBatchSampler(5, 8)
+def test_sampler_stream_is_the_documented_permutations_cut_into_batches():
+    # The stream of datasets of at least one batch is pinned: runs made before the small-set
+    # change resume onto the same batches.
+    sampler = ResumableBatchSampler(42, 8, seed=5)
+    for epoch in range(3):
+        permutation = torch.randperm(42, generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch))
+        expected = [permutation[i * 8:(i + 1) * 8].tolist() for i in range(5)]
+        assert take_from(sampler, epoch * 5, 5) == expected
+
+
+def take_from(sampler: ResumableBatchSampler, position: int, count: int) -> list[list[int]]:
+    sampler.position = position
+    return take(sampler, count)
+
+
+def test_sampler_on_a_set_smaller_than_a_batch_draws_full_batches_across_passes():
+    sampler = ResumableBatchSampler(5, 8, seed=1)
+    assert len(sampler) == 1
+    batches = take(sampler, 5)  # 40 items: exactly 8 passes over the 5
+    assert all(len(batch) == 8 for batch in batches)
+    items = sum(batches, [])
+    passes = [items[i:i + 5] for i in range(0, 40, 5)]
+    assert all(sorted(p) == list(range(5)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1  # each pass is a new permutation
+
+
+@pytest.mark.parametrize('position', [0, 1, 3, 7])
+def test_sampler_on_a_small_set_resumes_on_the_same_batches(position: int):
+    uninterrupted = take(ResumableBatchSampler(3, 8, seed=9), 10)
+    assert take_from(ResumableBatchSampler(3, 8, seed=9), position, 10 - position) == uninterrupted[position:]
+
+
+def test_sampler_on_a_one_item_set_repeats_it():
+    assert take(ResumableBatchSampler(1, 4), 2) == [[0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_sampler_refuses_an_empty_dataset():
+    with pytest.raises(ValueError, match='training set has 0 items'):
+        ResumableBatchSampler(0, 8)
 
 
 # -- drop_keys (checkpoint.ignore_state_keys) -----------------------------------------------------

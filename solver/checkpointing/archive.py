@@ -16,29 +16,62 @@ the same archive, which plain `torch.load` reads, differently:
 `load` reads the pickle (small) first and unpickles it with torch's weights-only unpickler:
 tensors come back at once, their bytes arriving from a background thread that reads the records
 in file order; `Reading.ready(storage)` waits for one storage's bytes, so that digests are
-checked right behind the read instead of after all of it.
+checked right behind the read instead of after all of it. Given `targets`, the bytes of a tensor
+that matches a live one (same shape and dtype) are read straight into the live tensor's memory,
+and the loaded tensor becomes a view of it: no second copy, no fresh memory to touch.
+
+O_DIRECT moves the bytes past the page cache: writes by default (`DIRECT_WRITES`), reads when
+asked (`DIRECT_READS`); SOLVER_CHECKPOINT_DIRECT_IO=writes|all|off sets both, and `direct=`
+overrides them per call. The default is what `scripts/bench_checkpoint.py` measured here: a
+direct save is faster than a buffered one and leaves nothing in the page cache, while a direct
+read is no faster cold and loses the cached case (a rollback re-reading a file it just read).
+Torch's tensors are only 64-byte aligned and file systems want 512 or 4096, so bytes go through
+a reused page-aligned buffer (a copy without the GIL), except from page-aligned memory (the
+async writer's staging buffers, `aligned_empty`), which is written as it is. Where the file
+system refuses O_DIRECT, the buffered path is used.
+
+All this leans on private torch APIs (`PyTorchFileWriter/Reader`, the weights-only unpickler,
+storage internals). At import a tiny state makes a round trip through `save` and `load` and
+plain `torch.load`; if anything fails, `AVAILABLE` is False, one warning says so, and `save`
+and `load` fall back to `torch.save` and `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
+import math
+import mmap
 import os
 import pickle
 import sys
+import tempfile
 import threading
 import typing as tp
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
-from torch import _weights_only_unpickler
+
+try:
+    from torch import _weights_only_unpickler
+except ImportError:  # a torch without it: the round trip below fails, and we fall back
+    _weights_only_unpickler = None  # type: ignore[assignment]
 
 CHUNK = 16 << 20       # flush-behind granularity, and the size of one read
 LAG = 2                # chunks written back but still cached: the disk queue never runs dry
+ANNOUNCE = 2 * CHUNK   # a reading wakes the thread that hashes behind it once per this many bytes
 Ready = tp.Callable[[torch.UntypedStorage], None]  # waits until a storage's bytes are there
 ALIGNMENT = 64         # torch's storage alignment (`torch.utils.serialization.config.save`)
 PROTOCOL = 2           # torch.save's pickle protocol
+DIRECT_ALIGN = 4096    # O_DIRECT offsets, lengths and addresses (512 is enough on most disks)
+_DIRECT_IO = os.environ.get('SOLVER_CHECKPOINT_DIRECT_IO', 'writes').lower()
+DIRECT_WRITES = _DIRECT_IO in ('writes', 'all')  # the defaults of `save(direct=)` and `load(direct=)`
+DIRECT_READS = _DIRECT_IO == 'all'
+Pairs = tp.Callable[[tp.Any], tp.Iterable[tuple[torch.Tensor, torch.Tensor]]]  # (loaded, live)
 
 _SYNC_WRITE, _SYNC_WAIT = 2, 1 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WAIT_AFTER
 
@@ -98,6 +131,133 @@ class _FlushBehind:
         pass
 
 
+class _Bounce:
+    """A page-aligned buffer of one chunk, made (and touched) once and reused by every O_DIRECT
+    transfer of one direction; `with` holds it for one transfer at a time."""
+
+    def __init__(self, size: int = CHUNK) -> None:
+        assert size % DIRECT_ALIGN == 0
+        self.size = size
+        self._lock = threading.Lock()
+        self._memory: mmap.mmap | None = None
+
+    def __enter__(self) -> tuple[memoryview, int]:
+        self._lock.acquire()
+        if self._memory is None:
+            self._memory = mmap.mmap(-1, self.size)  # anonymous: page-aligned, touched below
+            self._memory.write(bytes(self.size))
+        return memoryview(self._memory), np.frombuffer(self._memory, dtype=np.uint8).ctypes.data
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_write_bounce, _read_bounce = _Bounce(), _Bounce()
+
+
+def aligned_empty(shape: tp.Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory starts at a page: large ones (1 MiB or more) are
+    mapped memory of exactly their size, which an O_DIRECT save writes without copying it."""
+    count = math.prod(shape)
+    nbytes = count * torch._utils._element_size(dtype)
+    if nbytes < (1 << 20):
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).view(tuple(shape))
+
+
+def _open_direct(fd: int, flags: int) -> int | None:
+    """The file of `fd` opened again with O_DIRECT (the same inode, through /proc: a rename
+    since changes nothing); None where the system or the file system refuses."""
+    if not hasattr(os, 'O_DIRECT'):
+        return None
+    try:
+        return os.open(f'/proc/self/fd/{fd}', flags | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+class _DirectSink:
+    """The file object torch's archive writer writes to when `direct`: bytes gathered into the
+    aligned bounce buffer (a copy without the GIL) and written chunk by chunk with O_DIRECT,
+    past the page cache; the unaligned tail goes through the buffered descriptor at `finish`.
+    If a direct write is refused (EINVAL), the rest is written buffered."""
+
+    def __init__(self, fd: int, direct_fd: int, bounce: tuple[memoryview, int]) -> None:
+        self.fd, self.direct_fd = fd, direct_fd
+        self.buffer, self.address = bounce
+        self.offset = os.lseek(fd, 0, os.SEEK_CUR)  # of the buffer's first byte; 0 for a new file
+        self.filled = 0
+        self.discard = False
+
+    def write(self, data: tp.Any) -> int:
+        if self.discard:
+            return len(data)
+        source = np.frombuffer(data, dtype=np.uint8)
+        address, size, done = source.ctypes.data, source.size, 0
+        while done < size:
+            if (address + done) % DIRECT_ALIGN == 0 and (self.offset + self.filled) % DIRECT_ALIGN == 0 \
+                    and size - done >= DIRECT_ALIGN and self.direct_fd >= 0:
+                done += self._write_from(memoryview(data).cast('B')[done:])  # aligned memory (`aligned_empty`)
+                continue
+            take = min(size - done, len(self.buffer) - self.filled)
+            ctypes.memmove(self.address + self.filled, address + done, take)
+            self.filled += take
+            done += take
+            if self.filled == len(self.buffer):
+                self._write(self.filled)
+        return size
+
+    def _write(self, length: int) -> None:
+        """Write the buffer's first `length` bytes (aligned unless the last) and move them out."""
+        aligned = length - length % DIRECT_ALIGN if self.offset % DIRECT_ALIGN == 0 else 0
+        done = 0
+        while done < aligned and self.direct_fd >= 0:
+            try:
+                done += os.pwrite(self.direct_fd, self.buffer[done:aligned], self.offset + done)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct_fd)  # refused here: buffered from now on
+                self.direct_fd = -1
+        while done < length:
+            done += os.pwrite(self.fd, self.buffer[done:length], self.offset + done)
+        self.offset += length
+        self.filled -= length
+        if self.filled:
+            self.buffer[:self.filled] = self.buffer[length:length + self.filled]
+
+    def _write_from(self, source: memoryview) -> int:
+        """Write the aligned prefix of `source` straight from its memory: no copy at all."""
+        if self.filled:
+            self._write(self.filled)  # aligned: the file position after it is
+        length = len(source) - len(source) % DIRECT_ALIGN
+        done = 0
+        try:
+            while done < length:
+                done += os.pwrite(self.direct_fd, source[done:length], self.offset + done)
+        except OSError as err:
+            if err.errno != errno.EINVAL or done:
+                raise
+            os.close(self.direct_fd)  # refused here: buffered from now on
+            self.direct_fd = -1
+        self.offset += done
+        return done
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Write what is left and leave the descriptor at the end of the file."""
+        if self.filled and not self.discard:
+            self._write(self.filled)
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+
+    def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
+
+
 def _pickle(obj: tp.Any, storages: dict[str, torch.UntypedStorage]) -> bytes:
     """`obj` pickled as torch.save does it; fills `storages` with the storages it refers to, by key."""
     keys: dict[int, str] = {}
@@ -120,17 +280,37 @@ def _pickle(obj: tp.Any, storages: dict[str, torch.UntypedStorage]) -> bytes:
     return data.getvalue()
 
 
-def save(obj: tp.Any, f: tp.BinaryIO, complete: tp.Callable[[tp.Any], tp.Any] | None = None) -> None:
+def save(obj: tp.Any, f: tp.BinaryIO, complete: tp.Callable[[tp.Any], tp.Any] | None = None,
+         direct: bool | None = None) -> None:
     """Write `obj` to the open file `f` as an archive `torch.load` reads (see the module doc).
 
     `complete(obj)`, if given, runs on another thread while the tensors' bytes are written and
     returns what is pickled instead of `obj`: it may add entries (digests), but no tensors.
-    The caller flushes and fsyncs `f`.
+    `direct` (default `DIRECT_WRITES`) writes past the page cache with O_DIRECT where the file
+    system allows it. The caller flushes and fsyncs `f`.
     """
+    if not AVAILABLE:
+        torch.save(complete(obj) if complete is not None else obj, f)
+        return
     storages: dict[str, torch.UntypedStorage] = {}
     _pickle(obj, storages)
-    sink = _FlushBehind(f.fileno())
-    writer = torch._C.PyTorchFileWriter(tp.cast(tp.IO[bytes], sink), False, ALIGNMENT)  # no CRC32
+    with contextlib.ExitStack() as stack:
+        fd = f.fileno()
+        direct_fd = _open_direct(fd, os.O_WRONLY) if (DIRECT_WRITES if direct is None else direct) else None
+        sink: _FlushBehind | _DirectSink
+        if direct_fd is not None:
+            sink = _DirectSink(fd, direct_fd, stack.enter_context(_write_bounce))
+            stack.callback(sink.close)
+        else:
+            sink = _FlushBehind(fd)
+        _write_archive(obj, storages, sink, complete)
+
+
+def _write_archive(obj: tp.Any, storages: dict[str, torch.UntypedStorage], sink: _FlushBehind | _DirectSink,
+                   complete: tp.Callable[[tp.Any], tp.Any] | None) -> None:
+    # Records start at DIRECT_ALIGN for O_DIRECT: aligned staging buffers are then written as they are.
+    alignment = DIRECT_ALIGN if isinstance(sink, _DirectSink) else ALIGNMENT
+    writer = torch._C.PyTorchFileWriter(tp.cast(tp.IO[bytes], sink), False, alignment)  # no CRC32
     try:
         with ThreadPoolExecutor(1, thread_name_prefix='archive-complete') as pool:
             completed = pool.submit(complete, obj) if complete is not None else None
@@ -144,10 +324,12 @@ def save(obj: tp.Any, f: tp.BinaryIO, complete: tp.Callable[[tp.Any], tp.Any] | 
         if pickled.keys() != storages.keys():
             raise ValueError("archive.save: `complete` must not add or remove tensors")
         for name, record in (('data.pkl', data), ('.format_version', b'1'),
-                             ('.storage_alignment', str(ALIGNMENT).encode()),
+                             ('.storage_alignment', str(alignment).encode()),
                              ('byteorder', sys.byteorder.encode())):
             writer.write_record(name, record, len(record))
         writer.write_end_of_file()
+        if isinstance(sink, _DirectSink):
+            sink.finish()
     except BaseException:
         # The writer would otherwise finish the archive in its destructor, where a failing write
         # aborts the process: finish it now, writing nothing, since the file is abandoned.
@@ -162,14 +344,16 @@ class Reading:
 
     The thread holds the GIL only between its reads, and the digests hash without it
     (`checkpoint.tensor_digest`): `ready(storage)` lets the caller hash each tensor as soon as
-    it is read, in parallel with reading the next ones.
+    it is read, in parallel with reading the next ones. `live` lists the live tensors that the
+    records are read into (see `load`): once reading starts, their old contents are gone.
     """
 
-    def __init__(self, fd: int, records: list[tuple[int, torch.Tensor]], owns_fd: bool = True) -> None:
-        self._fd = fd
-        self._owns_fd = owns_fd  # else the caller closes it
+    def __init__(self, fd: int | None, records: list[tuple[int, torch.Tensor]], *, owns_fd: bool = True,
+                 direct: bool = False, live: list[torch.Tensor] | None = None) -> None:
+        self._fd, self._owns_fd, self._direct = fd, owns_fd, direct
         self._records = sorted(records, key=lambda r: r[0])  # (offset in the file, uint8 buffer)
         self._order = {buffer.data_ptr(): i for i, (_, buffer) in enumerate(self._records)}
+        self.live = live or []
         self._done = 0
         self._error: BaseException | None = None
         self._stop = False
@@ -179,23 +363,64 @@ class Reading:
 
     def _read_all(self) -> None:
         try:
-            for offset, buffer in self._records:
-                view = buffer.numpy().data.cast('B')
-                done = 0
-                while done < len(view):
-                    if self._stop:
-                        return
-                    got = os.preadv(self._fd, [view[done:done + CHUNK]], offset + done)
-                    if not got:
-                        raise EOFError(f"the file ends inside a tensor record (at byte {offset + done})")
-                    done += got
-                with self._changed:
-                    self._done += 1
-                    self._changed.notify_all()
+            direct_fd = _open_direct(self._fd, os.O_RDONLY) if self._direct and self._fd is not None else None
+            try:
+                with _read_bounce if direct_fd is not None else contextlib.nullcontext() as bounce:
+                    unannounced = 0
+                    for index, (offset, buffer) in enumerate(self._records):
+                        if direct_fd is not None and bounce is not None:
+                            direct_fd = self._read_direct(direct_fd, bounce, offset, buffer)
+                        if direct_fd is None:
+                            self._read_buffered(offset, buffer)
+                        if self._stop:
+                            return
+                        unannounced += buffer.numel()
+                        with self._changed:
+                            self._done += 1
+                            # Waking the hashing thread once per `ANNOUNCE` bytes, not per tensor:
+                            # on a busy machine each wake-up may wait for a time slice.
+                            if unannounced >= ANNOUNCE or index == len(self._records) - 1:
+                                self._changed.notify_all()
+                                unannounced = 0
+            finally:
+                if direct_fd is not None:
+                    os.close(direct_fd)
         except BaseException as err:  # raised in the caller's thread, by `ready`
             with self._changed:
                 self._error = err
                 self._changed.notify_all()
+
+    def _read_buffered(self, offset: int, buffer: torch.Tensor) -> None:
+        view = buffer.numpy().data.cast('B')
+        done = 0
+        while done < len(view) and not self._stop:
+            got = os.preadv(tp.cast(int, self._fd), [view[done:done + CHUNK]], offset + done)
+            if not got:
+                raise EOFError(f"the file ends inside a tensor record (at byte {offset + done})")
+            done += got
+
+    def _read_direct(self, direct_fd: int, bounce: tuple[memoryview, int], offset: int,
+                     buffer: torch.Tensor) -> int | None:
+        """Read one record with O_DIRECT through the aligned bounce buffer (a copy without the
+        GIL); the descriptor, or None if the file system refused before anything was read."""
+        memory, address = bounce
+        position, end, target = offset, offset + buffer.numel(), buffer.data_ptr()
+        while position < end and not self._stop:
+            start = position - position % DIRECT_ALIGN
+            length = min(len(memory), -(-(end - start) // DIRECT_ALIGN) * DIRECT_ALIGN)
+            try:
+                got = os.preadv(direct_fd, [memory[:length]], start)
+            except OSError as err:
+                if err.errno != errno.EINVAL or position != offset:
+                    raise
+                os.close(direct_fd)
+                return None
+            usable = min(got - (position - start), end - position)
+            if usable <= 0:
+                raise EOFError(f"the file ends inside a tensor record (at byte {position})")
+            ctypes.memmove(target + position - offset, address + position - start, usable)
+            position += usable
+        return direct_fd
 
     def ready(self, storage: torch.UntypedStorage) -> None:
         """Wait until the bytes of `storage` (if it is one of this archive's) are read; raise the
@@ -215,56 +440,136 @@ class Reading:
             self.ready(self._records[-1][1].untyped_storage())
 
     def close(self) -> None:
-        """Stop reading (if not done) and close the file (if it is ours)."""
+        """Stop reading (if not done) and close the file (if this reading owns it)."""
         self._stop = True
         self._thread.join()
-        if self._owns_fd:
+        if self._owns_fd and self._fd is not None:
             os.close(self._fd)
 
 
-def load(source: os.PathLike | str | tp.BinaryIO) -> tuple[tp.Any, Reading]:
-    """Unpickle the archive at `source` (a path, or a file open for reading) safely (weights
-    only); its tensors' bytes arrive in the background: call `Reading.ready(t.untyped_storage())`
-    before using tensor `t` (or `wait()`), then `close()`.
+def _fits(loaded: torch.Tensor, live: tp.Any, storage_bytes: int) -> bool:
+    """Whether `loaded`'s bytes can be read straight into `live`: a plain CPU tensor of the same
+    shape and dtype, contiguous and at the start of its storage, as `loaded` is of its own
+    (which no other loaded tensor shares)."""
+    return (type(live) in (torch.Tensor, torch.nn.Parameter) and live.device.type == 'cpu'
+            and live.dtype == loaded.dtype and live.shape == loaded.shape and live.is_contiguous()
+            and live.storage_offset() == 0 and not live.is_conj() and not live.is_neg()
+            and loaded.is_contiguous() and loaded.storage_offset() == 0
+            and loaded.numel() * loaded.element_size() == storage_bytes > 0)
+
+
+def load(f: os.PathLike | str | tp.BinaryIO, targets: Pairs | None = None,
+         direct: bool | None = None) -> tuple[tp.Any, Reading]:
+    """Unpickle the archive `f` (a path, or a file open for reading) safely (weights only); its
+    tensors' bytes arrive in the background: call `Reading.ready(t.untyped_storage())` before
+    using tensor `t` (or `wait()`), then `close()` (which leaves an open `f` open).
+
+    `targets(obj)`, if given, yields (loaded tensor, live tensor) pairs: where they fit
+    (`_fits`), the bytes are read into the live tensor and the loaded one becomes a view of it
+    (`Reading.live` lists them). `direct` (default `DIRECT_READS`) reads with O_DIRECT.
 
     Given an open file, everything is read through it (the caller closes it): a file replaced
     meanwhile under the same name is not seen. Raises on anything unusual (another byte order,
     a record of the wrong size, a damaged zip): `torch.load` then gives the precise error.
     """
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, 'rb') as f:
-            fd = os.dup(f.fileno())  # for the reading thread, which outlives `f`
-            try:
-                return _load(f, fd, owns_fd=True)
-            except BaseException:
-                os.close(fd)
-                raise
-    return _load(source, source.fileno(), owns_fd=False)
+    direct = DIRECT_READS if direct is None else direct
+    owns_fd = not hasattr(f, 'read')
+    file = tp.cast(tp.BinaryIO, open(tp.cast(str, f), 'rb') if owns_fd else f)
+    try:
+        if not AVAILABLE:
+            return torch.load(file, map_location='cpu', weights_only=True), Reading(None, [])
+        obj, records, uses = _unpickle(file)
+        live = _redirect(obj, targets, records, uses) if targets is not None else []
+        fd = os.dup(file.fileno()) if owns_fd else file.fileno()
+        return obj, Reading(fd, list(records.values()), owns_fd=owns_fd, direct=direct, live=live)
+    finally:
+        if owns_fd:
+            file.close()
 
 
-def _load(source: tp.BinaryIO, fd: int, owns_fd: bool) -> tuple[tp.Any, Reading]:
-    path = getattr(source, 'name', source)
-    archive: tp.Any = torch._C.PyTorchFileReader(source)  # its stub lacks half its methods
+def _unpickle(file: tp.BinaryIO) -> tuple[tp.Any, dict[str, tuple[int, torch.Tensor]], dict[str, int]]:
+    """The archive's object, its records by storage key (offset, fresh untouched buffer) and how
+    many tensors refer to each storage."""
+    archive: tp.Any = torch._C.PyTorchFileReader(file)  # its stub lacks half its methods
     if archive.has_record('byteorder') and archive.get_record('byteorder') != sys.byteorder.encode():
-        raise ValueError(f"{path}: written on a machine of another byte order")
-    records: list[tuple[int, torch.Tensor]] = []
+        raise ValueError(f"{getattr(file, 'name', file)}: written on a machine of another byte order")
+    records: dict[str, tuple[int, torch.Tensor]] = {}
     storages: dict[str, torch.UntypedStorage] = {}
+    uses: dict[str, int] = {}
 
     def persistent_load(pid: tp.Any) -> torch.storage.TypedStorage:
         _, storage_type, key, _, numel = pid
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        uses[key] = uses.get(key, 0) + 1
         if key not in storages:
             size = numel * torch._utils._element_size(dtype)
             name = f'data/{key}'
             if archive.get_record_size(name) != size:
-                raise ValueError(f"{path}: record {name} holds {archive.get_record_size(name)} bytes, not {size}")
-            buffer = torch.empty(size, dtype=torch.uint8)
+                raise ValueError(f"record {name} holds {archive.get_record_size(name)} bytes, not {size}")
+            buffer = torch.empty(size, dtype=torch.uint8)  # not touched unless read into
             storages[key] = buffer.untyped_storage()
             if size:
-                records.append((archive.get_record_offset(name), buffer))
+                records[key] = (archive.get_record_offset(name), buffer)
         return torch.storage.TypedStorage(wrap_storage=storages[key], dtype=dtype, _internal=True)
 
     unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(archive.get_record('data.pkl')), encoding='utf-8')
     unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
-    obj = unpickler.load()
-    return obj, Reading(fd, records, owns_fd)
+    return unpickler.load(), records, uses
+
+
+def _redirect(obj: tp.Any, targets: Pairs, records: dict[str, tuple[int, torch.Tensor]],
+              uses: dict[str, int]) -> list[torch.Tensor]:
+    """Point the records of the loaded tensors that fit their live pair at the live tensors'
+    memory, and make the loaded tensors views of it; the live tensors so targeted."""
+    keys = {buffer.data_ptr(): key for key, (_, buffer) in records.items()}
+    live_tensors: list[torch.Tensor] = []
+    taken: set[int] = set()
+    with torch.no_grad():
+        for loaded, live in targets(obj):
+            storage = loaded.untyped_storage()
+            key = keys.get(storage.data_ptr())
+            if key is None or uses[key] != 1 or not _fits(loaded, live, storage.nbytes()) \
+                    or live.data_ptr() in taken:
+                continue
+            records[key] = (records[key][0], live.detach().reshape(-1).view(torch.uint8))
+            loaded.set_(live.untyped_storage(), 0, live.shape, live.stride())
+            taken.add(live.data_ptr())
+            live_tensors.append(live)
+    return live_tensors
+
+
+def check() -> str | None:
+    """Why the private torch APIs this module uses do not work with this torch, or None when a
+    tiny state survives a round trip: `save`, then plain `torch.load` and `load` into a live
+    tensor."""
+    a = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    state = {'a': a, 'b': [torch.tensor([True]), 1, 'x']}
+    live = torch.zeros(2, 3)
+    try:
+        with tempfile.TemporaryFile() as f:
+            storages: dict[str, torch.UntypedStorage] = {}
+            _pickle(state, storages)
+            _write_archive(state, storages, _FlushBehind(f.fileno()), None)
+            f.seek(0)
+            plain = torch.load(f, map_location='cpu', weights_only=True)
+            f.seek(0)
+            obj, records, uses = _unpickle(tp.cast(tp.BinaryIO, f))
+            found = _redirect(obj, lambda obj: [(obj['a'], live)], records, uses)
+            reading = Reading(f.fileno(), list(records.values()), owns_fd=False)
+            reading.wait()
+            reading.close()
+        good = [torch.equal(plain['a'], a), plain['b'][1:] == [1, 'x'],
+                torch.equal(obj['a'], a), torch.equal(live, a), len(found) == 1,
+                obj['a'].data_ptr() == live.data_ptr(), bool(obj['b'][0].item()), obj['b'][1:] == [1, 'x']]
+    except Exception as err:  # any failure of a private API means: do not use it
+        return f"{type(err).__name__}: {err}"
+    return None if all(good) else f"the round trip of a tiny state came back wrong ({good})"
+
+
+AVAILABLE = True
+_reason = check() if _weights_only_unpickler is not None else "torch._weights_only_unpickler is missing"
+if _reason is not None:
+    AVAILABLE = False
+    warnings.warn(f"solver.checkpointing.archive does not work with torch {torch.__version__} ({_reason}); "
+                  "checkpoints are written with torch.save and read with torch.load(weights_only=True) "
+                  "instead: correct, slower, and not read into the live tensors.", RuntimeWarning, stacklevel=1)

@@ -33,7 +33,7 @@ import pickle
 import re
 import typing as tp
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,15 @@ class UnsafeCheckpointError(CheckpointError):
     """The file would need arbitrary pickled objects (code) to load: refused."""
 
 
+class DamagedIntoLiveError(CorruptCheckpointError):
+    """A damaged file whose bytes were already read into live tensors (`read_checkpoint(into=)`):
+    `live` lists them. Only a checkpoint that verifies and replaces them all may be used next."""
+
+    def __init__(self, message: str, live: list[torch.Tensor]) -> None:
+        super().__init__(message)
+        self.live = live
+
+
 @dataclass
 class Checkpoint:
     """What a checkpoint file holds once verified."""
@@ -71,6 +80,7 @@ class Checkpoint:
     path: Path
     state: dict[str, tp.Any]
     meta: dict[str, tp.Any]
+    live: list[torch.Tensor] = field(default_factory=list)  # tensors of `into` read in place
 
 
 def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
@@ -132,6 +142,20 @@ def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
         if type(key) not in _PLAIN:
             raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
     return tree.map_leaves(obj, leaf, check_key=check_key)
+
+
+def _live_pairs(loaded: tp.Any, live: tp.Any) -> tp.Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(loaded tensor, live tensor) at the same place of two states (same keys, same lengths)."""
+    if isinstance(loaded, torch.Tensor):
+        if isinstance(live, torch.Tensor):
+            yield loaded, live
+    elif isinstance(loaded, dict) and isinstance(live, dict):
+        for key, value in loaded.items():
+            if key in live:
+                yield from _live_pairs(value, live[key])
+    elif isinstance(loaded, (list, tuple)) and isinstance(live, (list, tuple)) and len(loaded) == len(live):
+        for value, target in zip(loaded, live):
+            yield from _live_pairs(value, target)
 
 
 def _xxh3_without_gil() -> tp.Callable[[int, int], int] | None:
@@ -285,7 +309,7 @@ def _write_file(path: Path, content: dict[str, tp.Any],
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
+def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Checkpoint:
     """Load and verify a checkpoint file, safely (`weights_only`): never runs pickled code.
 
     The file is opened once and everything is read through that one descriptor: a concurrent
@@ -293,6 +317,13 @@ def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
     `like` (optional) is a live state: where it holds a DTensor, the tensor at the same place
     in the checkpoint comes back as this rank's shard of the same layout, whichever the format
     and the number of ranks that wrote it. Elsewhere tensors come back whole, on the CPU.
+
+    `into` (optional) is a live state shaped like the checkpoint's `state` (the solver's
+    `state_dict()`, whose tensors are the parameters, moments... themselves): each tensor that
+    fits (same place, shape and dtype, on the CPU) is read straight into the live tensor, and the
+    checkpoint's tensor is a view of it (`Checkpoint.live` lists them): `load_state_dict` then
+    copies nothing. The digests are checked on those bytes before this returns; if they do not
+    match, `DamagedIntoLiveError` names the live tensors that now hold damaged bytes.
     """
     path = Path(path)
     try:
@@ -302,7 +333,7 @@ def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
     except OSError as err:
         raise CheckpointError(f"Cannot open checkpoint {path}: {err.strerror or err}.") from err
     with f:
-        payload, ckpt = _read_payload(path, f)
+        payload, ckpt = _read_payload(path, f, into)
     if 'shards' in payload:
         try:
             ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
@@ -313,8 +344,9 @@ def read_checkpoint(path: Path, like: tp.Any = None) -> Checkpoint:
     return ckpt
 
 
-def _read_payload(path: Path, f: tp.BinaryIO) -> tuple[tp.Any, Checkpoint]:
-    """The verified payload of the open checkpoint file `f` (named `path` in messages)."""
+def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.Any, Checkpoint]:
+    """The verified payload of the open checkpoint file `f` (named `path` in messages); `into`
+    as in `read_checkpoint`."""
     if os.fstat(f.fileno()).st_size == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes): a save was cut short.")
     if not zipfile.is_zipfile(f):
@@ -322,8 +354,9 @@ def _read_payload(path: Path, f: tp.BinaryIO) -> tuple[tp.Any, Checkpoint]:
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
     reading: archive.Reading | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
+        targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
         f.seek(0)
-        payload, reading = archive.load(f)
+        payload, reading = archive.load(f, targets)
     except Exception:  # anything unusual (damage, unsafe pickles): torch.load below names it
         pass
     try:
@@ -342,6 +375,7 @@ def _read_payload(path: Path, f: tp.BinaryIO) -> tuple[tp.Any, Checkpoint]:
         ) from err
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
         raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
+    live = reading.live if reading is not None else []
     try:
         from . import store  # [incremental] blobs in place of the placeholders
         if store.is_incremental(payload):
@@ -349,38 +383,58 @@ def _read_payload(path: Path, f: tp.BinaryIO) -> tuple[tp.Any, Checkpoint]:
         ckpt = verify(path, payload, reading.ready if reading is not None else None)
         if reading is not None:
             reading.wait()  # every tensor was hashed, hence read: this only makes sure
+        ckpt.live = live
     except (OSError, EOFError) as err:  # reading a tensor record failed
-        raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
+        raise _damaged(CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}"), live) from err
+    except CorruptCheckpointError as err:
+        raise _damaged(err, live) from err
     finally:
         if reading is not None:
             reading.close()
     return payload, ckpt
 
 
-def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None) -> Checkpoint | None:
+def _damaged(err: CorruptCheckpointError, live: list[torch.Tensor]) -> CorruptCheckpointError:
+    """`err`, as a DamagedIntoLiveError if live tensors were read into."""
+    return DamagedIntoLiveError(str(err), live) if live else err
+
+
+def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None,
+                       into: tp.Any = None) -> Checkpoint | None:
     """The newest checkpoint of `folder` that verifies, reporting each damaged one on the way.
 
-    `like` as in `read_checkpoint`. With `resumable`, epoch files that hold only some states
+    `like` and `into` as in `read_checkpoint`. A file passed over after its bytes went into the
+    live state must be replaced entirely by the one used, else this raises: the live state is
+    never half of one checkpoint and half of another. With `resumable`, epoch files that hold only some states
     (`checkpoint.keep_every_states`) are passed over: they cannot resume a run. Returns None
     when the folder has no checkpoint at all. Raises when checkpoints exist but none is usable:
     a damaged experiment never silently restarts from scratch.
     """
     tried = candidates(folder)
     errors = []
+    dirty: dict[int, Path] = {}  # live tensors (by address) holding bytes of a file passed over
     for path in tried:
         try:
-            found = read_checkpoint(path, like)
+            found = read_checkpoint(path, like, into)
         except CheckpointError as err:  # damaged, unsafe, or gone since it was listed (pruned)
             logger.error("Skipping %s checkpoint: %s",
                          'damaged' if isinstance(err, CorruptCheckpointError) else 'unusable', err)
             errors.append(str(err))
+            dirty.update({t.data_ptr(): path for t in getattr(err, 'live', [])})
             continue
         if resumable and found.meta.get('partial'):
             message = (f"{path} holds only {found.meta['partial']} (checkpoint.keep_every_states): "
                        "it cannot resume a run.")
             logger.warning("Skipping %s", message)
             errors.append(message)
+            dirty.update({t.data_ptr(): path for t in found.live})
             continue
+        left = set(dirty) - {t.data_ptr() for t in found.live}
+        if left:
+            raise CheckpointError(
+                f"{len(left)} live tensors were read from {sorted(set(dirty.values()))}, which was passed "
+                f"over, and {path} does not replace them: stopping rather than training on a mixed "
+                f"state. Rerun: a fresh process resumes from {path}.")
         return found
     if tried:
         raise CorruptCheckpointError(

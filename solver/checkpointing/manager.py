@@ -220,8 +220,9 @@ class CheckpointManager:
 
     # -- loading -----------------------------------------------------------------------------------
 
-    def restore(self, like: tp.Any = None) -> checkpoint.Checkpoint | None:
-        """This experiment's newest intact checkpoint (None if it has none).
+    def restore(self, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint | None:
+        """This experiment's newest intact checkpoint (None if it has none); `into` as in
+        `read_checkpoint`: the live state the tensors are read straight into (issue 16).
 
         Stray temporary files of killed saves are removed first. A checkpoint of another
         experiment (another signature in its metadata) is refused: it was copied in by hand.
@@ -231,7 +232,7 @@ class CheckpointManager:
             if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
                 self.remote.restore()
         distrib.barrier()
-        own = checkpoint.load_newest_intact(self.folder, like=like)
+        own = checkpoint.load_newest_intact(self.folder, like=like, into=into)
         if own is not None:
             self.check_signature(own)
         return own
@@ -244,13 +245,15 @@ class CheckpointManager:
                 f"was copied or moved here. Move it out of {self.folder}; to start from it, use "
                 f"continue_from=//sig/{other} (or continue_from=<path of the file>).")
 
-    def resolve_continue_from(self, value: str, like: tp.Any,
-                              pretrained: tp.Callable[[str], checkpoint.Checkpoint]) -> checkpoint.Checkpoint:
+    def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], checkpoint.Checkpoint],
+                              into: tp.Any = None) -> checkpoint.Checkpoint:
         """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
-        local or an fsspec URL (fetched into a temporary folder, then read as the local form)."""
+        local or an fsspec URL (fetched into a temporary folder, then read as the local form);
+        `into` as in `read_checkpoint`."""
         if remote.is_url(value):
             with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
-                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained)
+                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained,
+                                                  into)
         if value.startswith('//pretrained/'):
             found = pretrained(value[len('//pretrained/'):])
             found.state = sharded.place_like(found.state, like)  # into shards, if sharded
@@ -263,18 +266,19 @@ class CheckpointManager:
         else:
             path = Path(value).expanduser()
         if path.is_dir():
-            newest = checkpoint.load_newest_intact(path, resumable=False, like=like)
+            newest = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into)
             if newest is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
             return newest
         if path.is_file():
-            return checkpoint.read_checkpoint(path, like)
+            return checkpoint.read_checkpoint(path, like, into)
         raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
                           "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
 
-    def rollback(self, problem: str, step: int, like: tp.Any = None) -> checkpoint.Checkpoint:
-        """The checkpoint to reload after a divergence at `step`, within `rollback.max_rollbacks`."""
+    def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint:
+        """The checkpoint to reload after a divergence at `step`, within `rollback.max_rollbacks`;
+        `into` as in `read_checkpoint`."""
         self.rollbacks += 1
         limit = self.cfg.rollback.max_rollbacks
         if self.rollbacks > limit:
@@ -288,7 +292,7 @@ class CheckpointManager:
         found = self.writer.staged_checkpoint(newest[0]) if newest else None
         source = 'memory (the staged copy of the last save, verified against its digests)'
         if found is None:
-            found = checkpoint.load_newest_intact(self.folder, like=like)
+            found = checkpoint.load_newest_intact(self.folder, like=like, into=into)
             source = 'disk'
         if found is None:
             raise SolverError(f"Training diverged ({problem}) at step {step}, before any checkpoint to "

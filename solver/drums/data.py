@@ -1,11 +1,15 @@
 """The drum corpus: MIDI files under a folder, split by path hash and cut into event windows.
 
 A file's split depends only on its path relative to the corpus root, so adding, removing or
-reordering files never moves another file between train, valid and evaluate. Each usable file
-becomes non-overlapping windows of `window_steps` steps starting at bar boundaries; a shorter
-tail is kept only if it is at least `min_bars` bars long, the same bar as for a whole file
-(Magenta's drums pipeline drops tracks under 7 bars). Windows therefore vary in length and
-`collate` pads them.
+reordering files never moves another file between train, valid and evaluate. Each usable 4/4
+section of a file becomes non-overlapping windows of `window_steps` steps starting at bar
+boundaries; a shorter tail is kept only if it is at least `min_bars` bars long, the same bar as
+for a whole section (Magenta's drums pipeline drops tracks under 7 bars). Windows therefore
+vary in length and `collate` pads them.
+
+A small collection (a few songs) would leave a split empty or far from its fraction when split
+by file: then bar-aligned sections are split instead (`split_sections`), so that any folder with
+a usable file trains. Held-out sections then come from the same songs as the training ones.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from .encoding import NUM_EVENTS, SILENCE, STEPS_PER_BAR, check_events
-from .midi import DrumFileError, read_drum_events
+from .midi import DrumFileError, read_drum_track
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +72,20 @@ def cut_windows(events: np.ndarray, window_steps: int, min_steps: int) -> list[n
 
 @dataclass
 class Corpus:
-    """Windows and source files per split, and the files skipped with the reason for each."""
+    """Windows and source files per split, the bars used and skipped, and the files skipped.
+
+    `split_by` is 'file' (each file in one split, by the hash of its path) or 'section' (a
+    small collection: bar-aligned sections of `section_bars` bars, each in one split).
+    """
 
     root: Path
     window_steps: int
     windows: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     files: dict[str, list[str]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     skipped: dict[str, str] = field(default_factory=dict)
+    skipped_bars: dict[str, int] = field(default_factory=dict)
+    split_by: str = "file"
+    section_bars: int = 0
 
     def dataset(self, split: str) -> DrumWindows:
         """The windows of one split as a torch Dataset."""
@@ -82,14 +93,24 @@ class Corpus:
             raise KeyError(f"unknown split {split!r}; the corpus has {SPLITS}")
         return DrumWindows(self.windows[split])
 
+    def bars(self, split: str) -> int:
+        return sum(len(w) for w in self.windows[split]) // STEPS_PER_BAR
+
     def summary(self) -> str:
-        """One line for the log: files and windows per split, files skipped."""
-        parts = [f"{s}: {len(self.files[s])} files, {len(self.windows[s])} windows" for s in SPLITS]
-        return f"drum corpus {self.root}: " + "; ".join(parts) + f"; skipped {len(self.skipped)} files"
+        """One line for the log: files, windows and bars per split; bars and files skipped, and why."""
+        how = "by file" if self.split_by == "file" else f"by sections of {self.section_bars} bars"
+        parts = [f"{s}: {len(self.files[s])} files, {len(self.windows[s])} windows, {self.bars(s)} bars"
+                 for s in SPLITS]
+        why = ", ".join(f"{reason}: {bars}" for reason, bars in sorted(self.skipped_bars.items()))
+        used = sum(self.bars(s) for s in SPLITS)
+        return (f"drum corpus {self.root}, split {how}: " + "; ".join(parts)
+                + f"; bars used {used}, skipped {sum(self.skipped_bars.values())}" + (f" ({why})" if why else "")
+                + f"; files skipped {len(self.skipped)}")
 
 
 def find_midi_files(root: Path) -> list[Path]:
-    """MIDI files under `root`, recursively, sorted by relative path."""
+    """MIDI files under `root`, recursively (any nesting, as the Groove MIDI Dataset's
+    drummer/session folders), sorted by relative path."""
     found = (p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file())
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
@@ -102,8 +123,12 @@ def load_corpus(
 ) -> Corpus:
     """Read every drum MIDI file under `root` into windows per split.
 
-    Files that cannot be read, have no drums, are not in 4/4, or are shorter than `min_bars`
-    bars are skipped with a warning. Raises NoDrumDataError if the train split ends up empty.
+    Each file gives its 4/4 sections (see `midi.read_drum_track`); sections shorter than
+    `min_bars` bars and the bars of other meters are skipped and counted, and a file is skipped
+    (with a warning) only when nothing in it is usable. Files go to splits by the hash of their
+    path; when that would leave a split empty or far from its fraction (a small collection),
+    bar-aligned sections go to splits instead (`split_sections`). Raises NoDrumDataError if
+    nothing is usable.
     """
     if window_steps <= 0 or window_steps % STEPS_PER_BAR:
         raise ValueError(
@@ -121,28 +146,129 @@ def load_corpus(
         )
     corpus = Corpus(root=root, window_steps=window_steps)
     paths = find_midi_files(root)
+    usable = read_sections(corpus, paths, min_bars)
+    if not usable:
+        raise NoDrumDataError(
+            f"no usable drum data in {root}: found {len(paths)} MIDI files, skipped {len(corpus.skipped)}; "
+            f"point dataset.path at a folder of drum MIDI files (.mid/.midi, channel-10 drums, "
+            f"at least {min_bars} bars in 4/4 or 2/2)"
+        )
+    read_skips = dict(corpus.skipped_bars)  # tails are counted by the split that cuts them
+    min_steps = min_bars * STEPS_PER_BAR
+    by_file = {relpath: split_of(relpath, fractions) for relpath in usable}
+    for relpath, sections in usable.items():
+        _add(corpus, by_file[relpath], relpath, sections, window_steps, min_steps)
+    if not _far_from(corpus, fractions):
+        return corpus
+    file_bars = {s: corpus.bars(s) for s in SPLITS}
+    sectioned = Corpus(root=root, window_steps=window_steps, skipped=corpus.skipped, skipped_bars=read_skips,
+                       split_by="section")
+    split_sections(sectioned, usable, window_steps, min_bars, fractions)
+    logger.info("drum corpus %s is small: a split by file gives %s bars for fractions %s, so sections of "
+                "%d bars go to splits instead: %s bars", root, "/".join(str(file_bars[s]) for s in SPLITS),
+                "/".join(f"{f:g}" for f in fractions), sectioned.section_bars,
+                "/".join(str(sectioned.bars(s)) for s in SPLITS))
+    return sectioned
+
+
+def read_sections(corpus: Corpus, paths: Sequence[Path], min_bars: int) -> dict[str, list[np.ndarray]]:
+    """The sections of at least `min_bars` bars of each readable file, by relative path.
+
+    Bars left out of a usable file are counted in `corpus.skipped_bars` by reason; a file with
+    nothing usable is recorded in `corpus.skipped` with the reason instead.
+    """
+    usable: dict[str, list[np.ndarray]] = {}
     for path in paths:
-        relpath = path.relative_to(root).as_posix()
+        relpath = path.relative_to(corpus.root).as_posix()
         try:
-            events = read_drum_events(path)
+            track = read_drum_track(path)
         except DrumFileError as exc:
             _skip(corpus, relpath, exc.reason)
             continue
-        bars = len(events) // STEPS_PER_BAR
-        if bars < min_bars:
-            _skip(corpus, relpath, f"too short: {bars} bars < dataset.min_bars={min_bars}")
+        long_enough = [s for s in track.sections if len(s) >= min_bars * STEPS_PER_BAR]
+        short = [len(s) // STEPS_PER_BAR for s in track.sections if len(s) < min_bars * STEPS_PER_BAR]
+        if not long_enough:
+            where = "" if len(short) == 1 else f" (4/4 sections of {short} bars)"
+            _skip(corpus, relpath, f"too short: {max(short)} bars < dataset.min_bars={min_bars}{where}")
             continue
-        split = split_of(relpath, fractions)
-        corpus.files[split].append(relpath)
-        corpus.windows[split].extend(cut_windows(events, window_steps, min_bars * STEPS_PER_BAR))
-    if not corpus.windows["train"]:
+        for reason, bars in track.skipped_bars.items():  # a skipped file counts as a file, not bars
+            _count(corpus, reason, bars)
+        _count(corpus, f"4/4 section under dataset.min_bars={min_bars}", sum(short))
+        usable[relpath] = long_enough
+    return usable
+
+
+def split_sections(corpus: Corpus, usable: dict[str, list[np.ndarray]], window_steps: int,
+                   min_bars: int, fractions: Sequence[float]) -> None:
+    """Put bar-aligned sections of the files into splits, in the asked proportions.
+
+    Sections are `window_steps` long, or shorter (min_bars bars, then 2, then 1) when there are
+    too few for every split with a non-zero fraction to get one. Their order is a SHA-256 of
+    (path, section start), so the assignment is deterministic and spread over the files: the
+    first round(fraction * n) (at least one) go to valid, the next to evaluate, the rest to train.
+    """
+    needed = sum(1 for f in fractions if f > 0)
+    window_bars = window_steps // STEPS_PER_BAR
+    candidates = sorted({window_bars, min(min_bars, window_bars), min(2, window_bars), 1}, reverse=True)
+    for bars in candidates:
+        sections = [(relpath, start, piece) for relpath, runs in usable.items()
+                    for run, events in enumerate(runs)
+                    for start, piece in _pieces(events, bars * STEPS_PER_BAR, min(min_bars, bars) * STEPS_PER_BAR,
+                                                run)]
+        if len(sections) >= needed:
+            break
+    else:
+        total = sum(len(e) for runs in usable.values() for e in runs) // STEPS_PER_BAR
         raise NoDrumDataError(
-            f"no usable drum data in {root}: found {len(paths)} MIDI files, skipped {len(corpus.skipped)}, "
-            f"{sum(len(f) for f in corpus.files.values())} left and none in the train split; point "
-            f"dataset.path at a folder of drum MIDI files (.mid/.midi, 4/4, channel-10 drums, "
-            f"at least {min_bars} bars)"
-        )
-    return corpus
+            f"only {total} usable bars of drums in {corpus.root}: train, valid and evaluate need one bar "
+            f"each at least; add files or set dataset.splits (e.g. [1, 0, 0] trains without held-out data)")
+    corpus.section_bars = bars
+    sections.sort(key=lambda item: hashlib.sha256(f"{item[0]}@{item[1]}".encode()).digest())
+    quotas = [max(1, round(f * len(sections))) if f > 0 else 0 for f in fractions[1:]]
+    edges = {"valid": (0, quotas[0]), "evaluate": (quotas[0], quotas[0] + quotas[1]),
+             "train": (quotas[0] + quotas[1], len(sections))}
+    for split, (begin, end) in edges.items():
+        chosen = sorted(sections[begin:end], key=lambda item: (item[0], item[1]))  # file order, as by file
+        for relpath, _, piece in chosen:
+            if relpath not in corpus.files[split]:
+                corpus.files[split].append(relpath)
+            corpus.windows[split].append(piece)
+    dropped = sum(len(e) for runs in usable.values() for e in runs) - sum(len(p) for _, _, p in sections)
+    _count(corpus, f"tail under dataset.min_bars={min_bars}", dropped // STEPS_PER_BAR)
+
+
+def _pieces(events: np.ndarray, steps: int, min_steps: int, run: int) -> list[tuple[int, np.ndarray]]:
+    """(a key unique in the file, piece) for the bar-aligned pieces of one section of a file."""
+    return [(run * MAX_STEPS + start, events[start:start + steps])
+            for start in range(0, len(events), steps) if len(events[start:start + steps]) >= min(min_steps, steps)]
+
+
+MAX_STEPS = 1 << 32  # above any section's length: (run, start) as one integer key
+
+
+def _add(corpus: Corpus, split: str, relpath: str, sections: list[np.ndarray], window_steps: int,
+         min_steps: int) -> None:
+    corpus.files[split].append(relpath)
+    for events in sections:
+        windows = cut_windows(events, window_steps, min_steps)
+        corpus.windows[split].extend(windows)
+        _count(corpus, f"tail under dataset.min_bars={min_steps // STEPS_PER_BAR}",
+               (len(events) - sum(len(w) for w in windows)) // STEPS_PER_BAR)
+
+
+def _far_from(corpus: Corpus, fractions: Sequence[float]) -> bool:
+    """Whether a split's share of the bars is empty or off its fraction by more than a factor 2."""
+    total = sum(corpus.bars(s) for s in SPLITS)
+    for split, fraction in zip(SPLITS, fractions):
+        share = corpus.bars(split) / total
+        if fraction > 0 and not fraction / 2 <= share <= 2 * fraction:
+            return True
+    return False
+
+
+def _count(corpus: Corpus, reason: str, bars: int) -> None:
+    if bars:
+        corpus.skipped_bars[reason] = corpus.skipped_bars.get(reason, 0) + bars
 
 
 def _skip(corpus: Corpus, relpath: str, reason: str) -> None:

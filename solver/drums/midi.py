@@ -1,13 +1,15 @@
 """Drum MIDI in and out: files to quantized event arrays, event arrays to MIDI files and piano rolls.
 
 Reading follows Magenta's drum track extraction: drum-channel notes with velocity > 0, onsets
-rounded to the nearest step, the sequence starting at the bar of the first hit and padded to
-the end of its last bar. Quantization works in ticks, so tempo changes do not matter; the
-meter does, and only meters whose bar is four quarter notes long (4/4, 2/2) are accepted.
+rounded to the nearest step, a sequence starting at the bar of the first hit and padded to
+the end of its last bar. Quantization works in ticks (beats), so tempo changes do not matter;
+the meter does: only stretches whose bar is four quarter notes long (4/4, 2/2) are read, and
+the bars of other meters (a 3/4 intro) are counted as skipped.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,29 +40,108 @@ class DrumFileError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def read_drum_events(path: str | Path, steps_per_quarter: int = STEPS_PER_QUARTER) -> np.ndarray:
-    """Quantized drum events (int64, one per step) of the drum tracks of a MIDI file.
+@dataclass
+class DrumTrack:
+    """What a MIDI file gives: its usable drum sections and the bars it left out, by reason.
 
-    All drum tracks (channel 10) are merged; notes at pitches outside the kit are ignored.
-    The result starts at the bar holding the first hit and its length is whole bars.
-    Raises DrumFileError for anything that is not a usable 4/4 drum file.
+    `sections` are the runs of bars of four quarter notes (4/4, 2/2) that hold drum hits, each
+    an int64 event array of whole bars from the bar of its first hit to the bar of its last.
+    `skipped_bars` counts the bars with drums in other meters, e.g. {'time signature 3/4': 4}.
+    """
+
+    sections: list[np.ndarray]
+    skipped_bars: dict[str, int] = field(default_factory=dict)
+    qpm: float = 120.0  # the tempo where the first section starts (MIDI's default: 120)
+
+
+def read_drum_track(path: str | Path, steps_per_quarter: int = STEPS_PER_QUARTER) -> DrumTrack:
+    """The drum sections of a MIDI file, quantized on its beats (ticks), whatever its tempo map.
+
+    All drum tracks (channel 10) are merged, other tracks and notes outside the kit ignored.
+    A time signature change starts a new stretch; stretches whose bar is not four quarter notes
+    are skipped and their bars counted. Raises DrumFileError when nothing is usable, naming why.
     """
     if steps_per_quarter < 1:
         raise ValueError(f"steps_per_quarter must be a positive integer, got {steps_per_quarter}")
     score = _load_score(path)
     ticks, classes = _drum_hits(score, path)
     tpq = score.ticks_per_quarter
-    # Nearest step, halves rounded up, in exact integer arithmetic.
-    steps = (ticks * (2 * steps_per_quarter) + tpq) // (2 * tpq)
-    _check_meter(score, path, int(ticks.max()))
+    starts, meters = _meter_stretches(score)
+    # A hit belongs to the stretch of the step it rounds to (an early downbeat is still the downbeat).
+    half_step = tpq // (2 * steps_per_quarter)
+    owner = np.searchsorted(starts, ticks + half_step, side="right") - 1
+    track = DrumTrack(sections=[])
     steps_per_bar = QUARTERS_PER_BAR * steps_per_quarter
-    start = int(steps.min()) // steps_per_bar * steps_per_bar
-    num_bars = (int(steps.max()) - start) // steps_per_bar + 1
-    if num_bars > MAX_BARS:  # a corrupt tick would otherwise allocate gigabytes
-        raise DrumFileError(path, f"drum part spans {num_bars} bars, more than the {MAX_BARS} we accept")
-    events = np.zeros(num_bars * steps_per_bar, dtype=np.int64)
-    np.bitwise_or.at(events, steps - start, np.left_shift(1, classes))
-    return events
+    for index in np.unique(owner):
+        start, (numerator, denominator) = int(starts[index]), meters[index]
+        mine = owner == index
+        if numerator * 4 != QUARTERS_PER_BAR * denominator:  # a bar is numerator * 4 / denominator quarters
+            bar_ticks = max(1, numerator * 4 * tpq // max(denominator, 1))
+            bars = (ticks[mine] - start) // bar_ticks
+            reason = f"time signature {numerator}/{denominator}"
+            track.skipped_bars[reason] = track.skipped_bars.get(reason, 0) + int(bars.max() - bars.min() + 1)
+            continue
+        # Nearest step from the stretch's first bar line, halves rounded up, in exact integers.
+        steps = ((ticks[mine] - start) * (2 * steps_per_quarter) + tpq) // (2 * tpq)
+        first = int(steps.min()) // steps_per_bar * steps_per_bar
+        num_bars = (int(steps.max()) - first) // steps_per_bar + 1
+        if num_bars > MAX_BARS:  # a corrupt tick would otherwise allocate gigabytes
+            raise DrumFileError(path, f"drum part spans {num_bars} bars, more than the {MAX_BARS} we accept")
+        events = np.zeros(num_bars * steps_per_bar, dtype=np.int64)
+        np.bitwise_or.at(events, steps - first, np.left_shift(1, classes[mine]))
+        if not track.sections:
+            track.qpm = _tempo_at(score, start + first * tpq // steps_per_quarter)
+        track.sections.append(events)
+    if not track.sections:
+        skipped = ", ".join(f"{bars} bars in {reason}" for reason, bars in track.skipped_bars.items())
+        raise DrumFileError(path, f"no drums in a meter of four quarter notes per bar (4/4, 2/2): {skipped}")
+    return track
+
+
+def read_drum_events(path: str | Path, steps_per_quarter: int = STEPS_PER_QUARTER) -> np.ndarray:
+    """The events of the first usable drum section of a MIDI file (see `read_drum_track`).
+
+    For a file in 4/4 throughout, that is the whole drum part: from the bar holding the first
+    hit to the end of the bar of the last. Raises DrumFileError if the file has no such section.
+    """
+    return read_drum_track(path, steps_per_quarter).sections[0]
+
+
+def _tempo_at(score: ScoreTick, tick: int) -> float:
+    """Quarter notes per minute in effect at `tick` (120 before the first tempo, as in MIDI)."""
+    qpm = 120.0
+    for tempo in sorted(score.tempos, key=lambda t: t.time):
+        if tempo.time > tick:
+            break
+        qpm = float(tempo.qpm)
+    return qpm if qpm > 0 else 120.0
+
+
+def _meter_stretches(score: ScoreTick) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Start ticks and (numerator, denominator) of the file's runs of one meter, in order.
+
+    No time signature means 4/4 (as in MIDI and Magenta), also before the first one. A signature
+    replaced at the same tick never takes effect; repeating the current meter starts no new run,
+    and a change between 4/4 and 2/2 neither (the bar stays four quarter notes long).
+    """
+    by_tick: dict[int, tuple[int, int]] = {0: (4, 4)}
+    for signature in sorted(score.time_signatures, key=lambda ts: ts.time):
+        by_tick[max(int(signature.time), 0)] = (int(signature.numerator), int(signature.denominator))
+    starts: list[int] = []
+    meters: list[tuple[int, int]] = []
+    for tick, meter in sorted(by_tick.items()):
+        if meters and _bar_quarters(meters[-1]) == _bar_quarters(meter) == QUARTERS_PER_BAR:
+            continue
+        if meters and meters[-1] == meter:
+            continue
+        starts.append(tick)
+        meters.append(meter)
+    return np.asarray(starts, dtype=np.int64), meters
+
+
+def _bar_quarters(meter: tuple[int, int]) -> float:
+    numerator, denominator = meter
+    return numerator * 4 / denominator if denominator else float("nan")
 
 
 def _load_score(path: str | Path) -> ScoreTick:
@@ -87,27 +168,6 @@ def _drum_hits(score: ScoreTick, path: str | Path) -> tuple[np.ndarray, np.ndarr
     if not keep.any():
         raise DrumFileError(path, "no drum notes at General MIDI drum kit pitches")
     return ticks[keep], classes[keep]
-
-
-def _check_meter(score: ScoreTick, path: str | Path, last_tick: int) -> None:
-    """Reject a file whose meter, anywhere up to its last hit, is not four quarters per bar.
-
-    No time signature means 4/4 (as in MIDI and Magenta). A signature replaced at the same tick
-    never takes effect, and one that starts after the last hit does not affect the drums.
-    """
-    signatures = sorted(score.time_signatures, key=lambda ts: ts.time)
-    for i, here in enumerate(signatures):
-        if i + 1 < len(signatures) and signatures[i + 1].time == here.time:
-            continue
-        if here.time > last_tick:
-            break
-        # A bar lasts numerator * 4 / denominator quarter notes.
-        if here.numerator * 4 != QUARTERS_PER_BAR * here.denominator or here.denominator == 0:
-            raise DrumFileError(
-                path,
-                f"time signature {here.numerator}/{here.denominator} at tick {here.time}: only meters "
-                f"with four quarter notes per bar (4/4, 2/2) are supported",
-            )
 
 
 def write_drum_midi(

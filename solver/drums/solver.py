@@ -13,7 +13,7 @@ import torch
 from .. import builders, distrib, validation
 from ..base import StandardSolver
 from ..errors import ConfigError, SolverError
-from . import data, midi
+from . import audio, data, midi
 from .encoding import NUM_EVENTS, STEPS_PER_BAR, pitches_to_event
 from .model import DrumRNN, finalize_metrics, sample, sequence_metrics
 
@@ -50,8 +50,8 @@ class DrumRNNSolver(StandardSolver):
         logger.info("%s", self.corpus.summary())
         for split in ('valid', 'evaluate'):
             if not self.corpus.windows[split]:
-                raise SolverError(f"dataset.path {self.corpus.root}: no file landed in the {split} split; "
-                                  "add files or change dataset.splits.")
+                raise SolverError(f"dataset.splits={list(cfg.splits)} gives the {split} split no data; "
+                                  f"give it a non-zero fraction.")
         self.dataloaders['train'] = builders.get_train_loader(
             self.corpus.dataset('train'), self.cfg, seed=self.cfg.seed, collate_fn=data.collate)
         for split in ('valid', 'evaluate'):
@@ -132,43 +132,69 @@ class DrumRNNSolver(StandardSolver):
         return {'baseline_unigram_perplexity': math.exp(nll / max(count, 1)),
                 'baseline_repeat_bar_accuracy': repeat_correct / max(repeat_count, 1)}
 
-    # -- generate: MIDI files and piano rolls ------------------------------------------------------
+    # -- generate: MIDI files, piano rolls and WAV previews ------------------------------------
 
-    def primer(self) -> torch.Tensor:
+    def primer(self) -> tuple[torch.Tensor, float | None]:
+        """The primer events (the first `generate.primer_bars` bars of `generate.primer`, else one
+        kick) and the primer file's tempo (None without a file)."""
         cfg = self.cfg.generate
         if not cfg.primer:
-            return torch.tensor([KICK])
-        events = midi.read_drum_events(resolve_path(cfg.primer))
-        return torch.from_numpy(events[:cfg.get('primer_steps', STEPS_PER_BAR)].astype(np.int64))
+            return torch.tensor([KICK]), None
+        try:
+            track = midi.read_drum_track(resolve_path(cfg.primer))
+        except midi.DrumFileError as err:
+            raise SolverError(f"generate.primer={cfg.primer}: {err.reason}; give a drum MIDI file with "
+                              "at least one bar in 4/4 on channel 10.") from err
+        steps = int(cfg.get('primer_bars', 1)) * STEPS_PER_BAR
+        return torch.from_numpy(track.sections[0][:steps].astype(np.int64)), track.qpm
+
+    def samples_folder(self) -> Path:
+        """samples/epoch_<N>/ during training; samples/generate_<K>/ (the next free K) on demand,
+        so that `execute_only=generate` never overwrites what training wrote."""
+        root = self.folder / 'samples'
+        if self.cfg.execute_only != 'generate':
+            return root / f'epoch_{self.epoch}'
+        taken = {p.name for p in root.glob('generate_*')} if root.exists() else set()
+        return root / next(f'generate_{k:03d}' for k in range(len(taken) + 1) if f'generate_{k:03d}' not in taken)
 
     def generate(self) -> dict[str, float]:
-        """Sample `generate.num_samples` tracks; write each as MIDI and a piano-roll PNG.
+        """Sample `generate.num_samples` tracks; write each as MIDI, a piano-roll PNG and a WAV.
 
-        Every rank samples the same tracks (a sharded model needs all ranks for a forward);
-        rank 0 writes them.
+        Each sample starts with the primer. Every rank samples the same tracks (a sharded model
+        needs all ranks for a forward); rank 0 writes them.
         """
         cfg = self.cfg.generate
-        folder = self.folder / 'samples' / f'epoch_{self.epoch}'
         writes = distrib.is_rank_zero()
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.samples_folder()
+        if writes:
+            folder.mkdir(parents=True, exist_ok=True)
         # A generator of its own, so that sampling never shifts the training RNG streams.
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch)
-        primer = self.primer().to(self.device)
-        hits = []
+        primer, primer_qpm = self.primer()
+        if cfg.num_steps < len(primer):
+            raise SolverError(f"generate.num_steps={cfg.num_steps} is shorter than the primer "
+                              f"({len(primer)} steps); ask for more steps or fewer generate.primer_bars.")
+        qpm = float(cfg.qpm or primer_qpm or 120.0)
+        hits, renderers = [], set()
         for index in range(cfg.num_samples):
             self.check_stop()
-            events = sample(self.model, primer, cfg.num_steps, cfg.temperature,
+            events = sample(self.model, primer.to(self.device), cfg.num_steps, cfg.temperature,
                             generator=generator).cpu().numpy()
             name = f'sample_{index:02d}'
             if writes:
-                midi.write_drum_midi(events, folder / f'{name}.mid', qpm=cfg.qpm)
+                midi.write_drum_midi(events, folder / f'{name}.mid', qpm=qpm)
                 midi.save_piano_roll(events, folder / f'{name}.png',
                                      title=f'{self.xp.sig} epoch {self.epoch} {name} (T={cfg.temperature})')
                 if self.tensorboard is not None:  # logging.log_tensorboard: the same piano roll
                     from matplotlib.image import imread
                     self.tensorboard.add_image(f'generate/{name}', imread(folder / f'{name}.png'), self.epoch,
                                                dataformats='HWC')
+                if cfg.get('wav', True):
+                    renderers.add(audio.write_preview(events, folder / f'{name}.mid', folder / f'{name}.wav',
+                                                      qpm=qpm, seconds=cfg.get('preview_seconds')))
             hits.append(float((events != 0).mean()))
         if writes:
-            logger.info("Wrote %d samples to %s", cfg.num_samples, folder)
+            logger.info("Wrote %d samples to %s (MIDI, piano roll%s; %d steps at %g qpm, T=%g)",
+                        cfg.num_samples, folder, f", WAV by {'/'.join(sorted(renderers))}" if renderers else '',
+                        cfg.num_steps, qpm, cfg.temperature)
         return {'nonsilent_steps': float(np.mean(hits))}

@@ -1,8 +1,10 @@
 """Specification of the drum corpus: hash splits, skipped files, windows, batches and counts."""
 
 import logging
+import subprocess
+import sys
 from collections import Counter
-from pathlib import PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import mido
 import numpy as np
@@ -64,11 +66,13 @@ def test_corpus_files_keep_their_split_whatever_else_is_in_the_folder(tmp_path):
     names = [f"{folder}/groove_{i}.mid" for folder in "zab" for i in range(8)]
     for i, name in enumerate(reversed(names)):  # written in another order than listed
         write_drums(tmp_path / name, bars=8, seed=i)
-    before = load_corpus(tmp_path, min_bars=4)
+    fractions = (0.6, 0.2, 0.2)  # 24 files: every split's share within a factor 2 of its fraction
+    before = load_corpus(tmp_path, min_bars=4, fractions=fractions)
     write_drums(tmp_path / "a" / "new.mid", bars=8)
-    after = load_corpus(tmp_path, min_bars=4)
+    after = load_corpus(tmp_path, min_bars=4, fractions=fractions)
+    assert before.split_by == after.split_by == "file"
     for split in SPLITS:
-        assert before.files[split] == [n for n in sorted(names) if split_of(n) == split]
+        assert before.files[split] == [n for n in sorted(names) if split_of(n, fractions) == split]
         assert set(before.files[split]) <= set(after.files[split])
 
 
@@ -185,3 +189,83 @@ def test_event_frequencies_count_every_step():
 def test_event_frequencies_reject_foreign_events():
     with pytest.raises(ValueError, match="out of range"):
         event_frequencies([np.array([0, 512])])
+
+
+# -- small and messy collections ------------------------------------------------------------------
+
+def test_a_few_songs_are_split_by_sections_in_every_split(tmp_path, caplog):
+    for i in range(7):
+        write_drums(tmp_path / f"song_{i}.mid", bars=40, seed=i)
+    with caplog.at_level(logging.INFO, logger="solver.drums.data"):
+        corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.split_by == "section" and corpus.section_bars == 4
+    assert [len(corpus.windows[s]) for s in SPLITS] == [56, 7, 7]  # 70 sections: 10% each held out
+    assert "is small" in caplog.text and "sections of 4 bars" in corpus.summary()
+    again = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    for split in SPLITS:
+        assert all(np.array_equal(a, b) for a, b in zip(corpus.windows[split], again.windows[split]))
+
+
+def _starts(corpus):
+    """Memory address of each window: windows are views into their file's events."""
+    return [w.__array_interface__["data"][0] for split in SPLITS for w in corpus.windows[split]]
+
+
+def test_sections_are_disjoint_and_cover_the_file(tmp_path):
+    write_drums(tmp_path / "only.mid", bars=12, seed=3)
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.split_by == "section" and corpus.section_bars == 4
+    assert [corpus.bars(s) for s in SPLITS] == [4, 4, 4]
+    assert len(set(_starts(corpus))) == 3
+    whole = np.concatenate(sorted((w for s in SPLITS for w in corpus.windows[s]),
+                                  key=lambda w: w.__array_interface__["data"][0]))
+    np.testing.assert_array_equal(whole, drum_events(12, seed=3))
+
+
+def test_a_one_file_folder_of_min_bars_trains_on_shorter_sections(tmp_path):
+    write_drums(tmp_path / "four_bars.mid", bars=4)
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.section_bars == 1  # 4 bars of 4 or 2 give fewer than 3 sections
+    assert [corpus.bars(s) for s in SPLITS] == [2, 1, 1]
+
+
+def test_too_few_bars_for_three_splits_is_a_clear_error(tmp_path):
+    write_drums(tmp_path / "two_bars.mid", bars=2)
+    with pytest.raises(NoDrumDataError, match=r"only 2 usable bars.*dataset\.splits"):
+        load_corpus(tmp_path, min_bars=1, window_steps=64)
+    assert load_corpus(tmp_path, min_bars=1, window_steps=64, fractions=ALL_TRAIN).bars("train") == 2
+
+
+def test_a_messy_nested_collection_reads_what_is_usable_and_says_what_it_skipped(tmp_path, band_song):
+    # The Groove MIDI Dataset's layout: drummer/session/<id>_<style>_<bpm>_<beat|fill>_<meter>.mid
+    band_song(tmp_path / "drummer1/session1/1_funk_92_beat_4-4.mid", intro_bars=2, groove_bars=12)
+    band_song(tmp_path / "drummer1/session2/2_rock_104_beat_4-4.mid", intro_bars=1, groove_bars=9, seed=1)
+    band_song(tmp_path / "drummer2/eval_session/3_jazz_92_fill_4-4.mid", intro_bars=3, groove_bars=2)
+    waltz = tmp_path / "drummer2/eval_session/4_waltz_92_beat_3-4.mid"
+    band_song(waltz, intro_bars=4, groove_bars=0)  # nothing but 3/4
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert sorted(corpus.skipped) == ["drummer2/eval_session/3_jazz_92_fill_4-4.mid",
+                                      "drummer2/eval_session/4_waltz_92_beat_3-4.mid"]
+    assert "too short: 2 bars" in corpus.skipped["drummer2/eval_session/3_jazz_92_fill_4-4.mid"]
+    assert "4 bars in time signature 3/4" in corpus.skipped["drummer2/eval_session/4_waltz_92_beat_3-4.mid"]
+    # bars left out of the two usable songs: their 3/4 intros, and one bar after two 4-bar sections
+    assert corpus.skipped_bars == {"time signature 3/4": 2 + 1, "tail under dataset.min_bars=4": 1}
+    assert sum(corpus.bars(s) for s in SPLITS) == 12 + 8
+    line = corpus.summary()
+    assert "bars used 20, skipped 4 (tail under dataset.min_bars=4: 1, time signature 3/4: 3)" in line
+    assert "files skipped 2" in line
+    # the groove reads as written: kick on 1 and 3, snare on 2 and 4, hats on 8ths; no bass as snare
+    first_bars = next(w for s in SPLITS for w in corpus.windows[s] if len(w) and w[4] == 2 + 4)
+    assert first_bars[0] & 1 and first_bars[4] == 2 + 4 and first_bars[8] & 1 and first_bars[12] == 2 + 4
+
+
+def test_the_small_set_script_writes_a_messy_collection_that_trains(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_small_drum_set.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.mid"))
+    assert len(files) == 7 and all(f.startswith("drummer") and f.count("/") == 2 for f in files)
+    assert all(len(mido.MidiFile(tmp_path / f).tracks) == 4 for f in files)  # conductor, drums, bass, keys
+    corpus = load_corpus(tmp_path, min_bars=4, window_steps=64)
+    assert corpus.split_by == "section" and not corpus.skipped
+    assert corpus.skipped_bars == {"time signature 3/4": 8}
+    assert [corpus.bars(s) for s in SPLITS] == [272, 32, 32]

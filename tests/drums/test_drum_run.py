@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import wave
 from pathlib import Path
 
 import mido
+import numpy as np
 import pytest
 import torch
 
 from solver.checkpointing.format import read_checkpoint
-from solver.drums.midi import read_drum_events
+from solver.drums.midi import read_drum_events, read_drum_track
 
 DEBUG = ('run', 'solver=drum_rnn/debug', 'checkpoint.save_every=1')
+pytestmark = pytest.mark.integration
 METRICS = {'loss', 'perplexity', 'accuracy', 'event_accuracy', 'no_event_accuracy'}
 pytestmark = pytest.mark.integration  # every test here reads or starts a real dora run
 
@@ -59,6 +62,8 @@ def test_generated_midi_files_are_playable_drum_tracks(debug_xp):
         assert len(read_drum_events(path)) > 0
         png = path.with_suffix('.png')
         assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        with wave.open(str(path.with_suffix('.wav'))) as preview:  # 32 steps at 120 qpm: 4 s, and a ring
+            assert 4.0 <= preview.getnframes() / preview.getframerate() < 6.0
 
 
 def test_rerun_resumes_at_the_next_epoch_with_the_same_history(debug_xp, dora_tools, tmp_path):
@@ -86,11 +91,92 @@ def test_rerun_resumes_at_the_next_epoch_with_the_same_history(debug_xp, dora_to
 
 def test_execute_only_generate_writes_samples_without_new_history(debug_xp, dora_tools):
     dora_dir, xp, _ = debug_xp
-    before = (xp / 'history.json').read_text()
+    before = {name: (xp / name).read_bytes() for name in ('history.json', 'checkpoint.th')}
+    trained = {p: p.read_bytes() for p in (xp / 'samples' / 'epoch_2').iterdir()}
     code, out = dora_tools.run(dora_dir, *DEBUG, 'execute_only=generate', timeout=300)
     assert code == 0, out[-2000:]
-    assert (xp / 'history.json').read_text() == before
+    assert {name: (xp / name).read_bytes() for name in before} == before
+    assert {p: p.read_bytes() for p in (xp / 'samples' / 'epoch_2').iterdir()} == trained
     assert 'Wrote 2 samples' in out
+    assert len(list((xp / 'samples' / 'generate_000').glob('sample_*.wav'))) == 2
+
+
+def test_generate_on_demand_from_a_primer_continues_its_first_bar(debug_xp, dora_tools, tmp_path, band_song):
+    dora_dir, xp, _ = debug_xp
+    primer = band_song(tmp_path / 'primer.mid', intro_bars=2, groove_bars=4)  # 3/4 intro, 92 qpm
+    first_bar = read_drum_track(primer).sections[0][:16]
+    args = ('run', 'solver=drum_rnn/debug', f'continue_from=//sig/{xp.name}', 'execute_only=generate',
+            f'generate.primer={primer}', 'generate.num_samples=3', 'generate.num_steps=48',
+            'generate.temperature=0.7')
+    history = (xp / 'history.json').read_bytes()
+    code, out = dora_tools.run(dora_dir, *args, timeout=300)
+    assert code == 0, out[-2000:]
+    assert 'Continuing from the best state' in out and 'Wrote 3 samples' in out
+    here = dora_tools.folder(dora_dir, *args[1:])
+    samples = sorted((here / 'samples' / 'generate_000').glob('*.mid'))
+    assert len(samples) == 3
+    for path in samples:
+        track = read_drum_track(path)
+        assert len(track.sections[0]) == 48 and track.qpm == pytest.approx(92, abs=0.01)
+        np.testing.assert_array_equal(track.sections[0][:16], first_bar)
+        with wave.open(str(path.with_suffix('.wav'))) as preview:  # 48 steps at 92 qpm, cut at 8 s
+            assert 8.0 <= preview.getnframes() / preview.getframerate() < 10.0
+    assert not (here / 'history.json').exists() and not (here / 'checkpoint.th').exists()
+    assert (xp / 'history.json').read_bytes() == history
+
+
+def test_finetune_continues_from_the_pretrained_best_state_on_a_messy_folder(debug_xp, dora_tools, tmp_path,
+                                                                             band_song):
+    dora_dir, xp, _ = debug_xp
+    mine = tmp_path / 'mine'
+    band_song(mine / 'drummer1/session1/1_funk_92_beat_4-4.mid', intro_bars=2, groove_bars=20)
+    band_song(mine / 'drummer1/session2/2_rock_104_beat_4-4.mid', intro_bars=0, groove_bars=14, seed=1)
+    args = ('run', 'solver=drum_rnn/finetune', f'continue_from=//sig/{xp.name}', f'dataset.path={mine}',
+            'model.hidden_size=32', 'model.num_layers=1', 'dataset.batch_size=16', 'dataset.window_steps=32',
+            'optim.epochs=2', 'optim.updates_per_epoch=3', 'generate.num_steps=32')
+    code, out = dora_tools.run(dora_dir, *args, timeout=300)
+    assert code == 0, out[-2000:]
+    assert 'Continuing from the best state' in out
+    assert 'split by sections of 2 bars' in out and 'time signature 3/4: 2' in out
+    here = dora_tools.folder(dora_dir, *args[1:])
+    ckpt = read_checkpoint(here / 'checkpoint.th')
+    assert ckpt.meta['config']['optim']['lr'] == pytest.approx(1e-3)
+    history = json.loads((here / 'history.json').read_text())
+    assert len(history) == 2
+    assert {'accuracy_from_bar_2', 'baseline_repeat_bar_accuracy'} <= set(history[-1]['evaluate'])
+
+
+@pytest.fixture(scope='module')
+def tiny_xp(tmp_path_factory: pytest.TempPathFactory, dora_tools, band_song) -> tuple[Path, Path, tuple[str, ...]]:
+    """A debug run on one 12-bar song: 4 training windows for a batch of 16."""
+    root = tmp_path_factory.mktemp('tiny')
+    band_song(root / 'mine' / 'song.mid', intro_bars=1, groove_bars=12)
+    args = (*DEBUG, f'dataset.path={root / "mine"}')
+    code, out = dora_tools.run(root / 'dora', *args, timeout=300)
+    assert code == 0, out[-2000:]
+    assert 'train: 1 files, 4 windows' in out
+    return root / 'dora', dora_tools.folder(root / 'dora', *args[1:]), args
+
+
+def test_a_set_smaller_than_a_batch_trains_with_full_batches(tiny_xp):
+    _, xp, _ = tiny_xp
+    history = json.loads((xp / 'history.json').read_text())
+    assert len(history) == 2 and all(METRICS <= set(epoch['valid']) for epoch in history)
+    assert read_checkpoint(xp / 'checkpoint.th').state['progress']['train_batches'] == 10
+
+
+def test_a_set_smaller_than_a_batch_resumes_bit_exact(tiny_xp, dora_tools, tmp_path):
+    dora_dir, xp, args = tiny_xp
+    copy = tmp_path / 'dora'
+    shutil.copytree(dora_dir, copy, symlinks=True)
+    moved = copy / 'xps' / xp.name
+    shutil.copy(moved / 'checkpoint_1.th', moved / 'checkpoint.th')
+    (moved / 'checkpoint_2.th').unlink()
+    code, out = dora_tools.run(copy, *args, timeout=300)
+    assert code == 0, out[-2000:]
+    a = read_checkpoint(xp / 'checkpoint.th').state['model']
+    b = read_checkpoint(moved / 'checkpoint.th').state['model']
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_a_folder_without_usable_drums_stops_with_a_clear_error(dora, tmp_path):

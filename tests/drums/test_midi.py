@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import symusic
 
-from solver.drums.midi import DrumFileError, read_drum_events, save_piano_roll, write_drum_midi
+from solver.drums.midi import DrumFileError, read_drum_events, read_drum_track, save_piano_roll, write_drum_midi
 
 TPQ = 480
 STEP = TPQ // 4  # ticks per 16th note
@@ -148,10 +148,66 @@ def test_other_meters_are_rejected_naming_file_and_meter(tmp_path, numerator, de
         read_drum_events(path)
 
 
-def test_a_change_to_an_incompatible_meter_is_rejected(tmp_path):
-    meta = [time_signature(0, 4, 4), time_signature(16 * STEP, 3, 4)]
-    with pytest.raises(DrumFileError, match="3/4"):
-        read_drum_events(write_mido(tmp_path / "change.mid", ROCK_NOTES, meta=meta))
+WALTZ_BAR = 12 * STEP  # a 3/4 bar in ticks
+
+
+def waltz_intro(bars):
+    """`bars` bars of 3/4 (kick on 1, hats on 2 and 3) starting at tick 0."""
+    return [(bar * WALTZ_BAR + beat * 4 * STEP, KICK if beat == 0 else HAT) for bar in range(bars) for beat in range(3)]
+
+
+def shifted(notes, ticks):
+    return [(tick + ticks, *rest) for tick, *rest in notes]
+
+
+def test_a_three_four_intro_is_skipped_and_counted_and_the_groove_read(tmp_path):
+    intro = 2 * WALTZ_BAR
+    meta = [time_signature(0, 3, 4), time_signature(intro, 4, 4)]
+    path = write_mido(tmp_path / "intro.mid", waltz_intro(2) + shifted(ROCK_NOTES, intro), meta=meta)
+    track = read_drum_track(path)
+    assert [s.tolist() for s in track.sections] == [ROCK_EVENTS]
+    assert track.skipped_bars == {"time signature 3/4": 2}
+    assert read_drum_events(path).tolist() == ROCK_EVENTS
+
+
+def test_a_bar_in_another_meter_splits_the_file_into_two_sections(tmp_path):
+    rock_end, waltz_end = 32 * STEP, 32 * STEP + WALTZ_BAR
+    meta = [time_signature(0, 4, 4), time_signature(rock_end, 3, 4), time_signature(waltz_end, 4, 4)]
+    notes = ROCK_NOTES + shifted(waltz_intro(1), rock_end) + shifted(ROCK_NOTES, waltz_end)
+    track = read_drum_track(write_mido(tmp_path / "middle.mid", notes, meta=meta))
+    assert [s.tolist() for s in track.sections] == [ROCK_EVENTS, ROCK_EVENTS]
+    assert track.skipped_bars == {"time signature 3/4": 1}
+
+
+def test_a_change_between_four_four_and_two_two_keeps_one_section(tmp_path):
+    meta = [time_signature(0, 4, 4), time_signature(16 * STEP, 2, 2)]
+    track = read_drum_track(write_mido(tmp_path / "cut_time.mid", ROCK_NOTES, meta=meta))
+    assert [s.tolist() for s in track.sections] == [ROCK_EVENTS] and track.skipped_bars == {}
+
+
+def test_an_early_downbeat_after_a_meter_change_lands_on_the_new_bar_line(tmp_path):
+    intro = WALTZ_BAR
+    meta = [time_signature(0, 3, 4), time_signature(intro, 4, 4)]
+    groove = [(tick + intro - (10 if tick == 0 else 0), pitch) for tick, pitch in ROCK_NOTES]  # 10 ticks early
+    track = read_drum_track(write_mido(tmp_path / "early.mid", waltz_intro(1) + groove, meta=meta))
+    assert [s.tolist() for s in track.sections] == [ROCK_EVENTS]
+
+
+def test_a_file_with_only_other_meters_is_rejected_with_the_bars_it_skipped(tmp_path):
+    meta = [time_signature(0, 3, 4), time_signature(3 * WALTZ_BAR, 6, 8)]
+    notes = waltz_intro(3) + shifted(waltz_intro(2), 3 * WALTZ_BAR)
+    with pytest.raises(DrumFileError, match="waltzes.mid.*3 bars in time signature 3/4, 2 bars in time signature 6/8"):
+        read_drum_track(write_mido(tmp_path / "waltzes.mid", notes, meta=meta))
+
+
+def test_a_multi_track_file_reads_every_drum_track_and_only_those(tmp_path):
+    kicks = [(tick, pitch) for tick, pitch in ROCK_NOTES if pitch == KICK]
+    rest = [(tick, pitch) for tick, pitch in ROCK_NOTES if pitch != KICK]
+    bass = (1, [(tick, 40) for tick, _ in kicks])  # E1 on the bass channel: pitch 40 is a snare on drums
+    keys = (0, [(bar * 16 * STEP, 60) for bar in range(2)])
+    path = write_mido(tmp_path / "band.mid", kicks, other_tracks=[bass, keys, (9, rest)], meta=[tempo(0, 96)])
+    assert len(mido.MidiFile(path).tracks) == 5
+    assert read_drum_events(path).tolist() == ROCK_EVENTS
 
 
 def test_a_meter_after_the_last_hit_or_replaced_at_once_is_harmless(tmp_path):
