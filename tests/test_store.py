@@ -283,6 +283,22 @@ def test_the_staged_copy_of_the_last_save_is_a_private_copy_of_the_newest_checkp
     writer.close()
 
 
+def test_the_staged_copy_is_copied_straight_into_the_live_tensors_that_fit(tmp_path, assert_same):
+    state = make_state()
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.save(state, {tmp_path / 'checkpoint.th': None}, META)
+    writer.wait()
+    live = make_state(1)
+    live['model']['w'] = torch.zeros(3)  # does not fit: cloned instead
+    staged = writer.staged_checkpoint(tmp_path / 'checkpoint.th', into=live)
+    assert staged is not None
+    assert staged.state['model']['v'].data_ptr() == live['model']['v'].data_ptr()
+    assert torch.equal(live['optimizer']['exp_avg'], state['optimizer']['exp_avg'])
+    assert torch.equal(live['model']['w'], torch.zeros(3))
+    assert_same(staged.state, state)
+    writer.close()
+
+
 def test_the_staged_copy_is_not_used_once_the_file_on_disk_differs_from_it(tmp_path):
     writer = CheckpointWriter(SaveMode.ASYNC)
     writer.save(make_state(), {tmp_path / 'checkpoint.th': None}, META)

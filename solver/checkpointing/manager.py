@@ -289,7 +289,7 @@ class CheckpointManager:
         begin = time.perf_counter()
         # [rollback from memory] the async writer's staged copy, when it is of the newest file
         newest = checkpoint.candidates(self.folder)[:1]
-        found = self.writer.staged_checkpoint(newest[0]) if newest else None
+        found = self.writer.staged_checkpoint(newest[0], into) if newest else None
         source = 'memory (the staged copy of the last save, verified against its digests)'
         if found is None:
             found = checkpoint.load_newest_intact(self.folder, like=like, into=into)

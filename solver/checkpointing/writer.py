@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 
 from .. import distrib
-from ..best_state import copy_state
 from . import archive, sharded, tree
 from . import format as checkpoint
 
@@ -227,11 +226,14 @@ class CheckpointWriter:
         for listener in self.listeners:
             self._notify.submit(self._call, listener, list(targets))
 
-    def staged_checkpoint(self, path: Path) -> checkpoint.Checkpoint | None:
+    def staged_checkpoint(self, path: Path, into: tp.Any = None) -> checkpoint.Checkpoint | None:
         """[rollback from memory] Checkpoint `path` from the staging buffers instead of the disk:
         a copy of the last save's state, if `path` is one of its full files, still the file that
         save wrote (same inode, size and time), and the staged bytes match the digests recorded
         in it (the memory copy is intact). None otherwise; call `wait()` first.
+
+        `into` as in `format.read_checkpoint`: tensors that fit are copied straight into the live
+        tensors (one memcpy, and `load_state_dict` then copies nothing); the others are cloned.
         """
         staged = self.staged
         if staged is None or Path(path) not in staged.files:
@@ -245,7 +247,18 @@ class CheckpointWriter:
         if recorded != checkpoint.digests({'meta': staged.meta, 'state': staged.state}):
             logger.warning("The staged copy of %s does not match its digests: not used.", path)
             return None
-        return checkpoint.Checkpoint(path=Path(path), state=copy_state(staged.state), meta=dict(staged.meta))
+        live: list[torch.Tensor] = []
+
+        def place(value: tp.Any, where: tree.Path, target: tp.Any) -> tp.Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            if (isinstance(target, torch.Tensor) and not sharded.is_dtensor(target) and target.device.type == 'cpu'
+                    and target.shape == value.shape and target.dtype == value.dtype):
+                live.append(target.detach().copy_(value))
+                return live[-1]
+            return value.detach().clone()  # never the buffers themselves: the next save reuses them
+        state = tree.map_leaves(staged.state, place, like=into)
+        return checkpoint.Checkpoint(path=Path(path), state=state, meta=dict(staged.meta), live=live)
 
     @staticmethod
     def _call(listener: Listener, paths: list[Path]) -> None:
