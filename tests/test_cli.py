@@ -324,7 +324,9 @@ def test_prune_keeps_the_best_k_epoch_files_when_the_config_keeps_best(solver, c
     history = json.loads((copy.folder / 'history.json').read_text())
     best = 1 + min(range(2), key=lambda i: history[i]['valid']['loss'])  # best of the two older epochs
     config = copy.folder / '.hydra' / 'config.yaml'
-    config.write_text(config.read_text().replace('checkpoint:\n', 'checkpoint:\n  keep_best: 1\n', 1))
+    text = config.read_text()
+    assert '  keep_best: null\n' in text  # the recorded config of a run made without keep_best
+    config.write_text(text.replace('  keep_best: null\n', '  keep_best: 1\n', 1))
     history[best - 1]['valid']['loss'] = -1.0  # make it the best of all, so keep_best=1 holds it
     (copy.folder / 'history.json').write_text(json.dumps(history))
     result = solver(copy.dora_dir, 'prune', copy.sig, '--keep-last', '1', '--yes')
