@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import builders, distrib
-from .best_state import BestState, drop_keys, early_stop_record, take_best_state
+from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
 from .checkpointing.manager import CheckpointManager, find_pretrained
@@ -32,7 +32,7 @@ from .preemption import PreemptionHandler, StopRequested
 from .rng import RNGState
 from .sampler import ResumableBatchSampler
 from .stateful import full_state, load_states, swapped
-from .tensorboard import open_writer as open_tensorboard
+from .tensorboard import open_for as open_tensorboard
 
 __all__ = ['StandardSolver', 'SolverError', 'DivergenceError']
 logger = logging.getLogger(__name__)
@@ -44,31 +44,26 @@ class StandardSolver(flashy.BaseSolver):
     #: the valid metric that decides the best state, and its direction
     best_metric_name: str = 'loss'
     best_metric_lower_is_better: bool = True
-    #: with logging.log_tensorboard, a SummaryWriter of this run's TensorBoard folder, for media
-    tensorboard: tp.Any = None
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
-        # flashy registers the DictConfig itself, which `weights_only` loading refuses: the
-        # resolved config goes into the checkpoint metadata as a plain dict instead.
-        del self.stateful.sources['xp.cfg']
+        del self.stateful.sources['xp.cfg']  # a DictConfig: checkpoints hold the config as a plain dict
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dataloaders: dict[str, tp.Iterable] = {}
         self.best_state = BestState(lower_is_better=self.best_metric_lower_is_better)
         self.ema: ModuleDictEMA | None = None
         self.rng = RNGState()
-        # Position of the run, saved with it: optimizer steps, batches drawn from the training
-        # stream (steps + batches skipped by rollbacks), and the train stage's partial epoch.
+        # Position of the run: steps, batches drawn (steps + skipped by rollbacks), the partial epoch.
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
         self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better)
         self.preemption = PreemptionHandler()
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
-        self._frozen: set[str] = set()  # optim.freeze prefixes matched (`distribute`)
-        self._param_names: list[str] = []
+        self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`
+        self.tensorboard: tp.Any = None  # with logging.log_tensorboard, a SummaryWriter for media
         self.build_dataloaders()
         self.build_model()
-        builders.check_freeze(builders.freeze_prefixes(cfg.optim), self._frozen, self._param_names)
+        self.freeze.check()
         self.register_stateful('best_state', 'rng', 'progress')
 
     # -- what a task provides ---------------------------------------------------------------
@@ -104,27 +99,22 @@ class StandardSolver(flashy.BaseSolver):
                           if isinstance(module := self.registered(name), nn.Module)})
 
     def load_from_pretrained(self, name: str) -> checkpoint.Checkpoint:
-        """The checkpoint of a pretrained model called `name` (for `continue_from=//pretrained/NAME`):
-        `<pretrained dir>/<name>.th` (see `manager.find_pretrained`). Tasks with other sources of
-        weights override this."""
+        """The checkpoint for `continue_from=//pretrained/NAME`: `<pretrained dir>/<name>.th`
+        (`manager.find_pretrained`). Tasks with other sources of weights override this."""
         return find_pretrained(name)
 
     # -- registration and swaps ---------------------------------------------------------------
 
     def registered(self, name: str) -> tp.Any:
         """The object registered as `name` (a dotted attribute path of the solver)."""
-        value: tp.Any = self
-        for part in name.split('.'):
-            value = getattr(value, part)
-        return value
+        return functools.reduce(getattr, name.split('.'), self)
 
     def distribute(self, module: nn.Module, units: tp.Iterable[nn.Module] = ()) -> nn.Module:
         """The module ready for data-parallel training (DDP, or FSDP2 with `fsdp.use=true`; `units`:
         blocks sharded one by one). Call it in `build_model` before creating the optimizer and use
         what it returns as the model; its state keeps no 'module.' prefix (see `distrib.wrap_model`).
         Parameters named by `optim.freeze` are frozen here, before any wrapping."""
-        self._frozen |= builders.freeze_parameters(module, builders.freeze_prefixes(self.cfg.optim))
-        self._param_names += [name for name, _ in module.named_parameters()]
+        self.freeze.apply(module)
         return distrib.wrap_model(module, self.cfg, units)
 
     def register_best_state(self, *names: str) -> None:
@@ -135,11 +125,9 @@ class StandardSolver(flashy.BaseSolver):
     def register_ema(self, *names: str) -> None:
         """Keep an exponential moving average of these modules (when `optim.ema.use`)."""
         ema = self.cfg.optim.ema
-        if not ema.use:
-            return
-        modules = {name: getattr(self, name) for name in names}
-        self.ema = ModuleDictEMA(modules, decay=ema.decay, updates=ema.updates)
-        self.register_stateful('ema')
+        if ema.use:
+            self.ema = ModuleDictEMA({name: getattr(self, name) for name in names}, ema.decay, ema.updates)
+            self.register_stateful('ema')
 
     def swap_best_state(self) -> tp.ContextManager[None]:
         """Run the block with the best states loaded; the live ones come back even on error."""
@@ -163,8 +151,7 @@ class StandardSolver(flashy.BaseSolver):
         self.restore()
         distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
-            self.init_tensorboard()  # flashy: stage metrics per epoch in <xp>/tensorboard
-            self.tensorboard = open_tensorboard(self.folder, self.cfg, [f'valid/{self.best_metric_name}'])
+            self.tensorboard = open_tensorboard(self)
         if self.cfg.execute_only:
             self.run_one_stage(self.cfg.execute_only)
             return
@@ -242,9 +229,7 @@ class StandardSolver(flashy.BaseSolver):
         record = early_stop_record(scores, cfg.get('patience'), cfg.get('min_delta'), self.best_metric_lower_is_better)
         if record is not None:
             self._pending_metrics['early_stop'] = record
-            logger.info("Early stop at epoch %d: valid %s has not improved (by more than %s) for %d epochs "
-                        "(early_stop.patience); best %.4g. The experiment is complete.", self.epoch,
-                        self.best_metric_name, record['min_delta'], record['patience'], self.best_state.metric)
+            log_early_stop(record, self.epoch, self.best_metric_name, self.best_state.metric)
         return record is not None
 
     # -- stages ------------------------------------------------------------------------------
@@ -341,8 +326,7 @@ class StandardSolver(flashy.BaseSolver):
         whether to save; rank 0 writes a replicated state, each rank its shards of a sharded one."""
         ctx = self.manager.context(self.progress['step'], len(self.history), epoch_end,
                                    self.preemption.requested, self.scores())
-        # Ranks agree on the latest file (time-based policies differ); epoch files are the same. A failed
-        # background save stops every rank at this step, not an epoch later at the next save.
+        # Ranks agree on the latest file (time policies differ) and on a failed background save.
         ctx.preempted, latest, failed = self.preemption.agree(self.manager.latest_path in self.manager.plan(ctx),
                                                               self.manager.writer.failed())
         self.manager.raise_if_save_failed(failed)
@@ -382,26 +366,19 @@ class StandardSolver(flashy.BaseSolver):
             return True
         if self.cfg.continue_from:
             source = self.manager.resolve_continue_from(str(self.cfg.continue_from), like, self.load_from_pretrained,
-                                                        into=self.continue_into())  # issue 16
+                                                        into=best_state_target(
+                self.best_state, self.stateful.sources, self.cfg.checkpoint.ignore_state_keys))
             self.load_best_state_from(source)
             return True
         return False
 
     def load_template(self) -> tp.Any:
-        """The live state a checkpoint is read into (`read_checkpoint(like=...)`), or None when
-        nothing is sharded: sharded tensors then load straight into this rank's shards."""
+        """The live state a sharded checkpoint is placed like (`read_checkpoint(like=)`); None if unsharded."""
         return self.full_state() if sharded.has_dtensors(self.state_dict()) else None
 
     def full_state(self) -> dict[str, tp.Any]:
         """The state with fresh optimizers' per-parameter states made (see `stateful.full_state`)."""
         return full_state(self.state_dict, [self.registered(name) for name in self.stateful.sources])
-
-    def continue_into(self) -> dict[str, tp.Any]:
-        """Where `continue_from` reads a source's best state: the live states it loads into,
-        without `checkpoint.ignore_state_keys` (those keep their values)."""
-        ignored = list(self.cfg.checkpoint.ignore_state_keys or [])
-        live = {name: self.stateful.sources[name].state_dict() for name in self.best_state.sources}
-        return {'best_state': {'states': drop_keys(live, ignored)}}
 
     def load_best_state_from(self, source: checkpoint.Checkpoint) -> None:
         """Fine-tune start: take only the source's best state; optimizer, EMA... start fresh."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import typing as tp
 from pathlib import Path
@@ -13,6 +14,8 @@ from torch import nn
 
 from .checkpointing.tree import map_leaves
 from .errors import SolverError
+
+logger = logging.getLogger(__name__)
 
 
 def copy_state(state: tp.Any) -> tp.Any:
@@ -101,6 +104,20 @@ def early_stop_record(scores: tp.Sequence[float | None], patience: int | None, m
     if since < patience:
         return None
     return {'epochs_without_improvement': since, 'patience': patience, 'min_delta': min_delta or 0.0}
+
+
+def log_early_stop(record: dict[str, tp.Any], epoch: int, metric: str, best: float | None) -> None:
+    """Say in the log why the run stops at `epoch` (`record` from `early_stop_record`)."""
+    logger.info("Early stop at epoch %d: valid %s has not improved (by more than %s) for %d epochs "
+                "(early_stop.patience); best %.4g. The experiment is complete.", epoch, metric,
+                record['min_delta'], record['patience'], best)
+
+
+def best_state_target(best: BestState, sources: tp.Mapping[str, tp.Any], ignored: tp.Any) -> dict[str, tp.Any]:
+    """Where `continue_from` reads a source's best state (`read_checkpoint(into=...)`): the live
+    states of the sources `best` tracks, without `checkpoint.ignore_state_keys` (those keep their values)."""
+    live = {name: sources[name].state_dict() for name in best.sources}
+    return {'best_state': {'states': drop_keys(live, list(ignored or []))}}
 
 
 def drop_keys(states: dict[str, tp.Any], ignored: list[str]) -> dict[str, tp.Any]:

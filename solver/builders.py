@@ -113,6 +113,23 @@ def check_freeze(prefixes: tp.Sequence[str], matched: set[str], names: tp.Iterab
                           f"module paths, e.g. one of {known[:12]}.")
 
 
+class Freeze:
+    """`optim.freeze` for one solver: `apply` to each module as it is built (`StandardSolver.distribute`),
+    then `check` once, which names any prefix that matched no parameter."""
+
+    def __init__(self, optim: DictConfig) -> None:
+        self.prefixes = freeze_prefixes(optim)
+        self.matched: set[str] = set()
+        self.names: list[str] = []
+
+    def apply(self, module: torch.nn.Module) -> None:
+        self.matched |= freeze_parameters(module, self.prefixes)
+        self.names += [name for name, _ in module.named_parameters()]
+
+    def check(self) -> None:
+        check_freeze(self.prefixes, self.matched, self.names)
+
+
 def get_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig | None,
                      total_updates: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """None, 'cosine' (to zero over the run, with `warmup` steps) or 'step' (`step_size`, `gamma`)."""
