@@ -184,9 +184,12 @@ class Experiment:
 
     @property
     def state(self) -> str:
-        """running, complete, stopped (some epochs, fewer than planned) or new (none yet)."""
+        """running, complete, early-stopped (`early_stop.patience`), stopped (some epochs, fewer than
+        planned) or new (none yet)."""
         if self.holder is not None:
             return 'running'
+        if self.history and self.history[-1].get('early_stop'):
+            return 'early-stopped'
         done, planned = len(self.history), self.planned_epochs
         if planned is not None and done >= planned:
             return 'complete'

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -262,6 +263,14 @@ def test_a_rerun_of_an_early_stopped_experiment_says_it_is_complete_and_trains_n
     assert 'is complete' in rerun.output and 'stopped early' in rerun.output
     assert 'Train Summary' not in rerun.output
     assert (xp.folder / 'checkpoint.th').read_bytes() == before
+
+
+def test_solver_ls_shows_an_early_stopped_experiment_as_such(stopped):
+    proc = subprocess.run(['solver', 'ls', '--json'], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'SOLVER_DORA_DIR': str(stopped.folder.parent.parent)})
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [row['state'] for row in rows] == ['early-stopped'], rows
 
 
 # -- history.json only names durable checkpoints ----------------------------------------------------
