@@ -194,3 +194,14 @@ def assert_same_run(folder: Path, reference: Path) -> None:
     assert without_durations(actual.pop('history')) == without_durations(expected.pop('history'))
     actual.pop('xp.sig'), expected.pop('xp.sig')  # the experiments' names differ with their configs
     assert_same(actual, expected, ordered=False)
+
+
+def damage_a_tensor(path: Path) -> None:
+    """Flip one byte of the first tensor record of the archive at `path` (a byte the digests cover,
+    whatever the alignment padding between records)."""
+    offset = torch._C.PyTorchFileReader(str(path)).get_record_offset('data/0')
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import damage_a_tensor
 
 from solver.checkpointing import format as checkpoint
 from solver.lock import ExperimentLock
@@ -58,11 +59,6 @@ def copy(xp, tmp_path) -> SimpleNamespace:
     shutil.copytree(xp.dora_dir, dora_dir, symlinks=True)
     return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / xp.sig, sig=xp.sig)
 
-
-def flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 # -- help and arguments ---------------------------------------------------------------------------
@@ -129,7 +125,7 @@ def test_ls_of_an_experiment_lists_its_checkpoints_and_verify_names_a_damaged_on
     assert [(r['file'], r['epoch'], r['step']) for r in records] == [
         ('checkpoint_1.th', 1, 16), ('checkpoint_2.th', 2, 32), ('checkpoint_3.th', 3, 48), ('checkpoint.th', 3, 48)]
     assert all(r['size'] == (copy.folder / r['file']).stat().st_size for r in records)
-    flip_a_byte(copy.folder / 'checkpoint_2.th')
+    damage_a_tensor(copy.folder / 'checkpoint_2.th')
     result = solver(copy.dora_dir, 'ls', str(copy.folder), '--verify')
     assert result.code == 1
     lines = {line.split()[0]: line for line in result.out.splitlines()[1:]}
@@ -154,7 +150,7 @@ def test_show_gives_metadata_config_against_the_defaults_and_last_metrics(solver
 def test_verify_exits_0_when_intact_and_1_naming_the_damaged_file(solver, copy):
     intact = solver(copy.dora_dir, 'verify', copy.sig, '--json')
     assert intact.code == 0 and json.loads(intact.out)['intact'] and len(json.loads(intact.out)['files']) == 4
-    flip_a_byte(copy.folder / 'checkpoint.th')
+    damage_a_tensor(copy.folder / 'checkpoint.th')
     damaged = solver(copy.dora_dir, 'verify', copy.sig)
     assert damaged.code == 1 and 'Traceback' not in damaged.err
     line = next(line for line in damaged.out.splitlines() if line.startswith(str(copy.folder / 'checkpoint.th')))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import damage_a_tensor
 from torch import nn
 
 from solver.best_state import BestState
@@ -43,15 +44,6 @@ def addresses(state: dict) -> list[int]:
     checkpoint._walk(state, found)
     return [t.data_ptr() for t in found]
 
-
-def damage_a_tensor(path: Path) -> None:
-    """Flip one byte of the first tensor record of the archive at `path`."""
-    offset = torch._C.PyTorchFileReader(str(path)).get_record_offset('data/0')
-    with open(path, 'r+b') as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_a_load_into_the_live_state_reads_into_the_live_tensors(tmp_path: Path, assert_same):
