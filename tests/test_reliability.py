@@ -155,7 +155,8 @@ def plain_reference(tmp_path_factory) -> Path:
 
 
 @integration
-@pytest.mark.parametrize('stage', ['valid', 'evaluate', 'generate'])
+@pytest.mark.parametrize('stage', ['valid', pytest.param('evaluate', marks=pytest.mark.slow),
+                                   pytest.param('generate', marks=pytest.mark.slow)])
 def test_a_signal_during_a_slow_stage_stops_it_at_the_next_batch_and_the_rerun_repeats_it(
         dora_tools, dora_dir, plain_reference, stage):
     # 1 s per batch of the stage in epoch 1: without the check between batches, the stage would
@@ -278,7 +279,8 @@ def assert_resumed_as_expected(output: str, expected: str | None) -> None:
 
 
 @integration
-@pytest.mark.parametrize('mode', FAULT_MODES)
+@pytest.mark.parametrize('mode', [  # async by default; sync and incremental with -m slow (CI time)
+    pytest.param(mode, marks=[pytest.mark.slow] if mode != 'async' else []) for mode in FAULT_MODES])
 def test_fault_injection_kill_at_random_moments_then_resume_ends_as_if_never_killed(
         dora_tools, tmp_path, fault_reference, mode):
     overrides = (*FAULT, *FAULT_MODES[mode])

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import damage_a_tensor
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import remote
@@ -195,9 +196,10 @@ def test_damaged_remote_checkpoint_is_skipped_for_the_next_older(s3, tmp_path, c
     fs = s3fs_client()
     good = fs.cat_file(f'{BUCKET}/unit-damaged/checkpoint.th')
     fs.pipe_file(f'{BUCKET}/unit-damaged/checkpoint.th', good[:len(good) // 2])       # truncated
-    damaged = bytearray(fs.cat_file(f'{BUCKET}/unit-damaged/checkpoint_2.th'))
-    damaged[200] ^= 0xFF                                                               # a flipped byte
-    fs.pipe_file(f'{BUCKET}/unit-damaged/checkpoint_2.th', bytes(damaged))
+    damaged = tmp_path / 'damaged.th'
+    damaged.write_bytes(fs.cat_file(f'{BUCKET}/unit-damaged/checkpoint_2.th'))
+    damage_a_tensor(damaged)                                                           # a flipped byte
+    fs.pipe_file(f'{BUCKET}/unit-damaged/checkpoint_2.th', damaged.read_bytes())
     target = tmp_path / 'fresh'
     target.mkdir()
     found = remote.download_newest_intact(url, target)
@@ -305,6 +307,7 @@ def test_fresh_machine_resumes_from_the_remote_copy_without_retraining(s3, dora_
 @pytest.mark.integration
 def test_unreachable_store_with_nothing_local_refuses_to_start_over(dora_tools, tmp_path, monkeypatch):
     monkeypatch.setenv('AWS_ENDPOINT_URL', f'http://127.0.0.1:{free_port()}')  # nothing listens
+    monkeypatch.setenv('AWS_MAX_ATTEMPTS', '1')  # our retries only: botocore's would add half a minute
     code, output = dora_tools.run(tmp_path / 'dora', 'run', *REGRESSION, f'checkpoint.remote=s3://{BUCKET}/down')
     assert code == 1, output
     assert f'Listing s3://{BUCKET}/down/' in output and 'set checkpoint.remote=null' in output
