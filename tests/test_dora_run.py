@@ -341,6 +341,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_complet
     assert not list(run.folder.glob('.checkpoint*.tmp.*'))
 
 
+@pytest.mark.slow  # CI time: the fault-injection kill loop of test_reliability covers kills by default
 def test_kill_at_random_moments_never_leaves_a_damaged_checkpoint(dora, training):
     moments = random.Random(1234)
     for _ in range(3):
