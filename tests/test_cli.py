@@ -21,6 +21,8 @@ from helpers import damage_a_tensor
 from solver.checkpointing import format as checkpoint
 from solver.lock import ExperimentLock
 
+pytestmark = pytest.mark.integration  # every test runs the installed `solver` script
+
 RUN = ('solver=regression', 'checkpoint.save_every=1', 'optim.epochs=3')
 COMMANDS = ('ls', 'show', 'verify', 'diff', 'export', 'rollback', 'prune')
 

@@ -322,6 +322,7 @@ def test_a_dora_folder_that_is_a_file_stops_in_one_line_naming_it(dora_tools, tm
     assert 'taken is a file' in one_line_failure(code, output)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('value, expected', [('', '{root}/outputs'), ('  ', '{root}/outputs'),
                                              ('~/runs', '{home}/runs'), ('rel/runs', '{cwd}/rel/runs')])
 def test_the_dora_folder_variable_is_expanded_and_made_absolute_once(tmp_path: Path, value: str, expected: str):
