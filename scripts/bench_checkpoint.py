@@ -69,6 +69,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from solver.checkpointing import archive  # noqa: E402
 from solver.checkpointing import format as checkpoint  # noqa: E402
+from solver.checkpointing.fs import evict  # noqa: E402
 from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
 from solver.drums.model import NUM_EVENTS, DrumRNN  # noqa: E402
 
@@ -96,16 +97,6 @@ def tensors_of(state: tp.Any) -> list[torch.Tensor]:
 
 fsync_path = checkpoint.fsync_dir  # opens any path read-only and fsyncs it, file or folder
 
-
-def drop_cache(path: Path) -> None:
-    """Evict a file (or every file of a folder) from the page cache: the next read is cold."""
-    for file in ([path] if path.is_file() else [p for p in path.rglob('*') if p.is_file()]):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def remove(path: Path) -> None:
@@ -285,7 +276,7 @@ class SaveLoadBench:
         ]
         turn %= len(variants)  # each repeat starts with another variant
         for name, load in variants[turn:] + variants[:turn]:
-            drop_cache(self.ours)
+            evict(self.ours)
             settle()
             self.measure(f'{name}, cold', load)
             self.measure(f'{name}, cached', load)

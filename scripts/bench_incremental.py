@@ -30,6 +30,8 @@ import time
 import typing as tp
 from pathlib import Path
 
+from solver.checkpointing.fs import evict
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKED = re.compile(r'Checkpoint (\S+?),? .*?loop blocked ([0-9.]+)s')
 
@@ -59,17 +61,6 @@ def disk_bytes(folder: Path) -> tuple[int, int]:
     stats = [p.stat() for p in files if p.is_file()]
     return sum(s.st_blocks * 512 for s in stats), sum(s.st_size for s in stats)
 
-
-def drop_cache(*paths: Path) -> None:
-    for path in paths:
-        files = [path] if path.is_file() else [p for p in path.rglob('*') if p.is_file()]
-        for file in files:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def compare(name: str, base: tuple[str, ...], dora_dir: Path) -> Path:
@@ -124,7 +115,7 @@ def rollback_times(dora_dir: Path, overrides: tuple[str, ...], folder: Path, epo
         for source in ('memory', 'disk'):
             if source == 'disk':
                 writer.staged = None  # [bench] as after a save whose copy was not kept
-                drop_cache(*folder.glob('checkpoint*.th'))
+                evict(*folder.glob('checkpoint*.th'))
             solver.manager.rollbacks = 0
             begin = time.perf_counter()
             solver.rollback(DivergenceError('bench'))
@@ -133,7 +124,7 @@ def rollback_times(dora_dir: Path, overrides: tuple[str, ...], folder: Path, epo
             assert f'from {source}' in logged, logged
         solver.manager.close()
     path = folder / 'checkpoint.th'
-    drop_cache(path)
+    evict(path)
     begin = time.perf_counter()
     torch.load(path, map_location='cpu', weights_only=True)
     cold_load = time.perf_counter() - begin

@@ -54,3 +54,16 @@ def atomic_open(path: Path) -> tp.Iterator[tp.BinaryIO]:
 
 # Closes replaced files, which frees their blocks (see atomic_open) off the saving thread.
 _closer = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-free')
+
+
+def evict(*paths: Path) -> None:
+    """Write back, then drop from the page cache, these files (or every file of these folders), so
+    that the next read of them is cold: what the benchmarks call a cold load."""
+    for path in map(Path, paths):
+        for file in ([path] if path.is_file() else [p for p in path.rglob('*') if p.is_file()]):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
