@@ -226,7 +226,7 @@ def test_fetch_source_gives_a_local_file_or_folder_for_a_url(s3, tmp_path):
 
 @pytest.mark.integration
 def test_mirror_thread_runs_at_low_priority(s3, tmp_path):
-    """Like the writer's thread: uploads mostly run when a core is idle (`_background_priority`)."""
+    """Like the writer's thread: uploads mostly run when a core is idle (`background_priority`)."""
     mirror = remote.RemoteMirror(f's3://{BUCKET}/unit-nice', tmp_path, max_backoff=1)
     mirror.notify([write(tmp_path, checkpoint.LATEST, 1)])
     assert mirror._thread.native_id is not None

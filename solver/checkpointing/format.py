@@ -87,20 +87,16 @@ def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
     return Path(folder) / f'checkpoint_{epoch}.th'
 
 
-def epoch_of(path: Path) -> int | None:
-    """The epoch in a `checkpoint_<epoch>.th` name, else None."""
+def epoch_of(path: str | Path) -> int | None:
+    """The epoch in a `checkpoint_<epoch>.th` name (a path or a bare name), else None."""
     match = _EPOCH_RE.match(Path(path).name)
     return int(match.group(1)) if match else None
 
 
 def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """The `checkpoint_<epoch>.th` files of a folder, oldest first."""
-    found = []
-    for path in Path(folder).glob('checkpoint_*.th'):
-        match = _EPOCH_RE.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((epoch, path) for path in Path(folder).glob('checkpoint_*.th')
+                  if (epoch := epoch_of(path)) is not None)
 
 
 def candidates(folder: Path) -> list[Path]:
@@ -469,18 +465,3 @@ def load_source(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path} holds no checkpoint ({LATEST} or checkpoint_<epoch>.th).")
         return found
     return read_checkpoint(path)
-
-
-def export_best_state(source: Path, target: Path) -> Checkpoint:
-    """Write the best state of `source` (file or experiment folder) alone to `target`.
-
-    The result is a checkpoint like any other (digests, atomic write) holding only
-    `{'best_state': ...}`: what `continue_from` and `//pretrained/NAME` take from a file.
-    """
-    ckpt = load_source(source)
-    if 'best_state' not in ckpt.state:
-        raise CheckpointError(f"{ckpt.path} has no best state to export.")
-    meta = dict(ckpt.meta, exported_from=str(ckpt.path))
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(Path(target), {'best_state': ckpt.state['best_state']}, meta)
-    return read_checkpoint(Path(target))

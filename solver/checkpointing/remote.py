@@ -47,7 +47,7 @@ import torch
 
 from . import format as checkpoint
 from .fs import fsync_dir
-from .writer import _background_priority
+from .writer import background_priority
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +129,10 @@ def _listing(fs: tp.Any, root: str) -> dict[str, str]:
             if entry['name'].rstrip('/') != root.rstrip('/')}
 
 
-def _epoch(name: str) -> int | None:
-    match = checkpoint._EPOCH_RE.match(name)
-    return int(match.group(1)) if match else None
-
-
 def _candidates(names: tp.Iterable[str]) -> list[str]:
     """Checkpoint names, the one to try first first: as `format.candidates` orders local files."""
     names = set(names)
-    epochs = sorted((e, n) for n in names if (e := _epoch(n)) is not None)
+    epochs = sorted((e, n) for n in names if (e := checkpoint.epoch_of(n)) is not None)
     return ([checkpoint.LATEST] if checkpoint.LATEST in names else []) + [n for _, n in reversed(epochs)]
 
 
@@ -339,7 +334,7 @@ class RemoteMirror:
     # -- the mirror's thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        _background_priority()
+        background_priority()
         delay = 1.0
         while True:
             with self._cond:
@@ -451,7 +446,7 @@ class RemoteMirror:
         """The local keep policy, remotely: epoch files past the newest `keep_last` (name first,
         then its shard folders), and shard folders whose checkpoint file is gone."""
         remote = _listing(self.fs, self.root)
-        epochs = sorted((e, n) for n in remote if (e := _epoch(n)) is not None)
+        epochs = sorted((e, n) for n in remote if (e := checkpoint.epoch_of(n)) is not None)
         if self.keep_last and self.keep_last > 0:
             for _, name in epochs[:-self.keep_last]:
                 self.fs.rm_file(f'{self.root}/{name}')

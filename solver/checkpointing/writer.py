@@ -134,7 +134,7 @@ def staged_nbytes(state: tp.Any) -> int:
     return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor))
 
 
-def _background_priority() -> None:
+def background_priority() -> None:
     """Lower this thread's CPU priority (nice 19; the threads it starts inherit it).
 
     Training keeps every core busy: at the same priority a background write (hashing, copying
@@ -152,7 +152,7 @@ class CheckpointWriter:
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
         self.last = SaveStats()
-        self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer', initializer=_background_priority)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer', initializer=background_priority)
         self._notify = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-listeners')
         self._pending: Future | None = None
         # [incremental] `store.IncrementalStore` writes the files when set (checkpoint.incremental)
