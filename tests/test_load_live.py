@@ -122,7 +122,7 @@ def test_direct_io_writes_and_reads_what_buffered_io_does(tmp_path: Path, monkey
     # A bounce buffer of 3 blocks: every chunking boundary is crossed by small tensors. The
     # page-aligned tensor (as the async writer's staging buffers are) is written without a copy.
     monkeypatch.setattr(archive, '_write_bounce', archive._Bounce(3 * archive.DIRECT_ALIGN))
-    monkeypatch.setattr(archive, '_read_bounce', archive._Bounce(3 * archive.DIRECT_ALIGN))
+    monkeypatch.setattr(archive, '_read_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
     aligned = archive.aligned_empty((size // 4, 2), torch.int16)
     aligned.copy_(torch.randint(-999, 999, aligned.shape, dtype=torch.int16))
     state = {'a': torch.randint(0, 255, (size,), dtype=torch.uint8), 'b': torch.randn(7, 3), 'c': [1, 'x'],

@@ -56,6 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import digest
+
 try:
     from torch import _weights_only_unpickler
 except ImportError:  # a torch without it: the round trip below fails, and we fall back
@@ -63,8 +65,9 @@ except ImportError:  # a torch without it: the round trip below fails, and we fa
 
 CHUNK = 16 << 20       # flush-behind granularity, and the size of one read
 LAG = 2                # chunks written back but still cached: the disk queue never runs dry
-ANNOUNCE = 2 * CHUNK   # a reading wakes the thread that hashes behind it once per this many bytes
-Ready = tp.Callable[[torch.UntypedStorage], None]  # waits until a storage's bytes are there
+PIECE = 1 << 20        # a reading reads and hashes this much at a time: hashed while in the CPU's cache
+READERS = 2            # threads reading one archive (2 reads at a time keep a disk's queue busy too)
+Ready = tp.Callable[[torch.UntypedStorage], 'str | None']  # waits for a storage's bytes, gives their digest
 ALIGNMENT = 64         # torch's storage alignment (`torch.utils.serialization.config.save`)
 PROTOCOL = 2           # torch.save's pickle protocol
 DIRECT_ALIGN = 4096    # O_DIRECT offsets, lengths and addresses (512 is enough on most disks)
@@ -152,7 +155,8 @@ class _Bounce:
         self._lock.release()
 
 
-_write_bounce, _read_bounce = _Bounce(), _Bounce()
+_write_bounce = _Bounce()
+_read_bounces = [_Bounce() for _ in range(READERS)]  # one per reading thread
 
 
 def aligned_empty(shape: tp.Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -340,69 +344,82 @@ def _write_archive(obj: tp.Any, storages: dict[str, torch.UntypedStorage], sink:
 
 
 class Reading:
-    """The tensor records of an archive, read in file order by a background thread.
+    """The tensor records of an archive, read by background threads, each record hashed as it
+    is read.
 
-    The thread holds the GIL only between its reads, and the digests hash without it
-    (`checkpoint.tensor_digest`): `ready(storage)` lets the caller hash each tensor as soon as
-    it is read, in parallel with reading the next ones. `live` lists the live tensors that the
-    records are read into (see `load`): once reading starts, their old contents are gone.
+    `READERS` threads take the records in file order, one at a time, and read each in pieces of
+    `PIECE` bytes; each piece is hashed (xxh3-64, `digest.Stream`) right after it is read, while
+    it is still in the CPU's cache, so hashing costs no second trip through memory. Reads and
+    hashes run without the GIL. `ready(storage)` waits for one storage's bytes and gives their
+    digest, so that a caller checking digests (`format.verify`) follows right behind the read.
+    `live` lists the live tensors that the records are read into (see `load`): once reading
+    starts, their old contents are gone.
     """
 
     def __init__(self, fd: int | None, records: list[tuple[int, torch.Tensor]], *, owns_fd: bool = True,
-                 direct: bool = False, live: list[torch.Tensor] | None = None) -> None:
+                 direct: bool = False, live: list[torch.Tensor] | None = None, readers: int | None = None) -> None:
         self._fd, self._owns_fd, self._direct = fd, owns_fd, direct
         self._records = sorted(records, key=lambda r: r[0])  # (offset in the file, uint8 buffer)
         self._order = {buffer.data_ptr(): i for i, (_, buffer) in enumerate(self._records)}
+        self._digests: list[str | None] = [None] * len(self._records)
         self.live = live or []
-        self._done = 0
+        self._next = 0          # the next record a reader takes
+        self._wanted = -1       # the record `ready` waits for
         self._error: BaseException | None = None
         self._stop = False
         self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._read_all, name='archive-read', daemon=True)
-        self._thread.start()
+        count = min(READERS if readers is None else readers, len(self._records))
+        self._threads = [threading.Thread(target=self._read_records, args=(_read_bounces[i % len(_read_bounces)],),
+                                          name=f'archive-read-{i}', daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
 
-    def _read_all(self) -> None:
+    def _read_records(self, bounce_buffer: _Bounce) -> None:
+        direct_fd: int | None = None
         try:
-            direct_fd = _open_direct(self._fd, os.O_RDONLY) if self._direct and self._fd is not None else None
-            try:
-                with _read_bounce if direct_fd is not None else contextlib.nullcontext() as bounce:
-                    unannounced = 0
-                    for index, (offset, buffer) in enumerate(self._records):
-                        if direct_fd is not None and bounce is not None:
-                            direct_fd = self._read_direct(direct_fd, bounce, offset, buffer)
-                        if direct_fd is None:
-                            self._read_buffered(offset, buffer)
-                        if self._stop:
+            if self._direct and self._fd is not None:
+                direct_fd = _open_direct(self._fd, os.O_RDONLY)
+            stream = digest.Stream()
+            with bounce_buffer if direct_fd is not None else contextlib.nullcontext() as bounce:
+                while True:
+                    with self._changed:
+                        index = self._next
+                        if self._stop or self._error is not None or index >= len(self._records):
                             return
-                        unannounced += buffer.numel()
-                        with self._changed:
-                            self._done += 1
-                            # Waking the hashing thread once per `ANNOUNCE` bytes, not per tensor:
-                            # on a busy machine each wake-up may wait for a time slice.
-                            if unannounced >= ANNOUNCE or index == len(self._records) - 1:
-                                self._changed.notify_all()
-                                unannounced = 0
-            finally:
-                if direct_fd is not None:
-                    os.close(direct_fd)
+                        self._next += 1
+                    offset, buffer = self._records[index]
+                    stream.reset()
+                    if direct_fd is not None and bounce is not None:
+                        direct_fd = self._read_direct(direct_fd, bounce, offset, buffer, stream)
+                    if direct_fd is None:
+                        self._read_buffered(offset, buffer, stream)
+                    with self._changed:
+                        self._digests[index] = stream.hexdigest()
+                        if index == self._wanted:
+                            self._changed.notify_all()
         except BaseException as err:  # raised in the caller's thread, by `ready`
             with self._changed:
                 self._error = err
                 self._changed.notify_all()
+        finally:
+            if direct_fd is not None:
+                os.close(direct_fd)
 
-    def _read_buffered(self, offset: int, buffer: torch.Tensor) -> None:
-        view = buffer.numpy().data.cast('B')
+    def _read_buffered(self, offset: int, buffer: torch.Tensor, stream: digest.Stream) -> None:
+        view, address = buffer.numpy().data.cast('B'), buffer.data_ptr()
         done = 0
         while done < len(view) and not self._stop:
-            got = os.preadv(tp.cast(int, self._fd), [view[done:done + CHUNK]], offset + done)
+            got = os.preadv(tp.cast(int, self._fd), [view[done:done + PIECE]], offset + done)
             if not got:
                 raise EOFError(f"the file ends inside a tensor record (at byte {offset + done})")
+            stream.update(address + done, got)
             done += got
 
     def _read_direct(self, direct_fd: int, bounce: tuple[memoryview, int], offset: int,
-                     buffer: torch.Tensor) -> int | None:
-        """Read one record with O_DIRECT through the aligned bounce buffer (a copy without the
-        GIL); the descriptor, or None if the file system refused before anything was read."""
+                     buffer: torch.Tensor, stream: digest.Stream) -> int | None:
+        """Read one record with O_DIRECT through the aligned bounce buffer, copying (without the
+        GIL) and hashing it piece by piece; the descriptor, or None if the file system refused
+        before anything was read."""
         memory, address = bounce
         position, end, target = offset, offset + buffer.numel(), buffer.data_ptr()
         while position < end and not self._stop:
@@ -418,31 +435,38 @@ class Reading:
             usable = min(got - (position - start), end - position)
             if usable <= 0:
                 raise EOFError(f"the file ends inside a tensor record (at byte {position})")
-            ctypes.memmove(target + position - offset, address + position - start, usable)
+            for at in range(0, usable, PIECE):
+                size = min(PIECE, usable - at)
+                ctypes.memmove(target + position - offset + at, address + position - start + at, size)
+                stream.update(target + position - offset + at, size)
             position += usable
         return direct_fd
 
-    def ready(self, storage: torch.UntypedStorage) -> None:
-        """Wait until the bytes of `storage` (if it is one of this archive's) are read; raise the
-        read's error if it failed."""
+    def ready(self, storage: torch.UntypedStorage) -> str | None:
+        """Wait until the bytes of `storage` (if it is one of this archive's) are read, and give
+        their xxh3-64 digest (None for a storage that is not); raise the read's error if it
+        failed."""
         index = self._order.get(storage.data_ptr())
         if index is None:
-            return
+            return None
         with self._changed:
-            while self._done <= index and self._error is None:
+            self._wanted = index
+            while self._digests[index] is None and self._error is None:
                 self._changed.wait()
-            if self._done <= index:
+            if self._digests[index] is None:
                 raise tp.cast(BaseException, self._error)
+            return self._digests[index]
 
     def wait(self) -> None:
         """Wait until every record is read."""
-        if self._records:
-            self.ready(self._records[-1][1].untyped_storage())
+        for _, buffer in self._records:
+            self.ready(buffer.untyped_storage())
 
     def close(self) -> None:
         """Stop reading (if not done) and close the file (if this reading owns it)."""
         self._stop = True
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
         if self._owns_fd and self._fd is not None:
             os.close(self._fd)
 

@@ -26,7 +26,6 @@ The layer knows no solver: it saves and loads dicts. See `base.StandardSolver` f
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import pickle
@@ -42,6 +41,7 @@ import xxhash
 from .. import distrib
 from ..errors import UserError
 from . import archive, sharded, tree
+from .digest import tensor_digest
 from .fs import atomic_open, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -154,53 +154,23 @@ def _live_pairs(loaded: tp.Any, live: tp.Any) -> tp.Iterator[tuple[torch.Tensor,
             yield from _live_pairs(value, target)
 
 
-def _xxh3_without_gil() -> tp.Callable[[int, int], int] | None:
-    """python-xxhash's own XXH3_64bits through ctypes, which releases the GIL while it hashes.
-
-    xxhash's Python functions hold the GIL: hashing beside a thread that writes the file (or
-    runs training) would hold that thread up for the whole hash. None if the library does not
-    export the function or disagrees with xxhash's Python API (then that API is used).
-    """
-    try:
-        import xxhash._xxhash
-        function = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_64bits
-    except (ImportError, OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    function.restype = ctypes.c_uint64
-    probe = b'solver checkpoint digest'
-    if format(function(probe, len(probe)), '016x') != xxhash.xxh3_64_hexdigest(probe):
-        return None
-    return function
-
-
-_xxh3_64 = _xxh3_without_gil()
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """xxh3-64 of a tensor's bytes (about 10 GB/s here: 0.1 s per GiB), without the GIL."""
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_contiguous() or flat.device.type != 'cpu':
-        flat = flat.contiguous().cpu()
-    if _xxh3_64 is not None and flat.numel():
-        return format(_xxh3_64(flat.data_ptr(), flat.numel() * flat.element_size()), '016x')
-    data: tp.Any = flat.view(torch.uint8).numpy() if flat.numel() else b''
-    return xxhash.xxh3_64_hexdigest(data)
-
-
 def digests(state: tp.Any, ready: archive.Ready | None = None) -> dict[str, tp.Any]:
     """Digests of a state: one per tensor in traversal order, one for everything else.
 
     `ready(storage)`, if given, is called before a tensor is hashed: it waits for the bytes of
-    the tensor's storage (`archive.Reading.ready`), so that hashing follows right behind a read.
+    the tensor's storage and may give their digest (`archive.Reading.ready`, which hashes as it
+    reads), used for a tensor that is its whole storage; other tensors are hashed here.
     """
     tensors: list[torch.Tensor] = []
     skeleton = _walk(state, tensors)
     hashed = []
     for tensor in tensors:
-        if ready is not None:
-            ready(tensor.untyped_storage())
-        hashed.append(tensor_digest(tensor))
+        whole = ready(tensor.untyped_storage()) if ready is not None else None
+        if whole is not None and tensor.is_contiguous() and tensor.storage_offset() == 0 \
+                and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes():
+            hashed.append(whole)
+        else:
+            hashed.append(tensor_digest(tensor))
     return {
         'tensors': hashed,
         'skeleton': xxhash.xxh3_64_hexdigest(repr(skeleton).encode()),

@@ -35,7 +35,6 @@ Sharded (FSDP) states are refused: their shards are DCP files of their own (`sha
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import math
@@ -48,10 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import xxhash
 
 from . import format as checkpoint
 from . import sharded, tree
+from .digest import flat_bytes, xxh3_128
 from .fs import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -62,50 +61,14 @@ INLINE_BYTES = 512    # smaller tensors stay in the checkpoint file: a file each
 _SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs
 
 
-class _Hash128(ctypes.Structure):
-    _fields_ = [('low64', ctypes.c_uint64), ('high64', ctypes.c_uint64)]
-
-
-def _xxh3_128_without_gil() -> tp.Callable[[int, int], _Hash128] | None:
-    """python-xxhash's XXH3_128bits through ctypes (releases the GIL), checked against its API."""
-    try:
-        import xxhash._xxhash
-        function = ctypes.CDLL(xxhash._xxhash.__file__).XXH3_128bits
-    except (ImportError, OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    function.restype = _Hash128
-    probe = b'solver incremental key'
-    value = function(probe, len(probe))
-    if f'{value.high64:016x}{value.low64:016x}' != xxhash.xxh3_128_hexdigest(probe):
-        return None
-    return function
-
-
-_xxh3_128 = _xxh3_128_without_gil()
-
-
 _pool = ThreadPoolExecutor(4, thread_name_prefix='checkpoint-blobs')
-
-
-def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_contiguous() or flat.device.type != 'cpu':
-        flat = flat.contiguous().cpu()
-    return flat
 
 
 def blob_key(tensor: torch.Tensor) -> str:
     """`<xxh3-128 of the bytes>-<number of bytes>`: the name of a tensor's bytes in the store."""
-    flat = _contiguous(tensor)
+    flat = flat_bytes(tensor)
     nbytes = flat.numel() * flat.element_size()
-    if _xxh3_128 is not None and nbytes:
-        value = _xxh3_128(flat.data_ptr(), nbytes)
-        digest = f'{value.high64:016x}{value.low64:016x}'
-    else:
-        data: tp.Any = flat.view(torch.uint8).numpy() if nbytes else b''
-        digest = xxhash.xxh3_128_hexdigest(data)
-    return f'{digest}-{nbytes}'
+    return f'{xxh3_128(flat.data_ptr(), nbytes)}-{nbytes}'
 
 
 def _map_tensors(obj: tp.Any, function: tp.Callable[[torch.Tensor], tp.Any]) -> tp.Any:
@@ -200,7 +163,7 @@ class IncrementalStore:
     def _write_blob(self, key: str, tensor: torch.Tensor) -> None:
         """Make blob `key` hold `tensor`'s bytes (durable once the folder is fsynced)."""
         target = self.blobs / key
-        flat = _contiguous(tensor)
+        flat = flat_bytes(tensor)
         tmp = self.blobs / f'.{key}.tmp.{os.getpid()}'
         try:
             with open(tmp, 'wb') as f:
