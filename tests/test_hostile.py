@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import threading
@@ -28,8 +29,8 @@ import pytest
 import torch
 import xxhash
 
+from solver.checkpointing import archive, sharded
 from solver.checkpointing import format as checkpoint
-from solver.checkpointing import sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -516,3 +517,98 @@ def test_a_placeholder_that_does_not_match_the_metadata_is_refused_before_alloca
                          state={'model': {'w': placeholder}})
     with pytest.raises(checkpoint.CorruptCheckpointError, match='does not match its metadata'):
         checkpoint.read_checkpoint(path)
+
+
+# -- the restricted unpickler of our own reader (archive._Unpickler) -------------------------------------
+# Pickles written opcode by opcode: each names only what the unpickler allows, and misuses it.
+
+def _global(module: str, name: str) -> bytes:
+    return b'c' + f'{module}\n{name}\n'.encode()
+
+
+def _str(text: str) -> bytes:
+    data = text.encode()
+    return b'X' + struct.pack('<I', len(data)) + data
+
+
+def _ints(*values: int) -> bytes:
+    return b''.join(b'J' + struct.pack('<i', v) for v in values)
+
+
+def _tensor(size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0, numel: int = 4,
+            storage: str = 'FloatStorage', requires_grad: bool = False) -> bytes:
+    """`_rebuild_tensor_v2(<storage '0' of numel floats>, offset, size, stride, requires_grad, OrderedDict())`."""
+    pid = b'(' + _str('storage') + _global('torch', storage) + _str('0') + _str('cpu') + _ints(numel) + b'tQ'
+    hooks = _global('collections', 'OrderedDict') + b')R'
+    return (_global('torch._utils', '_rebuild_tensor_v2') + b'(' + pid + _ints(offset) + b'(' + _ints(*size)
+            + b't(' + _ints(*stride) + b't' + (b'\x88' if requires_grad else b'\x89') + hooks + b'tR')
+
+
+def _forged_archive(path: Path, pickled: bytes, data: bytes = struct.pack('<4f', 1, 2, 3, 4)) -> Path:
+    writer = torch._C.PyTorchFileWriter(str(path))
+    pickled = b'\x80\x02' + pickled + b'.'
+    writer.write_record('data.pkl', pickled, len(pickled))
+    writer.write_record('byteorder', sys.byteorder.encode(), len(sys.byteorder))
+    writer.write_record('data/0', data, len(data))
+    writer.write_end_of_file()
+    return path
+
+
+def test_the_opcodes_written_by_hand_make_a_tensor_that_both_unpicklers_load(tmp_path: Path):
+    path = _forged_archive(tmp_path / 'a.th', _tensor((2, 2), (2, 1)))
+    loaded, reading = archive.load(path)
+    reading.wait()
+    reading.close()
+    assert torch.equal(loaded, torch.tensor([[1., 2.], [3., 4.]]))
+    assert torch.equal(torch.load(path, weights_only=True), loaded)
+
+
+@pytest.mark.parametrize('pickled, why', [
+    (_tensor((5,), (1,)), 'past the end'),                    # reads beyond the record
+    (_tensor((2,), (1,), offset=3), 'past the end'),
+    (_tensor((2, 2), (3, 1)), 'past the end'),                # strides that reach out
+    (_tensor((2,), (-1,)), 'not a plain tensor'),             # a negative stride
+    (_tensor((2,), (1,), offset=-1), 'not a plain tensor'),
+    (_tensor((2,), (1,), requires_grad=True), 'not a plain tensor'),
+    (_tensor((2,), (1,), storage='Tensor'), 'not allowed'),   # not a storage class
+    (_global('torch', 'FloatStorage') + b'(' + _ints(3) + b'tR', 'not callable'),  # a storage class, called
+    (_global('builtins', 'open') + b'(' + _str('x') + b'tR', 'not allowed'),
+    (_global('torch._utils', '_rebuild_tensor_v2') + b'}' + _str('a') + _ints(1) + b'sb', '__dict__'),  # BUILD on it
+    (_global('torch._utils', '_rebuild_tensor_v2') + b'(N}' + _str('a') + _ints(1) + b'stb', 'attribute'),
+    (_tensor((2,), (1,)) + b'(' + b'\x88N' + _global('collections', 'OrderedDict') + b')Rtb',
+     'changed after it was built'),                            # BUILD: Tensor.__setstate__ asks for grad
+    (b'(' + _str('storage') + _str('FloatStorage') + _str('0') + _str('cpu') + _ints(4) + b'tQ', 'malformed'),
+])
+def test_the_restricted_unpickler_refuses_every_misuse_of_what_it_allows(tmp_path: Path, pickled: bytes, why: str):
+    path = _forged_archive(tmp_path / 'a.th', pickled)
+    with pytest.raises(Exception, match=why):
+        archive.load(path)
+    # read_checkpoint then asks torch's own weights-only unpickler, which refuses or loads
+    # something that is no checkpoint: either way a one-line error, nothing run, nothing read
+    # outside the file's records.
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.read_checkpoint(path)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_a_solver_like_state_loads_through_the_restricted_unpickler_not_torchs(tmp_path: Path, monkeypatch):
+    from solver.best_state import BestState
+    from solver.rng import RNGState
+    model = torch.nn.LSTM(4, 8, num_layers=2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 2, 4))[0].sum().backward()
+    optimizer.step()
+    best = BestState()
+    best.register('model', model)
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'rng': RNGState().state_dict(),
+             'best_state': best.state_dict(), 'history': [{'train': {'loss': 1.5}}], 'empty': torch.empty(0)}
+    checkpoint.write_checkpoint(tmp_path / 'c.th', state, {'epoch': 1, 'config': {'a': [1, 2.0, None, 'x']}})
+
+    def no_fallback(*args: tp.Any, **kwargs: tp.Any) -> tp.NoReturn:
+        raise AssertionError("fell back to torch.load")
+    monkeypatch.setattr(torch, 'load', no_fallback)
+    live = {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}
+    ckpt = checkpoint.read_checkpoint(tmp_path / 'c.th', into=live)
+    # parameters, both Adam moments and Adam's step count, for each parameter
+    assert ckpt.meta['config'] == {'a': [1, 2.0, None, 'x']} and len(ckpt.live) == len(list(model.parameters())) * 4
+    assert ckpt.state['rng'].keys() == state['rng'].keys()
