@@ -6,10 +6,14 @@ not work falls back to torch.save / torch.load.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,7 +125,7 @@ def test_a_best_state_load_copies_into_the_tensors_it_holds():
 def test_direct_io_writes_and_reads_what_buffered_io_does(tmp_path: Path, monkeypatch, size: int):
     # A bounce buffer of 3 blocks: every chunking boundary is crossed by small tensors. The
     # page-aligned tensor (as the async writer's staging buffers are) is written without a copy.
-    monkeypatch.setattr(archive, '_write_bounce', archive._Bounce(3 * archive.DIRECT_ALIGN))
+    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
     monkeypatch.setattr(archive, '_read_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
     aligned = archive.aligned_empty((size // 4, 2), torch.int16)
     aligned.copy_(torch.randint(-999, 999, aligned.shape, dtype=torch.int16))
@@ -202,3 +206,46 @@ def test_a_resumed_dora_run_reads_every_tensor_into_the_live_state(dora, dora_di
     # are made by the read, and taken by the optimizer without a copy); the RNG states are made
     # anew by each state_dict() call, and count or not.
     assert len(tensors) - 3 <= int(found.group(1)) <= len(tensors)
+
+
+def _direct_pwrite_failing(monkeypatch, errno_code: int, after: int) -> list[int]:
+    """os.pwrite as archive calls it, failing with `errno_code` on O_DIRECT descriptors once
+    `after` direct writes went through; the count of direct writes tried."""
+    real, tried = os.pwrite, [0]
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            tried[0] += 1
+            if tried[0] > after:
+                raise OSError(errno_code, os.strerror(errno_code))
+        return real(fd, data, offset)
+    monkeypatch.setattr(archive.os, 'pwrite', pwrite)
+    return tried
+
+
+@pytest.mark.parametrize('after', [0, 1, 3])
+def test_a_direct_write_refused_midway_goes_on_buffered_and_the_file_is_whole(tmp_path: Path, monkeypatch,
+                                                                               after: int):
+    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(2 * archive.DIRECT_ALIGN) for _ in range(2)])
+    tried = _direct_pwrite_failing(monkeypatch, errno.EINVAL, after)
+    aligned = archive.aligned_empty((5000,), torch.float32)
+    aligned.copy_(torch.randn(5000))
+    state = {'a': torch.randn(10_000), 'aligned': aligned, 'b': torch.arange(3)}
+    with open(tmp_path / 'a.th', 'wb') as f:
+        archive.save(state, f, direct=True)
+    loaded = torch.load(tmp_path / 'a.th', weights_only=True)
+    assert all(torch.equal(loaded[k], state[k]) for k in state) and tried[0] == after + 1
+
+
+def test_a_failing_direct_write_on_the_writing_thread_raises_and_leaves_no_thread(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(2 * archive.DIRECT_ALIGN) for _ in range(2)])
+    _direct_pwrite_failing(monkeypatch, errno.ENOSPC, 2)
+    threads = threading.active_count()
+    with open(tmp_path / 'a.th', 'wb') as f, pytest.raises(OSError, match='No space'):
+        archive.save({'a': torch.randn(50_000)}, f, direct=True)
+    assert threading.active_count() == threads
+    # the bounce buffers are free again: the next save goes through
+    monkeypatch.undo()
+    with open(tmp_path / 'b.th', 'wb') as f:
+        archive.save({'a': torch.ones(3)}, f, direct=True)
+    assert torch.equal(torch.load(tmp_path / 'b.th', weights_only=True)['a'], torch.ones(3))

@@ -54,7 +54,7 @@ import tempfile
 import threading
 import typing as tp
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -153,7 +153,7 @@ class _Bounce:
         self._lock.release()
 
 
-_write_bounce = _Bounce()
+_write_bounces = [_Bounce(), _Bounce()]  # a direct save fills one while the other is written
 _read_bounces = [_Bounce() for _ in range(READERS)]  # one per reading thread
 
 
@@ -179,17 +179,24 @@ def _open_direct(fd: int, flags: int) -> int | None:
 
 
 class _DirectSink:
-    """The file object torch's archive writer writes to when `direct`: bytes gathered into the
-    aligned bounce buffer (a copy without the GIL) and written chunk by chunk with O_DIRECT,
-    past the page cache; the unaligned tail goes through the buffered descriptor at `finish`.
-    If a direct write is refused (EINVAL), the rest is written buffered."""
+    """The file object torch's archive writer writes to when `direct`: bytes gathered into two
+    aligned bounce buffers in turn (a copy without the GIL) and written chunk by chunk with
+    O_DIRECT, past the page cache, by a thread of its own: one buffer is written while the other
+    fills, so the copy costs no time at disk speed. Page-aligned memory (`aligned_empty`) is
+    written as it is. The unaligned tail goes through the buffered descriptor at `finish`. If a
+    direct write is refused (EINVAL), the rest is written buffered."""
 
-    def __init__(self, fd: int, direct_fd: int, bounce: tuple[memoryview, int]) -> None:
+    def __init__(self, fd: int, direct_fd: int, bounces: list[tuple[memoryview, int]]) -> None:
         self.fd, self.direct_fd = fd, direct_fd
-        self.buffer, self.address = bounce
+        self._direct_fd_to_close = direct_fd
+        self.bounces = bounces
+        self.current = 0                                         # the buffer being filled
+        self.buffer, self.address = bounces[0]
+        self.writing: list[Future | None] = [None] * len(bounces)  # each buffer's write in flight
         self.offset = os.lseek(fd, 0, os.SEEK_CUR)  # of the buffer's first byte; 0 for a new file
         self.filled = 0
         self.discard = False
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix='archive-direct-write')
 
     def write(self, data: tp.Any) -> int:
         if self.discard:
@@ -206,58 +213,77 @@ class _DirectSink:
             self.filled += take
             done += take
             if self.filled == len(self.buffer):
-                self._write(self.filled)
+                self._hand_over()
         return size
 
-    def _write(self, length: int) -> None:
-        """Write the buffer's first `length` bytes (aligned unless the last) and move them out."""
+    def _hand_over(self) -> None:
+        """Give the filled buffer's aligned bytes to the writing thread and go on in the other
+        buffer, starting with the unaligned rest."""
+        length = self.filled
         aligned = length - length % DIRECT_ALIGN if self.offset % DIRECT_ALIGN == 0 else 0
+        if aligned:
+            self.writing[self.current] = self._writer.submit(self._write, self.buffer[:aligned], self.offset)
+        else:
+            self._write(self.buffer[:length], self.offset)
+            aligned = length
+        rest = length - aligned
+        previous = self.buffer
+        self.current = (self.current + 1) % len(self.bounces)
+        self._wait(self.current)
+        self.buffer, self.address = self.bounces[self.current]
+        if rest:
+            self.buffer[:rest] = previous[aligned:length]
+        self.offset += aligned
+        self.filled = rest
+
+    def _wait(self, index: int) -> None:
+        pending, self.writing[index] = self.writing[index], None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, data: memoryview, offset: int) -> None:
+        """Write `data` at `offset`: with O_DIRECT while it is aligned and allowed, else buffered."""
         done = 0
+        aligned = len(data) - len(data) % DIRECT_ALIGN if offset % DIRECT_ALIGN == 0 else 0
         while done < aligned and self.direct_fd >= 0:
             try:
-                done += os.pwrite(self.direct_fd, self.buffer[done:aligned], self.offset + done)
+                done += os.pwrite(self.direct_fd, data[done:aligned], offset + done)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
-                os.close(self.direct_fd)  # refused here: buffered from now on
-                self.direct_fd = -1
-        while done < length:
-            done += os.pwrite(self.fd, self.buffer[done:length], self.offset + done)
-        self.offset += length
-        self.filled -= length
-        if self.filled:
-            self.buffer[:self.filled] = self.buffer[length:length + self.filled]
+                self.direct_fd = -1  # refused here: buffered from now on (closed by `close`)
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
 
     def _write_from(self, source: memoryview) -> int:
         """Write the aligned prefix of `source` straight from its memory: no copy at all."""
         if self.filled:
-            self._write(self.filled)  # aligned: the file position after it is
+            self._hand_over()  # aligned (the file position after it is): nothing is left over
         length = len(source) - len(source) % DIRECT_ALIGN
-        done = 0
-        try:
-            while done < length:
-                done += os.pwrite(self.direct_fd, source[done:length], self.offset + done)
-        except OSError as err:
-            if err.errno != errno.EINVAL or done:
-                raise
-            os.close(self.direct_fd)  # refused here: buffered from now on
-            self.direct_fd = -1
-        self.offset += done
-        return done
+        self._write(source[:length], self.offset)
+        self.offset += length
+        return length
 
     def flush(self) -> None:
         pass
 
     def finish(self) -> None:
-        """Write what is left and leave the descriptor at the end of the file."""
+        """Write what is left, wait for every write, and leave the descriptor at the end of the file."""
         if self.filled and not self.discard:
-            self._write(self.filled)
+            self._write(self.buffer[:self.filled], self.offset)
+            self.offset += self.filled
+            self.filled = 0
+        for index in range(len(self.writing)):
+            self._wait(index)
         os.lseek(self.fd, self.offset, os.SEEK_SET)
 
     def close(self) -> None:
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-            self.direct_fd = -1
+        """Wait for the writing thread (its errors were raised by `finish`, or are moot after a
+        failure), then close the direct descriptor."""
+        self._writer.shutdown(wait=True)
+        if self._direct_fd_to_close >= 0:
+            os.close(self._direct_fd_to_close)
+            self._direct_fd_to_close = -1
 
 
 def _pickle(obj: tp.Any, storages: dict[str, torch.UntypedStorage]) -> bytes:
@@ -301,7 +327,7 @@ def save(obj: tp.Any, f: tp.BinaryIO, complete: tp.Callable[[tp.Any], tp.Any] | 
         direct_fd = _open_direct(fd, os.O_WRONLY) if (DIRECT_WRITES if direct is None else direct) else None
         sink: _FlushBehind | _DirectSink
         if direct_fd is not None:
-            sink = _DirectSink(fd, direct_fd, stack.enter_context(_write_bounce))
+            sink = _DirectSink(fd, direct_fd, [stack.enter_context(bounce) for bounce in _write_bounces])
             stack.callback(sink.close)
         else:
             sink = _FlushBehind(fd)
