@@ -163,9 +163,11 @@ class CheckpointWriter:
         self._pending_paths: list[Path] = []
 
     def prepare(self, state: dict[str, tp.Any]) -> None:
-        """Allocate and touch the staging buffers now, not at the first checkpoint."""
+        """Allocate and touch the staging buffers now, and start the writing thread, not at the
+        first checkpoint."""
         if self.stages(state) and self.writes(state):
             self.staging.snapshot(state)
+            self._io.submit(int).result()
 
     def stages(self, state: dict[str, tp.Any]) -> bool:
         """Whether a save of `state` is staged (ASYNC, within `staging_max_mb`); if the state is
