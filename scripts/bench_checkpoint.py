@@ -52,6 +52,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -125,6 +126,12 @@ def direct_io(writes: bool, reads: bool) -> tp.Iterator[None]:
         yield
     finally:
         archive.DIRECT_WRITES, archive.DIRECT_READS = before
+
+
+def process_cpu() -> float:
+    """User + system CPU seconds of this process so far, all threads."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
 
 
 def timed(function: tp.Callable[[], tp.Any]) -> float:
@@ -210,9 +217,10 @@ class SaveLoadBench:
         return timed(lambda: checkpoint.write_checkpoint(self.ours, self.state, META))
 
     def ours_async(self) -> tuple[float, float]:
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), process_cpu()
         stats = self.writer.save(self.state, {self.folder / 'async.th': None}, META)
         self.writer.wait()
+        self.add('our async save: CPU time, all threads', process_cpu() - cpu)  # what it takes from training
         return stats.blocked, time.perf_counter() - begin
 
     def torch_save(self, crc32: bool = True) -> float:
@@ -511,23 +519,29 @@ def train_runs(args: argparse.Namespace, folder: Path) -> dict[str, tp.Any]:
                 'async save per epoch': ['checkpoint.save_last=true', 'checkpoint.async_save=true']}
     env = {**os.environ, 'SOLVER_DORA_DIR': str(folder / 'dora')}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}  # user + system seconds of the run's processes
     print(f"\n### Training overhead, whole runs: dora run {' '.join(common)}\n")
     for pair in range(args.train_runs):
         order = list(variants) if pair % 2 == 0 else list(reversed(variants))  # neither always first
         for name in order:
-            begin = time.perf_counter()
+            begin, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run(['dora', 'run', '--clear', *common, *variants[name]], cwd=root, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            elapsed = time.perf_counter() - begin
+            elapsed, now = time.perf_counter() - begin, resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime)
             if proc.returncode:
                 sys.exit(f"dora run failed ({name}):\n{proc.stdout[-3000:]}")
             times[name].append(elapsed)
-            print(f"pair {pair + 1} {name}: {elapsed:.1f}s", flush=True)
+            print(f"pair {pair + 1} {name}: {elapsed:.1f}s, {cpu[name][-1]:.1f} CPU s", flush=True)
     ratios = [b / a for a, b in zip(times['no saves'], times['async save per epoch'])]
+    cpu_ratios = [b / a for a, b in zip(cpu['no saves'], cpu['async save per epoch'])]
     print(f"run time with / without saves: {statistics.median(ratios):.3f}x (median of {len(ratios)} pairs: "
           f"{' '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"CPU time with / without saves: {statistics.median(cpu_ratios):.3f}x (median of {len(cpu_ratios)} "
+          f"pairs: {' '.join(f'{r:.3f}' for r in cpu_ratios)})")
     return {'command': ['dora', 'run', *common], 'variants': variants, 'runs_s': times, 'ratios': ratios,
-            'train_runs_x_no_save': statistics.median(ratios)}
+            'train_runs_x_no_save': statistics.median(ratios), 'cpu_s': cpu, 'cpu_ratios': cpu_ratios,
+            'train_runs_cpu_x_no_save': statistics.median(cpu_ratios)}
 
 
 def main() -> None:
