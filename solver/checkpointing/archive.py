@@ -28,13 +28,14 @@ overrides them per call. The default is what `scripts/bench_checkpoint.py` measu
 direct save is faster than a buffered one and leaves nothing in the page cache, while a direct
 read is no faster cold and loses the cached case (a rollback re-reading a file it just read).
 Torch's tensors are only 64-byte aligned and file systems want 512 or 4096, so bytes go through
-a reused page-aligned buffer (a copy without the GIL), except from page-aligned memory (the
-async writer's staging buffers, `aligned_empty`), which is written as it is. Where the file
-system refuses O_DIRECT, the buffered path is used.
+two reused page-aligned buffers in turn (a copy without the GIL, overlapping the write of the
+other one), except from page-aligned memory (the async writer's staging buffers,
+`aligned_empty`), which is written as it is. Where the file system refuses O_DIRECT, the
+buffered path is used.
 
 All this leans on private torch APIs (`PyTorchFileWriter/Reader`, `_rebuild_tensor_v2`'s
-arguments, storage internals). At import a tiny state makes a round trip through `save` and `load` and
-plain `torch.load`; if anything fails, `AVAILABLE` is False, one warning says so, and `save`
+arguments, storage internals). At import a tiny state makes a round trip through `save` and
+`load` and plain `torch.load`; if anything fails, `AVAILABLE` is False, one warning says so, and `save`
 and `load` fall back to `torch.save` and `torch.load(weights_only=True)`.
 """
 
