@@ -191,3 +191,24 @@ def test_a_save_past_a_real_file_size_limit_is_raised_by_raise_if_failed_and_not
     assert proc.returncode == 0, proc.stderr
     assert f"raised: Could not write checkpoint {target}: File too large" in proc.stdout
     assert 'listeners called: [] file exists: False' in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a lent one)")
+def test_gpu_tensors_are_staged_into_pinned_memory_after_the_work_queued_before_the_save(tmp_path: Path):
+    model = nn.Linear(512, 512).cuda()
+    state = {'model': model.state_dict(), 'step': torch.tensor(3)}
+    writer = CheckpointWriter(SaveMode.ASYNC)
+    writer.prepare(state)
+    with torch.no_grad():
+        for _ in range(50):  # queued, likely not done when the save starts: the copy must wait for it
+            model.weight.mul_(1.01)
+    expected = model.weight.detach().cpu()
+    writer.save(state, {tmp_path / 'a.th': None}, META)
+    with torch.no_grad():
+        model.weight.zero_()  # after the save returned: not in the checkpoint
+    writer.close()
+    gpu_buffers = [b for b in writer.staging.buffers if b.shape == model.weight.shape]
+    assert gpu_buffers and all(b.is_pinned() for b in gpu_buffers)
+    assert not writer.staging.buffers[-1].is_pinned()  # the CPU step count: page-aligned, not pinned
+    loaded = checkpoint.read_checkpoint(tmp_path / 'a.th')
+    assert torch.equal(loaded.state['model']['weight'], expected)
