@@ -172,6 +172,36 @@ def test_mirror_uploads_each_save_commit_point_last_and_applies_keep_last(s3, tm
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize('when', ['during the upload', 'right after the upload'])
+def test_a_file_pruned_locally_while_it_uploads_leaves_no_temporary_key(s3, tmp_path, monkeypatch, when: str):
+    # The race behind a flaky run: keep_last prunes checkpoint_1.th locally while the mirror
+    # uploads it. The upload is superseded, its temporary key removed, and nothing fails.
+    folder = tmp_path / 'xp'
+    folder.mkdir()
+    mirror = remote.RemoteMirror(f's3://{BUCKET}/unit-pruned-{when[0]}', folder, keep_last=1, max_backoff=1)
+    put_file = mirror.fs.put_file
+
+    def pruning_put_file(local: str, key: str, **kwargs: tp.Any) -> None:
+        if Path(local).name == 'checkpoint_1.th':
+            if when == 'during the upload':
+                with open(local, 'rb') as opened:
+                    Path(local).unlink()
+                    mirror.fs.pipe_file(key, opened.read()[:100])  # a partial object, then the error
+                raise FileNotFoundError(local)
+            put_file(local, key, **kwargs)
+            Path(local).unlink()
+            return
+        put_file(local, key, **kwargs)
+    monkeypatch.setattr(mirror.fs, 'put_file', pruning_put_file)
+    mirror.notify([write(folder, 'checkpoint_1.th', 1)])
+    assert mirror.flush(30)
+    mirror.notify([write(folder, 'checkpoint_2.th', 2), write(folder, checkpoint.LATEST, 2)])
+    assert mirror.flush(30)
+    assert mirror.close() == [] and mirror.failures == 0
+    assert remote_names(f'unit-pruned-{when[0]}') == ['checkpoint.th', 'checkpoint_2.th']
+
+
+@pytest.mark.integration
 def test_saves_while_an_upload_is_in_flight_coalesce_into_the_newest(s3, tmp_path):
     folder = tmp_path / 'xp'
     folder.mkdir()

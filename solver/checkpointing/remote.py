@@ -136,6 +136,14 @@ def _candidates(names: tp.Iterable[str]) -> list[str]:
     return ([checkpoint.LATEST] if checkpoint.LATEST in names else []) + [n for _, n in reversed(epochs)]
 
 
+def _inode(path: Path) -> int | None:
+    """The inode of `path`, None if there is no such file (now)."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def named_shard_folder(path: Path) -> str | None:
     """The shard folder a checkpoint file names (sharded checkpoints), read without loading its
     tensors (weights-only, memory-mapped); None if it names none or cannot be read (the full
@@ -348,6 +356,7 @@ class RemoteMirror:
                 self._sync(dirty)
             except Exception as err:  # never into training: logged, retried, summed up at close
                 self.failures += 1
+                self._cleaned = False  # a temporary key the failure left is removed by the retry
                 message = f"{type(err).__name__}: {err}"
                 with self._cond:
                     self._errors.update({name: message for name in self._dirty})
@@ -385,17 +394,19 @@ class RemoteMirror:
                 try:
                     self._upload_checkpoint(name)
                 except _Superseded:
-                    logger.debug("%s changed during its upload: the newer save is mirrored next.", name)
+                    if (self.folder / name).exists():
+                        logger.debug("%s changed during its upload: the newer save is mirrored next.", name)
+                    else:  # pruned locally meanwhile: nothing left to mirror
+                        self._done(name, dirty)
                     continue
                 self._done(name, dirty)
         self._apply_keep_policy()
 
     def _upload_checkpoint(self, name: str) -> None:
         path = self.folder / name
-        try:
-            before = os.stat(path).st_ino
-        except FileNotFoundError:
-            raise _Superseded from None
+        before = _inode(path)
+        if before is None:
+            raise _Superseded
         begin, sent = time.perf_counter(), self.bytes
         logger.debug("Mirroring %s to %s.", name, redact(self.url))
         shards = named_shard_folder(path)
@@ -407,7 +418,7 @@ class RemoteMirror:
             for file in files:
                 self._put(file, f'{shards}/{file.name}')
         tmp = self._upload_tmp(path, name)
-        if not path.exists() or os.stat(path).st_ino != before:  # replaced: may name other shards
+        if _inode(path) != before:  # replaced (may name other shards) or pruned meanwhile
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(tmp)
             raise _Superseded
@@ -426,12 +437,15 @@ class RemoteMirror:
             self.fs.makedirs(parent, exist_ok=True)
             self._made.add(parent)
         try:
+            size = os.stat(path).st_size
             self.fs.put_file(str(path), tmp)
         except FileNotFoundError as err:
-            if not path.exists():
+            if not path.exists():  # pruned or replaced locally meanwhile: no temporary key left behind
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(tmp)
                 raise _Superseded from err
             raise
-        self.bytes += path.stat().st_size
+        self.bytes += size
         return tmp
 
     def _promote(self, tmp: str, key: str) -> None:
