@@ -418,6 +418,8 @@ class Reading:
                         direct_fd = self._read_direct(direct_fd, bounce, offset, buffer, stream)
                     if direct_fd is None:
                         self._read_buffered(offset, buffer, stream)
+                    if self._stop:  # cut short: no digest of part of a record
+                        return
                     with self._changed:
                         self._digests[index] = stream.hexdigest()
                         if index == self._wanted:
