@@ -166,8 +166,7 @@ def digests(state: tp.Any, ready: archive.Ready | None = None) -> dict[str, tp.A
     hashed = []
     for tensor in tensors:
         whole = ready(tensor.untyped_storage()) if ready is not None else None
-        if whole is not None and tensor.is_contiguous() and tensor.storage_offset() == 0 \
-                and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes():
+        if whole is not None and archive.whole_storage(tensor):
             hashed.append(whole)
         else:
             hashed.append(tensor_digest(tensor))
