@@ -94,8 +94,8 @@ class StagingBuffers:
         device-to-host copy alone, at the bus's speed. [Not yet run on a GPU: no GPU was lent.]
         """
         index = 0
-        buffers: list[torch.Tensor] = []
-        sources: list[torch.Tensor] = []
+        host: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # buffers, sources
+        gpu: list[tuple[torch.Tensor, torch.Tensor]] = []                # (buffer, source)
 
         def stage(obj: tp.Any, *where: tp.Any) -> tp.Any:
             nonlocal index
@@ -109,21 +109,25 @@ class StagingBuffers:
                     self.buffers.append(torch.empty(0))
                 buffer = self.buffers[index]
                 on_gpu = obj.device.type == 'cuda'
-                if buffer.shape != obj.shape or buffer.dtype != obj.dtype or buffer.is_pinned() != on_gpu:
+                # is_pinned() only for a GPU's tensors: on a CUDA build it asks the driver, and a
+                # pinned buffer serves a CPU tensor as well
+                if buffer.shape != obj.shape or buffer.dtype != obj.dtype or (on_gpu and not buffer.is_pinned()):
                     buffer = self.buffers[index] = (  # page-aligned: see archive; pinned for a GPU's copies
                         torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True) if on_gpu
                         else archive.aligned_empty(obj.shape, obj.dtype))
                 index += 1
-                buffers.append(buffer)
-                sources.append(obj.detach())
+                if on_gpu:
+                    gpu.append((buffer, obj.detach()))
+                else:
+                    host[0].append(buffer)
+                    host[1].append(obj.detach())
                 return buffer
             return obj
         staged = tree.map_leaves(state, stage)
-        host = [(b, s) for b, s in zip(buffers, sources) if s.device.type != 'cuda']
-        if host:
-            torch._foreach_copy_([b for b, _ in host], [s for _, s in host])
-        if len(host) < len(buffers):
-            self._copy_from_gpu([(b, s) for b, s in zip(buffers, sources) if s.device.type == 'cuda'])
+        if host[0]:
+            torch._foreach_copy_(*host)
+        if gpu:
+            self._copy_from_gpu(gpu)
         return staged
 
     def _copy_from_gpu(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
