@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -26,6 +27,10 @@ _ANSI = re.compile(r'\x1b\[[0-9;]*m')  # flashy logs in colour
 REGRESSION = ('solver=regression',)  # 16 steps per epoch, 3 epochs: a run of seconds
 # The regression solver with test-only faults (`+faults.<key>=...`, see faulty_solver.py).
 FAULTY = (*REGRESSION, 'solver_class=faulty_solver.FaultySolver')
+# The project's commands through the running interpreter: the tests need no activated venv.
+DORA = (sys.executable, '-m', 'dora')
+SOLVER = (sys.executable, '-m', 'solver')
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run')
 SAVE_LINE = ' - Checkpoint checkpoint.th'  # the log line of every save of the latest checkpoint
 
 
@@ -47,7 +52,7 @@ def run_dora(dora_dir: Path, *args: str, timeout: float = 120,
 
     `preexec_fn` runs in the child before `dora` starts (e.g. to set a resource limit).
     """
-    proc = subprocess.run(['dora', *args], cwd=ROOT, env=dora_env(dora_dir), stdout=subprocess.PIPE,
+    proc = subprocess.run([*DORA, *args], cwd=ROOT, env=dora_env(dora_dir), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, preexec_fn=preexec_fn)
     return proc.returncode, _ANSI.sub('', proc.stdout)
 
@@ -75,7 +80,7 @@ class BackgroundRun:
         dora_dir.mkdir(parents=True, exist_ok=True)
         self.log = dora_dir.parent / f'run_{time.monotonic_ns()}.log'
         with open(self.log, 'wb') as out:
-            self.proc = subprocess.Popen(['dora', 'run', *overrides], cwd=ROOT, env=dora_env(dora_dir),
+            self.proc = subprocess.Popen([*DORA, 'run', *overrides], cwd=ROOT, env=dora_env(dora_dir),
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self._text, self._read = '', 0
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import damage_a_tensor
+from helpers import DORA, SOLVER, damage_a_tensor
 
 from solver.checkpointing import format as checkpoint
 from solver.lock import ExperimentLock
@@ -32,7 +32,7 @@ def solver(dora_tools) -> tp.Callable[..., SimpleNamespace]:
     """`solver(dora_dir, *args)`: runs `solver <args>` with `dora_dir` as the Dora folder; returns
     its exit code, stdout and stderr."""
     def run(dora_dir: Path, *args: str) -> SimpleNamespace:
-        proc = subprocess.run(['solver', *args], cwd=dora_tools.root, env=dora_tools.env(dora_dir),
+        proc = subprocess.run([*SOLVER, *args], cwd=dora_tools.root, env=dora_tools.env(dora_dir),
                               capture_output=True, text=True, timeout=120)
         return SimpleNamespace(code=proc.returncode, out=proc.stdout, err=proc.stderr)
     return run
@@ -241,7 +241,7 @@ def test_export_th_is_what_continue_from_pretrained_reads(solver, xp, dora_tools
     assert set(exported.state) == {'best_state'}
     assert all(torch.equal(exported.state['best_state']['states']['model'][k], v) for k, v in latest.items())
     dora_dir = tmp_path / 'dora'
-    proc = subprocess.run(['dora', 'run', 'solver=regression', 'continue_from=//pretrained/reg', 'optim.epochs=1',
+    proc = subprocess.run([*DORA, 'run', 'solver=regression', 'continue_from=//pretrained/reg', 'optim.epochs=1',
                            'optim.lr=0'], cwd=dora_tools.root, capture_output=True, text=True, timeout=120,
                           env={**dora_tools.env(dora_dir), 'SOLVER_PRETRAINED_DIR': str(pretrained)})
     assert proc.returncode == 0, proc.stdout + proc.stderr

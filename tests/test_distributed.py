@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import DORA, SOLVER, TORCHRUN
 from torch import nn
 
 from solver import distrib
@@ -140,7 +141,7 @@ def test_ddp_resume_matches_the_uninterrupted_run(ddp, dora_tools, tmp_path):
 @pytest.mark.integration
 def test_torchrun_resume_matches_the_uninterrupted_run(ddp, dora_tools, tmp_path):
     xp = cut_back_to_epoch_1(ddp, tmp_path)
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+    command = [*TORCHRUN, '--standalone', '--nproc_per_node', '2',
                '-m', 'dora', 'run', *TRAINED]
     proc = subprocess.run(command, cwd=dora_tools.root, env=dora_tools.env(xp.dora_dir), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
@@ -206,11 +207,11 @@ def test_continue_from_a_sharded_experiment_fine_tunes_in_one_process(fsdp, dora
 
 @pytest.mark.integration
 def test_export_of_a_sharded_experiment_is_one_consolidated_file(fsdp, dora_tools, tmp_path):
-    verified = subprocess.run(['solver', 'verify', str(fsdp.folder)], cwd=dora_tools.root, capture_output=True,
+    verified = subprocess.run([*SOLVER, 'verify', str(fsdp.folder)], cwd=dora_tools.root, capture_output=True,
                               text=True, timeout=60)  # the solver command reads shards in one process
     assert verified.returncode == 0 and f"{fsdp.folder / 'checkpoint.th'}: intact" in verified.stdout, verified
     target = tmp_path / 'exported.th'
-    proc = subprocess.run(['solver', 'export', str(fsdp.folder), str(target)],
+    proc = subprocess.run([*SOLVER, 'export', str(fsdp.folder), str(target)],
                           cwd=dora_tools.root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(target, weights_only=True)
@@ -264,7 +265,7 @@ def test_kill_of_one_rank_during_a_sharded_save_leaves_the_previous_checkpoint(d
     folder = dora_tools.folder(dora_dir, *overrides)
     log = tmp_path / 'run.log'
     with open(log, 'w') as out:
-        proc = subprocess.Popen(['dora', 'run', *TWO_RANKS, *overrides], cwd=dora_tools.root,
+        proc = subprocess.Popen([*DORA, 'run', *TWO_RANKS, *overrides], cwd=dora_tools.root,
                                 env=dora_tools.env(dora_dir), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:

@@ -18,7 +18,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REGRESSION, BackgroundRun, copy_xp, history, last_lines, run_xp, without_durations, xp_folder
+from helpers import (
+    REGRESSION,
+    SOLVER,
+    BackgroundRun,
+    copy_xp,
+    history,
+    last_lines,
+    run_xp,
+    without_durations,
+    xp_folder,
+)
 
 from solver.checkpointing import format as checkpoint
 
@@ -266,7 +276,7 @@ def test_a_rerun_of_an_early_stopped_experiment_says_it_is_complete_and_trains_n
 
 
 def test_solver_ls_shows_an_early_stopped_experiment_as_such(stopped):
-    proc = subprocess.run(['solver', 'ls', '--json'], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([*SOLVER, 'ls', '--json'], capture_output=True, text=True, timeout=120,
                           env={**os.environ, 'SOLVER_DORA_DIR': str(stopped.folder.parent.parent)})
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)

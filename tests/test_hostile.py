@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from helpers import SOLVER
 
 from solver.checkpointing import archive, sharded
 from solver.checkpointing import format as checkpoint
@@ -255,7 +256,7 @@ def test_inspect_refuses_a_forged_shard_folder_in_one_line(tmp_path: Path, attac
 def test_solver_export_refuses_a_forged_shard_folder(tmp_path: Path, attack):
     marker = tmp_path / 'pwned'
     path = attack(tmp_path / 'checkpoint.th', marker)
-    proc = run('solver', 'export', str(path), str(tmp_path / 'out.th'))
+    proc = run(*SOLVER, 'export', str(path), str(tmp_path / 'out.th'))
     assert proc.returncode in (1, 2) and 'refused' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     assert not marker.exists() and not (tmp_path / 'out.th').exists()
 

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import FAULTY
+from helpers import DORA, FAULTY
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
@@ -40,7 +40,7 @@ def dora_run(dora_tools: tp.Any, dora_dir: Path, records: Path, overrides: tp.Se
     """`dora run` on `ranks` processes, recording the samples of every rank under `records`."""
     records.mkdir(parents=True, exist_ok=True)
     workers = ('-d', '--ddp_workers', str(ranks)) if ranks > 1 else ()
-    proc = subprocess.run(['dora', 'run', *workers, *overrides], cwd=dora_tools.root,
+    proc = subprocess.run([*DORA, 'run', *workers, *overrides], cwd=dora_tools.root,
                           env={**dora_tools.env(dora_dir), 'SOLVER_RECORD_SAMPLES': str(records)},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     return proc.returncode, proc.stdout

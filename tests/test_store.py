@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from helpers import FAULTY, REGRESSION, run_xp
+from helpers import FAULTY, REGRESSION, SOLVER, run_xp
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import store
@@ -349,7 +349,7 @@ def test_the_command_line_rolls_back_prunes_and_exports_an_incremental_experimen
     xp = run_xp(dora_dir, *overrides)
 
     def solver(*args: str) -> str:
-        proc = subprocess.run(['solver', *args], cwd=ROOT, env=dora_tools.env(dora_dir), capture_output=True,
+        proc = subprocess.run([*SOLVER, *args], cwd=ROOT, env=dora_tools.env(dora_dir), capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
