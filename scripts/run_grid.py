@@ -16,15 +16,12 @@ import importlib
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from dora.grid import RunGridArgs, run_grid
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # recipes/ lives at the root
-
 
 def grid_experiments(name: str) -> list[list[str]]:
-    """The override lists of the experiments of grid `recipes/<name>.py`."""
+    """The override lists of the experiments of grid `recipes/<name>.py` (`solver.recipes` installed)."""
     from solver.train import main
     explorer = importlib.import_module(f'{main.dora.grid_package}.{name}').explorer
     args = RunGridArgs(dry_run=True, monitor=False, silent=True)

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import builders, distrib
+from . import builders, distrib, locations
 from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
@@ -101,7 +101,7 @@ class StandardSolver(flashy.BaseSolver):
     def load_from_pretrained(self, name: str) -> checkpoint.Checkpoint:
         """The checkpoint for `continue_from=//pretrained/NAME`: `<pretrained dir>/<name>.th`
         (`manager.find_pretrained`). Tasks with other sources of weights override this."""
-        return find_pretrained(name)
+        return find_pretrained(name, locations.pretrained_dir())
 
     # -- registration and swaps ---------------------------------------------------------------
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib
 import logging
 import typing as tp
-from pathlib import Path
 
 import flashy
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from . import validation
+from . import locations, validation
 from .errors import ConfigError
 from .sampler import ResumableBatchSampler
 
@@ -20,13 +19,13 @@ logger = logging.getLogger(__name__)
 __all__ = ['ConfigError', 'check_config', 'get_solver', 'solver_class', 'get_optimizer', 'get_lr_scheduler',
            'get_train_loader', 'get_eval_loader', 'known_solvers', 'freeze_prefixes', 'freeze_parameters',
            'check_freeze']
-CONFIG_DIR = Path(__file__).resolve().parent.parent / 'config'
 
 
 def known_solvers() -> list[str]:
-    """Solver configs available as `solver=<name>` (files under config/solver/)."""
-    root = CONFIG_DIR / 'solver'
-    return sorted(str(p.relative_to(root).with_suffix('')) for p in root.rglob('*.yaml'))
+    """Solver configs available as `solver=<name>`: the project's config/solver/ and the framework's."""
+    folders = {locations.shipped('config') / 'solver', locations.project_package() / 'config' / 'solver'}
+    return sorted({str(p.relative_to(root).with_suffix('')) for root in folders if root.is_dir()
+                   for p in root.rglob('*.yaml')})
 
 
 def check_config(cfg: DictConfig) -> None:

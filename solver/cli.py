@@ -17,6 +17,7 @@ import typing as tp
 from pathlib import Path
 
 from . import experiment as xps
+from . import locations
 from .experiment import Experiment, ExperimentError
 from .lock import ExperimentLockedError
 
@@ -33,8 +34,7 @@ EXAMPLES = {
 
 
 def _dora_dir() -> Path:
-    from .train import dora_dir
-    return dora_dir()
+    return locations.dora_dir()
 
 
 def _target(name: str) -> Experiment | Path:
@@ -124,9 +124,10 @@ def _defaults() -> dict[str, tp.Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .builders import CONFIG_DIR
+    package = locations.project_package()
+    config = package / 'config' if (package / 'config' / 'config.yaml').is_file() else locations.shipped('config')
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base='1.3'):
+        with initialize_config_dir(config_dir=str(config), version_base='1.3'):
             container = OmegaConf.to_container(compose('config'), resolve=True)
     except Exception:  # an installed copy without config/: show the config without a comparison
         return {}

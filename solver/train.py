@@ -15,13 +15,12 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib
+from . import builders, distrib, locations
 from .errors import UserError
 from .lock import ExperimentLock, FolderNotWritableError, check_writable
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
-DORA_DIR_ENV = 'SOLVER_DORA_DIR'
+DORA_DIR_ENV = locations.DORA_DIR_ENV
 MIN_FREE_BYTES = 1 << 20  # below this the disk is full: Dora and Hydra fail writing their files
 
 
@@ -31,8 +30,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@hydra_main(config_path='../config', config_name='config', version_base='1.3')
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """One `dora run` of any project: logging, distributed init, seeds, checks, then the solver."""
     xp = get_xp()
     try:
         flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
@@ -65,13 +64,6 @@ def stop(message: str, code: int) -> tp.NoReturn:
     sys.exit(code)
 
 
-def dora_dir() -> Path:
-    """Dora's folder: $SOLVER_DORA_DIR, `~` expanded and made absolute; unset or empty: outputs/
-    at the project root, whatever the launch directory."""
-    value = os.environ.get(DORA_DIR_ENV, '').strip()
-    return Path(os.path.abspath(os.path.expanduser(value))) if value else ROOT / 'outputs'
-
-
 def dora_dir_problem(folder: Path) -> str | None:
     """Why Dora could not use `folder` (a file in the way, not writable, a full disk), or None.
 
@@ -80,7 +72,7 @@ def dora_dir_problem(folder: Path) -> str | None:
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    what = f"the Dora folder {folder} ({DORA_DIR_ENV}; unset: {ROOT / 'outputs'})"
+    what = f"the Dora folder {folder} ({DORA_DIR_ENV}; unset: {locations.root() / 'outputs'})"
     if not existing.is_dir():
         return f"{existing} is a file, so {what} cannot be a folder. Move the file or set {DORA_DIR_ENV}."
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -92,29 +84,54 @@ def dora_dir_problem(folder: Path) -> str | None:
     return None
 
 
-# Made absolute once, here, and passed on so to the processes this one starts (distributed
-# workers may start elsewhere); unset or empty stays so (the default does not depend on the cwd).
-if os.environ.get(DORA_DIR_ENV, '').strip():
-    os.environ[DORA_DIR_ENV] = str(dora_dir())
-if (_problem := dora_dir_problem(dora_dir())) is not None:
-    print(f"error: {_problem}", file=sys.stderr)
-    sys.exit(1)
-main.dora.dir = dora_dir()
-_init_xp = main.init_xp
+def project_main(package_file: str | Path, config_dir: str | Path | None = None) -> tp.Any:
+    """The `dora` entry point of a project: in a project's `train.py`, `main = project_main(__file__)`.
+
+    `config_dir` (default: `config/` beside `train.py`) holds the project's primary `config.yaml`;
+    the framework's own configs are found through Hydra's search path (`pkg://solver.config`).
+    Experiments go to `outputs/` at the project's root (`solver.locations`) or $SOLVER_DORA_DIR.
+    """
+    package = Path(package_file).resolve().parent
+    locations.use_project(package)
+    config = Path(config_dir) if config_dir is not None else package / 'config'
+
+    def main(cfg: DictConfig) -> None:
+        run(cfg)
+
+    # Made absolute once, here, and passed on so to the processes this one starts (distributed
+    # workers may start elsewhere); unset or empty stays so (the default is the project's root).
+    if os.environ.get(DORA_DIR_ENV, '').strip():
+        os.environ[DORA_DIR_ENV] = str(locations.dora_dir())
+    if (problem := dora_dir_problem(locations.dora_dir())) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    decorated = hydra_main(config_path=str(config.resolve()), config_name='config', version_base='1.3')(main)
+    decorated.dora.dir = locations.dora_dir()
+    init_xp = decorated.init_xp
+
+    def checked_init_xp(xp: tp.Any) -> None:
+        """Dora's first write into the experiment folder, made after checking that the folder can be
+        written (permissions, a full disk): one line then, not Dora's traceback or a failed first
+        checkpoint an epoch later."""
+        try:
+            check_writable(xp.folder)
+        except FolderNotWritableError as err:
+            stop(str(err), 1)
+        init_xp(xp)
+
+    decorated.init_xp = checked_init_xp
+    return decorated
 
 
-def init_xp(xp: tp.Any) -> None:
-    """Dora's first write into the experiment folder, made after checking that the folder can be
-    written (permissions, a full disk): one line then, not Dora's traceback or a failed first
-    checkpoint an epoch later."""
-    try:
-        check_writable(xp.folder)
-    except FolderNotWritableError as err:
-        stop(str(err), 1)
-    _init_xp(xp)
+def __getattr__(name: str) -> tp.Any:
+    """`solver.train.main`, the framework's own entry point (what `dora run` imports), built on
+    first use: a project of its own imports this module for `project_main` without composing the
+    framework's configs."""
+    if name != 'main':
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()['main'] = project_main(__file__, locations.shipped('config'))
+    return globals()['main']
 
-
-main.init_xp = init_xp  # type: ignore[method-assign]
 
 if __name__ == '__main__':
-    main()
+    __getattr__('main')()

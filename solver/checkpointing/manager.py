@@ -15,7 +15,6 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -34,22 +33,15 @@ from .writer import CheckpointWriter, SaveMode, SaveStats
 
 logger = logging.getLogger(__name__)
 Targets = dict[Path, tp.Optional[tp.Sequence[str]]]
-PRETRAINED_ENV = 'SOLVER_PRETRAINED_DIR'
 
 
-def pretrained_dir() -> Path:
-    """Where `//pretrained/NAME` is looked up: $SOLVER_PRETRAINED_DIR, else `pretrained/` at the root."""
-    default = Path(__file__).resolve().parents[2] / 'pretrained'
-    return Path(os.environ.get(PRETRAINED_ENV, default))
-
-
-def find_pretrained(name: str) -> checkpoint.Checkpoint:
-    """`<pretrained dir>/<name>.th` (written by `solver export`), verified."""
-    folder = pretrained_dir()
+def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
+    """`<folder>/<name>.th` (written by `solver export`), verified. `folder` is the project's
+    pretrained folder (`solver.locations.pretrained_dir`: $SOLVER_PRETRAINED_DIR or pretrained/)."""
     path = folder / f'{name}.th'
     if not path.exists():
         known = sorted(p.stem for p in folder.glob('*.th')) if folder.exists() else []
-        raise SolverError(f"No pretrained model '{name}': looked for {path} ({PRETRAINED_ENV} sets the "
+        raise SolverError(f"No pretrained model '{name}': looked for {path} (SOLVER_PRETRAINED_DIR sets the "
                           f"folder). Known names: {known or 'none'}.")
     return checkpoint.read_checkpoint(path)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import builders, distrib, validation
+from .. import builders, distrib, locations, validation
 from ..base import StandardSolver
 from ..errors import ConfigError, SolverError
 from . import audio, data, midi
@@ -18,14 +18,13 @@ from .encoding import NUM_EVENTS, STEPS_PER_BAR, pitches_to_event
 from .model import DrumRNN, finalize_metrics, sample, sequence_metrics
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
 KICK = pitches_to_event([36])
 
 
 def resolve_path(value: str | Path) -> Path:
-    """A config path as given if it exists, else relative to the project root (data/drums)."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() or path.exists() else ROOT / path
+    """A config path: from the launch directory, else the project's root, else the framework's
+    shipped files (data/drums, the bundled corpus) (`solver.locations.find`)."""
+    return locations.find(value)
 
 
 class DrumRNNSolver(StandardSolver):

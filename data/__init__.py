@@ -1,0 +1,1 @@
+"""Bundled data (drums/: the drum corpus): `solver.data` once installed."""
