@@ -16,10 +16,23 @@ import time
 import typing as tp
 from pathlib import Path
 
-from . import experiment as xps
 from . import locations
-from .experiment import Experiment, ExperimentError
+from .errors import UserError
 from .lock import ExperimentLockedError
+
+if tp.TYPE_CHECKING:
+    from . import experiment as xps
+    from .experiment import Experiment
+else:
+    class _Experiments:
+        """`solver.experiment`, imported on first use: it needs torch, which `solver --help` and
+        `solver new` do not (the command line starts in a fraction of the time)."""
+
+        def __getattr__(self, name: str) -> tp.Any:
+            from . import experiment
+            return getattr(experiment, name)
+
+    xps = _Experiments()
 
 EXAMPLES = {
     'ls': "solver ls                  # every experiment\n  solver ls 8f56f142 --verify  # its checkpoints",
@@ -30,7 +43,9 @@ EXAMPLES = {
               "  solver export 8f56f142 pretrained/drums.th   # then continue_from=//pretrained/drums",
     'rollback': "solver rollback 8f56f142 --to epoch:3   # then `dora run` goes on from epoch 4",
     'prune': "solver prune 8f56f142 --keep-last 2        # dry run; add --yes to delete",
+    'new': "solver new my_task --dir ~/code   # then: cd ~/code/my_task && pip install -e . && dora run solver=my_task",
 }
+DTYPES = ('float32', 'bf16', 'fp16')  # experiment.DTYPES' names, here so that --help needs no torch
 
 
 def _dora_dir() -> Path:
@@ -80,7 +95,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     xp = xps.as_experiment(_target(args.target))
     files = xp.checkpoints()
     if not files:
-        raise ExperimentError(f"{xp.folder} holds no checkpoint (checkpoint.th or checkpoint_<epoch>.th).")
+        raise xps.ExperimentError(f"{xp.folder} holds no checkpoint (checkpoint.th or checkpoint_<epoch>.th).")
     damage = dict(xps.verify(xp)) if args.verify else {}
     records: list[dict[str, tp.Any]] = [
         {'file': c.path.name, 'epoch': c.epoch, 'step': c.step, 'size': c.size, 'mtime': c.mtime,
@@ -136,7 +151,7 @@ def _defaults() -> dict[str, tp.Any]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     target = _target(args.target)
-    xp = target if isinstance(target, Experiment) else None
+    xp = target if isinstance(target, xps.Experiment) else None
     ckpt = xp.newest() if xp else xps.load(tp.cast(Path, target))
     meta = {k: v for k, v in ckpt.meta.items() if k != 'config'}
     history = ckpt.state.get('history') or (xp.history if xp else [])
@@ -173,7 +188,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
         results = xps.verify(_target(args.target))
-    except ExperimentError as err:
+    except xps.ExperimentError as err:
         if args.json:
             _emit({'intact': False, 'error': str(err), 'files': []})
         else:
@@ -246,6 +261,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+def cmd_new(args: argparse.Namespace) -> int:
+    from .scaffold import write_project
+    root = write_project(args.name, Path(args.dir))
+    print(f"wrote project {args.name} in {root}. Next:\n  cd {root}\n  pip install -e .\n"
+          f"  dora run solver={args.name}        # experiments in {root / 'outputs'}\n  python -m pytest -q")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `solver` and its subcommands."""
     top = argparse.ArgumentParser(prog='solver', description=__doc__,
@@ -281,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument('--best', action='store_true', help='the best state (default)')
     which.add_argument('--latest', action='store_true', help='the live state of the checkpoint')
     export.add_argument('--format', choices=['th', 'safetensors'], default='th')
-    export.add_argument('--dtype', choices=list(xps.DTYPES), default='float32',
+    export.add_argument('--dtype', choices=DTYPES, default='float32',
                         help='floating-point tensors are cast to this')
     rollback = command('rollback', cmd_rollback, 'return an experiment to a kept point; later files move aside')
     rollback.add_argument('target', help='experiment folder or signature')
@@ -290,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument('target', help='experiment folder or signature')
     prune.add_argument('--keep-last', type=int, required=True, help='epoch files to keep, newest first')
     prune.add_argument('--yes', action='store_true', help='really delete')
+    new = command('new', cmd_new, 'write a project of your own: a task solver, its config, a grid, a test')
+    new.add_argument('name', help='the package name (a lowercase Python identifier)')
+    new.add_argument('--dir', default='.', help='the folder to create the project in (default: here)')
     return top
 
 
@@ -301,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentLockedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (ExperimentError, xps.checkpoint.CheckpointError) as err:
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except xps.checkpoint.CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `solver ls | head`

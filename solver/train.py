@@ -84,19 +84,22 @@ def dora_dir_problem(folder: Path) -> str | None:
     return None
 
 
-def project_main(package_file: str | Path, config_dir: str | Path | None = None) -> tp.Any:
-    """The `dora` entry point of a project: in a project's `train.py`, `main = project_main(__file__)`.
+def project_main(module: str, config_dir: str | Path | None = None) -> tp.Any:
+    """The `dora` entry point of a project: in a project's `train.py`, `main = project_main(__name__)`.
 
     `config_dir` (default: `config/` beside `train.py`) holds the project's primary `config.yaml`;
     the framework's own configs are found through Hydra's search path (`pkg://solver.config`).
     Experiments go to `outputs/` at the project's root (`solver.locations`) or $SOLVER_DORA_DIR.
     """
-    package = Path(package_file).resolve().parent
+    package = Path(str(sys.modules[module].__file__)).resolve().parent
     locations.use_project(package)
     config = Path(config_dir) if config_dir is not None else package / 'config'
 
     def main(cfg: DictConfig) -> None:
         run(cfg)
+
+    # Dora sends its main to other processes (grid workers, Slurm jobs) as `<module>.main`.
+    main.__module__ = module
 
     # Made absolute once, here, and passed on so to the processes this one starts (distributed
     # workers may start elsewhere); unset or empty stays so (the default is the project's root).
@@ -129,7 +132,7 @@ def __getattr__(name: str) -> tp.Any:
     framework's configs."""
     if name != 'main':
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()['main'] = project_main(__file__, locations.shipped('config'))
+    globals()['main'] = project_main(__name__, locations.shipped('config'))
     return globals()['main']
 
 

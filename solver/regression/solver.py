@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from .. import builders, distrib
-from ..base import StandardSolver
+from solver import builders, distrib
+from solver.base import StandardSolver
 
 
 def make_dataset(size: int, dim: int, seed: int) -> TensorDataset:
