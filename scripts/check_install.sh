@@ -38,7 +38,7 @@ if (( latest )); then
   PY=.venv/bin/python
   "$PY" -m pip install --quiet torch==2.13.0 2>&1 | quiet
   log "newest versions the ranges allow (no constraints.txt)"
-  if "$PY" -m pip install --dry-run --quiet --report "$work/report.json" -e '.[test]' > "$work/resolve.log" 2>&1; then
+  if "$PY" -m pip install --dry-run --report "$work/report.json" -e '.[test]' > "$work/resolve.log" 2>&1; then
     "$PY" - "$work/report.json" "$repo/constraints.txt" <<'EOF'
 import json, re, sys
 new = {i['metadata']['name'].lower().replace('_', '-'): i['metadata']['version']
@@ -63,7 +63,7 @@ EOF
     exit 0
   fi
   log "the newest versions do not resolve; pip says:"
-  grep -E "conflict is caused by|depends on|ResolutionImpossible|requires" "$work/resolve.log" | quiet | head -20
+  sed -n "/conflict is caused by/,/^$/p" "$work/resolve.log" | head -20
   log "each direct dependency at its newest, everything else at constraints.txt"
   "$PY" - > "$work/direct.txt" <<'EOF'
 import re, tomllib
@@ -76,7 +76,7 @@ EOF
   while read -r dep; do
     [[ "$dep" == torch ]] && continue  # only 2.13.0 has a CPU build here
     grep -viE "^${dep//-/[-_]}(\[.*\])?==" "$repo/constraints.txt" > "$work/others.txt"
-    if "$PY" -m pip install --dry-run --quiet -e '.[test]' -c "$work/others.txt" --upgrade-strategy eager \
+    if "$PY" -m pip install --dry-run -e '.[test]' -c "$work/others.txt" --upgrade-strategy eager \
         --upgrade "$dep" > "$work/one.log" 2>&1; then
       echo "  ok     $dep"
     else
