@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import shutil
+import stat
 import tempfile
 import time
 import typing as tp
@@ -29,10 +30,11 @@ import torch
 from . import lock
 from .checkpointing import format as checkpoint
 from .checkpointing import remote, sharded, store
-from .checkpointing.fs import atomic_open, fsync_dir
+from .checkpointing.fs import atomic_open, fsync_dir, read_file
 
 ROLLED_BACK = 'rolled_back'
 DTYPES = {'float32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+RECORD_BYTES = 64 << 20  # the most read of a JSON or YAML file of Dora or Hydra: a larger one is not theirs
 
 
 class ExperimentError(checkpoint.CheckpointError):
@@ -118,9 +120,9 @@ def _shard_folders(path: Path) -> list[Path]:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob('*') if p.is_file())
+    """Bytes of the regular files at or under `path`, links not followed."""
+    paths = [path] if not path.is_dir() or path.is_symlink() else path.rglob('*')
+    return sum(info.st_size for p in paths if stat.S_ISREG((info := p.lstat()).st_mode))
 
 
 def read_meta(path: Path) -> dict[str, tp.Any]:
@@ -129,11 +131,11 @@ def read_meta(path: Path) -> dict[str, tp.Any]:
     For listing only: nothing is verified (`verify` does that).
     """
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
-        return meta if isinstance(meta, dict) else {}
-    except Exception:  # damaged, foreign or unsafe: listing shows it without metadata
+        payload = checkpoint.read_unverified(path)
+    except checkpoint.CheckpointError:  # damaged, foreign, unsafe, a link or a pipe: listed without metadata
         return {}
+    meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class Experiment:
@@ -147,9 +149,9 @@ class Experiment:
         return self.folder.name
 
     def _json(self, name: str, default: tp.Any) -> tp.Any:
-        try:
-            return json.loads((self.folder / name).read_text())
-        except (OSError, ValueError):
+        try:  # a link, a pipe or a huge file is not read (fs.open_fd)
+            return json.loads(read_file(self.folder / name, RECORD_BYTES, inside=self.folder))
+        except (OSError, ValueError, RecursionError):
             return default
 
     @property
@@ -168,7 +170,11 @@ class Experiment:
         from omegaconf import OmegaConf
         path = self.folder / '.hydra' / 'config.yaml'
         if path.is_file():
-            container = OmegaConf.to_container(OmegaConf.load(path))
+            try:
+                text = read_file(path, RECORD_BYTES, inside=self.folder).decode(errors='replace')
+                container = OmegaConf.to_container(OmegaConf.create(text))
+            except Exception:  # not Hydra's file (a link, a pipe, not YAML): use the checkpoint's
+                container = None
             return tp.cast(dict, container) if isinstance(container, dict) else {}
         files = self.checkpoints()
         return dict(files[-1].meta.get('config') or {}) if files else {}
@@ -202,7 +208,7 @@ class Experiment:
     @property
     def updated(self) -> float:
         """When anything in the folder last changed (seconds since the epoch)."""
-        times = [p.stat().st_mtime for p in self.folder.iterdir()] + [self.folder.stat().st_mtime]
+        times = [p.lstat().st_mtime for p in self.folder.iterdir()] + [self.folder.stat().st_mtime]
         return max(times)
 
     def checkpoints(self) -> list[CheckpointFile]:
@@ -210,9 +216,9 @@ class Experiment:
         paths = list(reversed(checkpoint.candidates(self.folder)))
         found = []
         for path in paths:
-            stat = path.stat()
-            size = stat.st_size + sum(_size(p) for p in _shard_folders(path))
-            found.append(CheckpointFile(path, size, stat.st_mtime, read_meta(path)))
+            info = path.lstat()
+            size = info.st_size + sum(_size(p) for p in _shard_folders(path))
+            found.append(CheckpointFile(path, size, info.st_mtime, read_meta(path)))
         return found
 
     def best_metric(self) -> tuple[str, bool]:

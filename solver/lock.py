@@ -8,7 +8,10 @@ import os
 import types
 from pathlib import Path
 
+from .checkpointing.fs import UnsafeFileError, open_fd
 from .errors import UserError
+
+_LOCK_BYTES = 4096  # a pid and a newline: a larger `.lock` was not made here
 
 
 class ExperimentLockedError(UserError, RuntimeError):
@@ -29,7 +32,7 @@ def check_writable(folder: Path) -> None:
     probe = folder / f'.write_probe.{os.getpid()}'
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         try:
             os.write(fd, bytes(4096))
             os.fsync(fd)
@@ -56,7 +59,11 @@ class ExperimentLock:
 
     def __enter__(self) -> ExperimentLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link or into a FIFO: a copied-in `.lock` could name any file
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, limit=_LOCK_BYTES)
+        except UnsafeFileError as err:
+            raise ExperimentLockedError(f"Cannot lock experiment {self.path.parent}: {err} Remove it; "
+                                        "the lock file is created anew.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,8 +92,10 @@ def holder(folder: Path) -> int | None:
     """
     path = Path(folder) / '.lock'
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_fd(path, limit=_LOCK_BYTES)
     except FileNotFoundError:
+        return None
+    except UnsafeFileError:  # not a lock this framework made: nobody holds it
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -184,7 +184,9 @@ class OpenWatch:
         if watch is None or event != 'open' or not isinstance(args[0], (str, os.PathLike)):
             return
         path = Path(args[0])
-        if path.parent != watch.folder:
+        if path.parent == Path('.'):  # a name opened in a folder's descriptor (`fs.open_fd`)
+            path = watch.folder / path
+        if path.parent != watch.folder or not path.exists():
             return
         with watch.lock:
             count = watch.opens[path.name] = watch.opens.get(path.name, 0) + 1

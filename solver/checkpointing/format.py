@@ -42,7 +42,7 @@ from .. import distrib
 from ..errors import UserError
 from . import archive, sharded, tree
 from .digest import tensor_digest
-from .fs import atomic_open, fsync_dir
+from .fs import UnsafeFileError, atomic_open, fsync_dir, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +292,11 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     """
     path = Path(path)
     try:
-        f = open(path, 'rb')
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        f = open_file(path)  # no link, FIFO or device: refused in one line naming it
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"No checkpoint file at {path}.") from None
+    except UnsafeFileError as err:
+        raise CorruptCheckpointError(str(err)) from None
     except OSError as err:
         raise CheckpointError(f"Cannot open checkpoint {path}: {err.strerror or err}.") from err
     with f:
@@ -307,6 +309,20 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     elif like is not None and sharded.has_dtensors(like):
         ckpt.state = sharded.place_like(ckpt.state, like)
     return ckpt
+
+
+def read_unverified(path: Path) -> tp.Any:
+    """The payload of a checkpoint file, its tensors mapped (`mmap`), not read, and nothing
+    verified: for listing (`solver ls`) and for the blob references of a collection. Opened as
+    every file of a folder is (`fs.open_fd`); raises `CheckpointError` naming the file."""
+    try:
+        with open_file(Path(path)) as f:  # torch maps what the descriptor names, not the path
+            return torch.load(f'/proc/self/fd/{f.fileno()}', map_location='cpu', weights_only=True, mmap=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # damaged, foreign, unsafe: whatever torch raises
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptCheckpointError(f"{path} cannot be read: {why}") from err
 
 
 def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.Any, Checkpoint]:
