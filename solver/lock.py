@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import types
 from pathlib import Path
 
-from .checkpointing.fs import UnsafeFileError, open_fd
+from .checkpointing.fs import UnsafeFileError, describe, open_fd
 from .errors import UserError
 
 _LOCK_BYTES = 4096  # a pid and a newline: a larger `.lock` was not made here
@@ -44,6 +45,29 @@ def check_writable(folder: Path) -> None:
         raise FolderNotWritableError(
             f"Cannot write in {folder}: {err.strerror or err}. Make the folder writable or free disk "
             "space (or point SOLVER_DORA_DIR at another folder), then rerun.") from None
+
+
+# What Dora, Hydra, logging and this framework open by name in an experiment folder (Slurm
+# launches add links of Dora's own, `code` and submitit folders, which are left alone).
+_OPENED_BY_NAME = re.compile(r'^(\.argv\.json|history\.json|\.lock|\.hydra|blobs|samples|rolled_back'
+                             r'|\.?checkpoint.*|solver\.log.*)$')
+
+
+def check_entries(folder: Path) -> None:
+    """Refuse an experiment folder where something Dora, Hydra or the run opens by name
+    (`.argv.json`, `.hydra/*`, `solver.log.*`, checkpoints, `blobs/`...) is a link, a FIFO or a
+    device: they write by name, following links, so a folder copied from elsewhere could point
+    them at any file the user can write, or hang the run on a pipe. Raises `UnsafeFileError`."""
+    folder = Path(folder)
+    entries = [e for e in os.scandir(folder) if _OPENED_BY_NAME.match(e.name)] if folder.is_dir() else []
+    hydra = folder / '.hydra'
+    if hydra.is_dir() and not hydra.is_symlink():
+        entries += list(os.scandir(hydra))
+    for entry in entries:
+        if entry.is_symlink() or not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+            raise UnsafeFileError(f"{entry.path} is {describe(Path(entry.path))}, not a regular file or folder: "
+                                  "refused (an experiment folder from elsewhere may hold links, pipes or devices). "
+                                  "Remove it, then rerun.")
 
 
 class ExperimentLock:

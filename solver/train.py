@@ -16,8 +16,9 @@ from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
 from . import builders, distrib
+from .checkpointing.fs import UnsafeFileError
 from .errors import UserError
-from .lock import ExperimentLock, FolderNotWritableError, check_writable
+from .lock import ExperimentLock, FolderNotWritableError, check_entries, check_writable
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +110,8 @@ def init_xp(xp: tp.Any) -> None:
     checkpoint an epoch later."""
     try:
         check_writable(xp.folder)
-    except FolderNotWritableError as err:
+        check_entries(xp.folder)  # before Dora and Hydra write their files by name, following links
+    except (FolderNotWritableError, UnsafeFileError) as err:
         stop(str(err), 1)
     _init_xp(xp)
 

@@ -102,11 +102,17 @@ def _kind(mode: int) -> str:
     return 'not a regular file'
 
 
-def _refuse(path: Path, mode: int) -> UnsafeFileError:
-    what = _kind(mode)
-    if stat.S_ISLNK(mode):
+def describe(path: Path, mode: int | None = None) -> str:
+    """What `path` is (`mode`, else its lstat): 'a symbolic link (to /dev/zero)', 'a FIFO (named pipe)'..."""
+    what = _kind(os.lstat(path).st_mode if mode is None else mode)
+    if what == 'a symbolic link':
         with contextlib.suppress(OSError):
             what += f' (to {os.readlink(path)})'
+    return what
+
+
+def _refuse(path: Path, mode: int) -> UnsafeFileError:
+    what = describe(path, mode)
     return UnsafeFileError(f"{path} is {what}, not a regular file: refused (a folder from elsewhere may "
                            "hold links, pipes or devices; replace it with the real file).")
 
