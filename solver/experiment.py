@@ -396,6 +396,7 @@ def export(source: checkpoint.Checkpoint, target: Path, which: str = 'best', fmt
         'git_commit': (meta.get('versions') or {}).get('git'), 'best_metric': best.get('metric'),
     }
     target = Path(target)
+    check_export_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == 'th':
         checkpoint.write_checkpoint(target, {'best_state': {'metric': best.get('metric'), 'states': states}},
@@ -412,6 +413,21 @@ def export(source: checkpoint.Checkpoint, target: Path, which: str = 'best', fmt
     else:
         raise ExperimentError(f"--format {fmt}: expected th or safetensors.")
     return provenance
+
+
+def check_export_target(target: Path) -> None:
+    """Refuse to export onto a checkpoint of an experiment (`<xp>/checkpoint.th`, an epoch file,
+    through a link or not): the best-state-only file would replace it, without the experiment's
+    lock, and the experiment could no longer resume from it."""
+    real = Path(target).resolve()
+    if real.name != checkpoint.LATEST and checkpoint.epoch_of(real) is None:
+        return
+    folder = real.parent
+    if any((folder / name).exists() for name in ('.argv.json', '.lock', store.BLOBS)) or checkpoint.candidates(folder):
+        raise ExperimentError(
+            f"{target} is a checkpoint name inside the experiment folder {folder}: exporting there would replace "
+            "its checkpoint with a best-state-only file, and the experiment could no longer resume. Write the "
+            "export elsewhere (e.g. pretrained/NAME.th, then continue_from=//pretrained/NAME).")
 
 
 def _cast(state: tp.Any, dtype: torch.dtype) -> tp.Any:

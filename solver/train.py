@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from . import builders, distrib
 from .checkpointing.fs import UnsafeFileError
+from .checkpointing.remote import secret_in
 from .errors import UserError
 from .lock import ExperimentLock, FolderNotWritableError, check_entries, check_writable
 
@@ -101,6 +102,22 @@ if (_problem := dora_dir_problem(dora_dir())) is not None:
     print(f"error: {_problem}", file=sys.stderr)
     sys.exit(1)
 main.dora.dir = dora_dir()
+
+
+def refuse_secrets(argv: tp.Sequence[str]) -> None:
+    """Stop, in one line, on an override whose URL carries credentials (`checkpoint.remote=
+    s3://KEY:SECRET@...`, `continue_from=...?token=`): run at import, before Dora and Hydra write
+    the overrides into `.argv.json` and `.hydra/*.yaml`, where the secret would stay."""
+    found = secret_in(argv)
+    if found is not None:
+        print(f"error: {found} (redacted here): the URL carries credentials or options, which would be "
+              "written into the experiment folder (.argv.json, .hydra/*.yaml) and checkpoints. Give them "
+              "through the storage library's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws) and "
+              "rerun with the bare URL.", file=sys.stderr)
+        sys.exit(1)
+
+
+refuse_secrets(sys.argv[1:])
 _init_xp = main.init_xp
 
 
