@@ -551,6 +551,7 @@ def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Pat
     if keep_last < 1:
         raise ExperimentError(f"--keep-last {keep_last}: keep at least 1 (the newest is never pruned).")
     with lock.ExperimentLock(xp.folder):
+        store.IncrementalStore(xp.folder).check_own()  # a blob folder that is a link: refused before any delete
         epochs = checkpoint.epoch_checkpoints(xp.folder)
         best = protected_best(xp)
         kept: dict[Path, str] = {}

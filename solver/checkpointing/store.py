@@ -137,7 +137,7 @@ class IncrementalStore:
         with self._mutex:
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
-                self._check_own()
+                self.check_own()
                 skeleton = _map_tensors(content, to_ref)
                 # Written and fsynced a few at a time: the file system commits their fsyncs together.
                 list(_pool.map(lambda item: self._write_blob(*item), new.items()))
@@ -151,7 +151,7 @@ class IncrementalStore:
         self.last = stats
         return digests
 
-    def _check_own(self) -> None:
+    def check_own(self) -> None:
         """Refuse a blob folder that is a link: it would be another store (another experiment's,
         whose blobs a collection here would delete)."""
         if self.blobs.is_symlink():
@@ -198,7 +198,7 @@ class IncrementalStore:
         the call); refuses while another process holds it. Never runs during a `write`.
         """
         with self._mutex, _experiment_lock(self.folder):
-            self._check_own()
+            self.check_own()
             if not self.blobs.is_dir():
                 return []
             used = referenced(self.folder)
