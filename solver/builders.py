@@ -158,8 +158,26 @@ def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
                                         rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    validation.check_batch_fits(cfg.dataset.batch_size, _item_bytes(dataset))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.dataset.num_workers, generator=_own_generator(seed))
+
+
+def _item_bytes(dataset: Dataset) -> int:
+    """Bytes of the tensors and arrays of the dataset's first item (0 if it has none)."""
+    total = 0
+    stack = [dataset[0]] if len(dataset) else []  # type: ignore[arg-type]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif hasattr(value, 'nbytes') and isinstance(value.nbytes, int):
+            total += value.nbytes
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
 
 
 def _own_generator(seed: int) -> torch.Generator:
@@ -178,5 +196,6 @@ def get_eval_loader(dataset: Dataset, cfg: DictConfig, collate_fn: tp.Callable |
     indices = [index % size for index in range(rank, -(-size // world) * world, world)]
     subset = torch.utils.data.Subset(dataset, indices)
     batch = max(1, cfg.dataset.batch_size // world)
+    validation.check_batch_fits(cfg.dataset.batch_size, _item_bytes(dataset))
     return DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate_fn,
                       num_workers=cfg.dataset.num_workers, generator=_own_generator(0))

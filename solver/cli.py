@@ -116,7 +116,7 @@ def _ls_all(args: argparse.Namespace) -> int:
     for xp in xps.experiments(_dora_dir()):
         best = xp.best()
         metric, _ = xp.best_metric()
-        records.append({'sig': xp.sig, 'overrides': xp.argv, 'epochs': len(xp.history),
+        records.append({'sig': xp.sig, 'overrides': xps.remote.redact_overrides(xp.argv), 'epochs': len(xp.history),
                         'planned': xp.planned_epochs, 'best': {'metric': f'valid.{metric}', 'value': best[1],
                                                                'epoch': best[0]} if best else None,
                         'state': xp.state, 'pid': xp.holder, 'size': xp.size, 'updated': xp.updated})
@@ -159,18 +159,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     for stages in history:
         last.update(stages)
     data: dict[str, tp.Any] = {'checkpoint': str(ckpt.path), 'meta': meta,
-            'config_overrides': xps.overrides(ckpt.meta.get('config') or {}, _defaults()),
+            'config_overrides': xps.remote.redact_overrides(xps.overrides(ckpt.meta.get('config') or {}, _defaults())),
             'last_metrics': last, 'states': sorted(ckpt.state)}
     if xp:
-        data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': xp.argv, 'state': xp.state,
-                     'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs})
+        data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': xps.remote.redact_overrides(xp.argv),
+                     'state': xp.state, 'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs})
     if args.json:
         _emit(data)
         return 0
     if xp:
         print(f"experiment {xp.sig}  {xp.folder}")
         print(f"  {xp.state}{f' (pid {xp.holder})' if xp.holder else ''}, "
-              f"{len(xp.history)}/{xp.planned_epochs} epochs; dora overrides: {' '.join(xp.argv) or '(none)'}")
+              f"{len(xp.history)}/{xp.planned_epochs} epochs; dora overrides: "
+              f"{' '.join(data['dora_overrides']) or '(none)'}")
     versions = meta.pop('versions', {}) or {}
     print(f"checkpoint {ckpt.path} (intact)")
     print('  ' + ', '.join(f"{k} {v}" for k, v in meta.items()))

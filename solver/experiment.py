@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import shutil
+import stat
 import tempfile
 import time
 import typing as tp
@@ -29,10 +30,11 @@ import torch
 from . import lock
 from .checkpointing import format as checkpoint
 from .checkpointing import remote, sharded, store
-from .checkpointing.fs import atomic_open, fsync_dir
+from .checkpointing.fs import atomic_open, fsync_dir, read_file
 
 ROLLED_BACK = 'rolled_back'
 DTYPES = {'float32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+RECORD_BYTES = 64 << 20  # the most read of a JSON or YAML file of Dora or Hydra: a larger one is not theirs
 
 
 class ExperimentError(checkpoint.CheckpointError):
@@ -118,9 +120,9 @@ def _shard_folders(path: Path) -> list[Path]:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob('*') if p.is_file())
+    """Bytes of the regular files at or under `path`, links not followed."""
+    paths = [path] if not path.is_dir() or path.is_symlink() else path.rglob('*')
+    return sum(info.st_size for p in paths if stat.S_ISREG((info := p.lstat()).st_mode))
 
 
 def read_meta(path: Path) -> dict[str, tp.Any]:
@@ -129,11 +131,11 @@ def read_meta(path: Path) -> dict[str, tp.Any]:
     For listing only: nothing is verified (`verify` does that).
     """
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
-        return meta if isinstance(meta, dict) else {}
-    except Exception:  # damaged, foreign or unsafe: listing shows it without metadata
+        payload = checkpoint.read_unverified(path)
+    except checkpoint.CheckpointError:  # damaged, foreign, unsafe, a link or a pipe: listed without metadata
         return {}
+    meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class Experiment:
@@ -147,9 +149,9 @@ class Experiment:
         return self.folder.name
 
     def _json(self, name: str, default: tp.Any) -> tp.Any:
-        try:
-            return json.loads((self.folder / name).read_text())
-        except (OSError, ValueError):
+        try:  # a link, a pipe or a huge file is not read (fs.open_fd)
+            return json.loads(read_file(self.folder / name, RECORD_BYTES, inside=self.folder))
+        except (OSError, ValueError, RecursionError):
             return default
 
     @property
@@ -168,7 +170,11 @@ class Experiment:
         from omegaconf import OmegaConf
         path = self.folder / '.hydra' / 'config.yaml'
         if path.is_file():
-            container = OmegaConf.to_container(OmegaConf.load(path))
+            try:
+                text = read_file(path, RECORD_BYTES, inside=self.folder).decode(errors='replace')
+                container = OmegaConf.to_container(OmegaConf.create(text))
+            except Exception:  # not Hydra's file (a link, a pipe, not YAML): use the checkpoint's
+                container = None
             return tp.cast(dict, container) if isinstance(container, dict) else {}
         files = self.checkpoints()
         return dict(files[-1].meta.get('config') or {}) if files else {}
@@ -202,7 +208,7 @@ class Experiment:
     @property
     def updated(self) -> float:
         """When anything in the folder last changed (seconds since the epoch)."""
-        times = [p.stat().st_mtime for p in self.folder.iterdir()] + [self.folder.stat().st_mtime]
+        times = [p.lstat().st_mtime for p in self.folder.iterdir()] + [self.folder.stat().st_mtime]
         return max(times)
 
     def checkpoints(self) -> list[CheckpointFile]:
@@ -210,9 +216,9 @@ class Experiment:
         paths = list(reversed(checkpoint.candidates(self.folder)))
         found = []
         for path in paths:
-            stat = path.stat()
-            size = stat.st_size + sum(_size(p) for p in _shard_folders(path))
-            found.append(CheckpointFile(path, size, stat.st_mtime, read_meta(path)))
+            info = path.lstat()
+            size = info.st_size + sum(_size(p) for p in _shard_folders(path))
+            found.append(CheckpointFile(path, size, info.st_mtime, read_meta(path)))
         return found
 
     def best_metric(self) -> tuple[str, bool]:
@@ -390,6 +396,7 @@ def export(source: checkpoint.Checkpoint, target: Path, which: str = 'best', fmt
         'git_commit': (meta.get('versions') or {}).get('git'), 'best_metric': best.get('metric'),
     }
     target = Path(target)
+    check_export_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == 'th':
         checkpoint.write_checkpoint(target, {'best_state': {'metric': best.get('metric'), 'states': states}},
@@ -406,6 +413,21 @@ def export(source: checkpoint.Checkpoint, target: Path, which: str = 'best', fmt
     else:
         raise ExperimentError(f"--format {fmt}: expected th or safetensors.")
     return provenance
+
+
+def check_export_target(target: Path) -> None:
+    """Refuse to export onto a checkpoint of an experiment (`<xp>/checkpoint.th`, an epoch file,
+    through a link or not): the best-state-only file would replace it, without the experiment's
+    lock, and the experiment could no longer resume from it."""
+    real = Path(target).resolve()
+    if real.name != checkpoint.LATEST and checkpoint.epoch_of(real) is None:
+        return
+    folder = real.parent
+    if any((folder / name).exists() for name in ('.argv.json', '.lock', store.BLOBS)) or checkpoint.candidates(folder):
+        raise ExperimentError(
+            f"{target} is a checkpoint name inside the experiment folder {folder}: exporting there would replace "
+            "its checkpoint with a best-state-only file, and the experiment could no longer resume. Write the "
+            "export elsewhere (e.g. pretrained/NAME.th, then continue_from=//pretrained/NAME).")
 
 
 def _cast(state: tp.Any, dtype: torch.dtype) -> tp.Any:
@@ -529,6 +551,7 @@ def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Pat
     if keep_last < 1:
         raise ExperimentError(f"--keep-last {keep_last}: keep at least 1 (the newest is never pruned).")
     with lock.ExperimentLock(xp.folder):
+        store.IncrementalStore(xp.folder).check_own()  # a blob folder that is a link: refused before any delete
         epochs = checkpoint.epoch_checkpoints(xp.folder)
         best = protected_best(xp)
         kept: dict[Path, str] = {}

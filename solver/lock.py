@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import types
 from pathlib import Path
 
+from .checkpointing.fs import UnsafeFileError, describe, open_fd
 from .errors import UserError
+
+_LOCK_BYTES = 4096  # a pid and a newline: a larger `.lock` was not made here
 
 
 class ExperimentLockedError(UserError, RuntimeError):
@@ -29,7 +33,7 @@ def check_writable(folder: Path) -> None:
     probe = folder / f'.write_probe.{os.getpid()}'
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         try:
             os.write(fd, bytes(4096))
             os.fsync(fd)
@@ -41,6 +45,29 @@ def check_writable(folder: Path) -> None:
         raise FolderNotWritableError(
             f"Cannot write in {folder}: {err.strerror or err}. Make the folder writable or free disk "
             "space (or point SOLVER_DORA_DIR at another folder), then rerun.") from None
+
+
+# What Dora, Hydra, logging and this framework open by name in an experiment folder (Slurm
+# launches add links of Dora's own, `code` and submitit folders, which are left alone).
+_OPENED_BY_NAME = re.compile(r'^(\.argv\.json|history\.json|\.lock|\.hydra|blobs|samples|rolled_back'
+                             r'|\.?checkpoint.*|solver\.log.*)$')
+
+
+def check_entries(folder: Path) -> None:
+    """Refuse an experiment folder where something Dora, Hydra or the run opens by name
+    (`.argv.json`, `.hydra/*`, `solver.log.*`, checkpoints, `blobs/`...) is a link, a FIFO or a
+    device: they write by name, following links, so a folder copied from elsewhere could point
+    them at any file the user can write, or hang the run on a pipe. Raises `UnsafeFileError`."""
+    folder = Path(folder)
+    entries = [e for e in os.scandir(folder) if _OPENED_BY_NAME.match(e.name)] if folder.is_dir() else []
+    hydra = folder / '.hydra'
+    if hydra.is_dir() and not hydra.is_symlink():
+        entries += list(os.scandir(hydra))
+    for entry in entries:
+        if entry.is_symlink() or not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+            raise UnsafeFileError(f"{entry.path} is {describe(Path(entry.path))}, not a regular file or folder: "
+                                  "refused (an experiment folder from elsewhere may hold links, pipes or devices). "
+                                  "Remove it, then rerun.")
 
 
 class ExperimentLock:
@@ -56,7 +83,11 @@ class ExperimentLock:
 
     def __enter__(self) -> ExperimentLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link or into a FIFO: a copied-in `.lock` could name any file
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, limit=_LOCK_BYTES)
+        except UnsafeFileError as err:
+            raise ExperimentLockedError(f"Cannot lock experiment {self.path.parent}: {err} Remove it; "
+                                        "the lock file is created anew.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,8 +116,10 @@ def holder(folder: Path) -> int | None:
     """
     path = Path(folder) / '.lock'
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_fd(path, limit=_LOCK_BYTES)
     except FileNotFoundError:
+        return None
+    except UnsafeFileError:  # not a lock this framework made: nobody holds it
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -16,8 +16,10 @@ from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
 from . import builders, distrib, locations
+from .checkpointing.fs import UnsafeFileError
+from .checkpointing.remote import secret_in
 from .errors import UserError
-from .lock import ExperimentLock, FolderNotWritableError, check_writable
+from .lock import ExperimentLock, FolderNotWritableError, check_entries, check_writable
 
 logger = logging.getLogger(__name__)
 DORA_DIR_ENV = locations.DORA_DIR_ENV
@@ -84,6 +86,20 @@ def dora_dir_problem(folder: Path) -> str | None:
     return None
 
 
+def refuse_secrets(argv: tp.Sequence[str]) -> None:
+    """Stop, in one line, on an override whose URL carries credentials (`checkpoint.remote=
+    s3://KEY:SECRET@...`, `continue_from=...?token=`): run when the entry point is built, before
+    Dora and Hydra write the overrides into `.argv.json` and `.hydra/*.yaml`, where the secret
+    would stay."""
+    found = secret_in(argv)
+    if found is not None:
+        print(f"error: {found} (redacted here): the URL carries credentials or options, which would be "
+              "written into the experiment folder (.argv.json, .hydra/*.yaml) and checkpoints. Give them "
+              "through the storage library's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws) and "
+              "rerun with the bare URL.", file=sys.stderr)
+        sys.exit(1)
+
+
 def project_main(module: str, config_dir: str | Path | None = None) -> tp.Any:
     """The `dora` entry point of a project: in a project's `train.py`, `main = project_main(__name__)`.
 
@@ -91,6 +107,7 @@ def project_main(module: str, config_dir: str | Path | None = None) -> tp.Any:
     the framework's own configs are found through Hydra's search path (`pkg://solver.config`).
     Experiments go to `outputs/` at the project's root (`solver.locations`) or $SOLVER_DORA_DIR.
     """
+    refuse_secrets(sys.argv[1:])
     package = Path(str(sys.modules[module].__file__)).resolve().parent
     locations.use_project(package)
     config = Path(config_dir) if config_dir is not None else package / 'config'
@@ -118,7 +135,8 @@ def project_main(module: str, config_dir: str | Path | None = None) -> tp.Any:
         checkpoint an epoch later."""
         try:
             check_writable(xp.folder)
-        except FolderNotWritableError as err:
+            check_entries(xp.folder)  # before Dora and Hydra write their files by name, following links
+        except (FolderNotWritableError, UnsafeFileError) as err:
             stop(str(err), 1)
         init_xp(xp)
 

@@ -8,6 +8,7 @@ right after these checks by `builders.check_config`.
 from __future__ import annotations
 
 import math
+import os
 import typing as tp
 
 from .errors import ConfigError
@@ -84,3 +85,33 @@ def check_saves_something(cfg: tp.Any) -> None:
             f"This config never writes a checkpoint: {', '.join(SAVING_KEYS)} are all off, so the run "
             "could not be resumed and a rerun would train from scratch. Set checkpoint.save_last=true "
             "or checkpoint.save_every=N (or checkpoint.allow_none=true if that is what you want).")
+
+
+INDEX_BYTES = 64  # what the sampler keeps per item of a batch (a Python int in a list), beside the item
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give now (MemAvailable), else its physical memory."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_batch_fits(batch_size: int, item_bytes: int, key: str = 'dataset.batch_size',
+                     available: int | None = None) -> None:
+    """Refuse a batch whose items (`item_bytes` each, as the dataset's first item) would take
+    more than half the memory available, before the sampler or the loader allocates any of it:
+    a batch of 1e9 otherwise allocates until the kernel's OOM killer ends the process."""
+    available = available_memory() if available is None else available
+    per_item = max(item_bytes, 0) + INDEX_BYTES
+    bound = max(1, available // 2 // per_item)
+    if batch_size > bound:
+        raise ConfigError(
+            f"{key}={batch_size} cannot fit: one batch would hold about {batch_size * per_item / 2**30:.1f} GiB "
+            f"({per_item} bytes per item), more than half the {available / 2**30:.1f} GiB of memory available; "
+            f"the bound here is {key} <= {bound}.")

@@ -544,6 +544,16 @@ def load(f: os.PathLike | str | tp.BinaryIO, targets: Pairs | None = None,
             file.close()
 
 
+class Refused(pickle.UnpicklingError):
+    """A pickle that misuses what the restricted unpickler allows (a tensor changed after it was
+    built, reaching out of its record, holding more elements than it): forged or damaged. Not
+    given to torch's unpickler for a second try."""
+
+
+class Forbidden(pickle.UnpicklingError):
+    """A pickle naming a global outside the allow-list (named in the message)."""
+
+
 class _StorageType(tuple):
     """A storage class the pickle names (`torch.FloatStorage`...), as `(dtype,)`: immutable and
     not callable, so the pickle can only use it inside a storage's persistent id."""
@@ -577,12 +587,23 @@ class _Rebuild(tuple):
             raise pickle.UnpicklingError("a tensor record that is not a plain tensor")
         key, dtype = storage
         data = storages[key]
+        element = torch._utils._element_size(dtype)
         extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
-        if extent * torch._utils._element_size(dtype) > data.nbytes():
-            raise pickle.UnpicklingError(f"a tensor reaches past the end of its storage {key}")
+        if extent * element > data.nbytes():
+            raise Refused(f"a tensor reaches past the end of its storage {key}")
+        if math.prod(size) * element > data.nbytes():  # stride 0 or overlapping: `contiguous()` would grow it
+            raise Refused(f"a tensor of storage {key} holds more elements than the storage (stride 0 "
+                                         "or overlapping strides)")
         tensor = torch.empty(0, dtype=dtype).set_(data, offset, size, stride)
-        built.append(tensor)
+        # BUILD on a tensor calls `Tensor.__setstate__`, which calls `set_` with values of the file's
+        # choosing (a larger size grows the storage past the record): this one is called instead.
+        tensor.__setstate__ = _no_setstate  # type: ignore[method-assign]
+        built.append((tensor, data.nbytes(), offset, size, stride))
         return tensor
+
+
+def _no_setstate(state: tp.Any) -> tp.NoReturn:
+    raise Refused("BUILD on a tensor (its size, strides or storage changed after it was built)")
 
 
 def _storage_types() -> dict[str, torch.dtype]:
@@ -624,7 +645,7 @@ class _Unpickler(pickle.Unpickler):
         self.storages: dict[str, torch.UntypedStorage] = {}          # by key: fresh, untouched buffers
         self.records: dict[str, tuple[int, torch.Tensor]] = {}       # by key: (offset in the file, buffer)
         self.uses: dict[str, int] = {}                               # by key: how many tensors refer to it
-        self.built: list[torch.Tensor] = []
+        self.built: list[tuple[torch.Tensor, int, int, tuple[int, ...], tuple[int, ...]]] = []  # as built
         self._rebuild = _Rebuild((self.storages, self.built))
 
     def find_class(self, module: str, name: str) -> tp.Any:
@@ -634,7 +655,7 @@ class _Unpickler(pickle.Unpickler):
             return self._rebuild
         if module == 'torch' and name in _STORAGE_TYPES:
             return _StorageType((_STORAGE_TYPES[name],))
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed here")
+        raise Forbidden(f"global {module}.{name} is not allowed here")
 
     def persistent_load(self, pid: tp.Any) -> _Storage:
         """A storage reference: its record is checked against the size named, and gets a buffer
@@ -658,10 +679,16 @@ class _Unpickler(pickle.Unpickler):
         return _Storage((key, dtype))
 
     def load(self) -> tp.Any:
-        obj = super().load()
-        for tensor in self.built:  # BUILD could have given one grad or hooks after it was made
-            if tensor.requires_grad or tensor._backward_hooks or type(tensor) is not torch.Tensor:
-                raise pickle.UnpicklingError("a tensor was changed after it was built")
+        try:
+            obj = super().load()
+        finally:
+            for tensor, *_ in self.built:
+                vars(tensor).pop('__setstate__', None)
+        for tensor, nbytes, offset, size, stride in self.built:  # nothing changed any tensor after it was made
+            if tensor.requires_grad or tensor._backward_hooks or type(tensor) is not torch.Tensor \
+                    or tensor.untyped_storage().nbytes() != nbytes or tensor.storage_offset() != offset \
+                    or tensor.shape != size or tensor.stride() != stride:
+                raise Refused("a tensor was changed after it was built")
         return obj
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import re
 import typing as tp
 import zipfile
@@ -42,7 +41,7 @@ from .. import distrib
 from ..errors import UserError
 from . import archive, sharded, tree
 from .digest import tensor_digest
-from .fs import atomic_open, fsync_dir
+from .fs import UnsafeFileError, atomic_open, fsync_dir, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -154,17 +153,22 @@ def _live_pairs(loaded: tp.Any, live: tp.Any) -> tp.Iterator[tuple[torch.Tensor,
             yield from _live_pairs(value, target)
 
 
-def digests(state: tp.Any, ready: archive.Ready | None = None) -> dict[str, tp.Any]:
+def digests(state: tp.Any, ready: archive.Ready | None = None, loaded: bool = False) -> dict[str, tp.Any]:
     """Digests of a state: one per tensor in traversal order, one for everything else.
 
     `ready(storage)`, if given, is called before a tensor is hashed: it waits for the bytes of
     the tensor's storage and may give their digest (`archive.Reading.ready`, which hashes as it
     reads), used for a tensor that is its whole storage; other tensors are hashed here.
+    `loaded`: the state was read from a file, whose tensors must each hold no more bytes than
+    their storage (hashing a stride-0 view of 2**28 elements would allocate them all).
     """
     tensors: list[torch.Tensor] = []
     skeleton = _walk(state, tensors)
     hashed = []
-    for tensor in tensors:
+    for index, tensor in enumerate(tensors):
+        if loaded and tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ValueError(f"tensor {index} ({tuple(tensor.shape)}, strides {tensor.stride()}) holds more "
+                             "elements than its record: stride 0 or overlapping strides")
         whole = ready(tensor.untyped_storage()) if ready is not None else None
         if whole is not None and archive.whole_storage(tensor):
             hashed.append(whole)
@@ -194,7 +198,10 @@ def verify(path: Path, payload: tp.Any, ready: archive.Ready | None = None) -> C
     if missing:
         raise CorruptCheckpointError(f"{path} is damaged: its {missing} entries are missing or wrong.")
     expected = payload['digests']
-    actual = digests(_covered(payload), ready)
+    try:
+        actual = digests(_covered(payload), ready, loaded=True)
+    except (TypeError, ValueError, RecursionError) as err:  # a value a checkpoint cannot hold, a view too large
+        raise CorruptCheckpointError(f"{path} is damaged: {err}.") from err
     if expected.get('skeleton') != actual['skeleton']:
         raise CorruptCheckpointError(f"{path} is damaged: its structure does not match its digest.")
     bad = [i for i, (a, b) in enumerate(zip(expected.get('tensors', []), actual['tensors'])) if a != b]
@@ -292,9 +299,11 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     """
     path = Path(path)
     try:
-        f = open(path, 'rb')
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        f = open_file(path)  # no link, FIFO or device: refused in one line naming it
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"No checkpoint file at {path}.") from None
+    except UnsafeFileError as err:
+        raise CorruptCheckpointError(str(err)) from None
     except OSError as err:
         raise CheckpointError(f"Cannot open checkpoint {path}: {err.strerror or err}.") from err
     with f:
@@ -302,11 +311,25 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     if 'shards' in payload:
         try:
             ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
-        except (sharded.ShardError, OSError) as err:
+        except Exception as err:  # ShardError, OSError, or whatever a crafted skeleton makes Python raise
             raise CorruptCheckpointError(f"{path} cannot be loaded: {err}") from err
     elif like is not None and sharded.has_dtensors(like):
         ckpt.state = sharded.place_like(ckpt.state, like)
     return ckpt
+
+
+def read_unverified(path: Path) -> tp.Any:
+    """The payload of a checkpoint file, its tensors mapped (`mmap`), not read, and nothing
+    verified: for listing (`solver ls`) and for the blob references of a collection. Opened as
+    every file of a folder is (`fs.open_fd`); raises `CheckpointError` naming the file."""
+    try:
+        with open_file(Path(path)) as f:  # torch maps what the descriptor names, not the path
+            return torch.load(f'/proc/self/fd/{f.fileno()}', map_location='cpu', weights_only=True, mmap=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # damaged, foreign, unsafe: whatever torch raises
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptCheckpointError(f"{path} cannot be read: {why}") from err
 
 
 def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.Any, Checkpoint]:
@@ -318,28 +341,21 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
         raise CorruptCheckpointError(
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
     reading: archive.Reading | None = None
+    refused: Exception | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
         targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
         f.seek(0)
         payload, reading = archive.load(f, targets)
-    except Exception:  # anything unusual (damage, unsafe pickles): torch.load below names it
-        pass
+    except archive.Refused as err:  # a tensor changed after it was built, too large a view: no second try
+        raise CorruptCheckpointError(f"{path} is damaged or forged, refused: {err}.") from err
+    except Exception as err:  # anything unusual (damage, other globals): torch.load below loads or names it
+        refused = err
     try:
         if reading is None:
             f.seek(0)
             payload = torch.load(f, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = [line.strip() for line in str(err).splitlines() if 'unsupported global' in line.lower()]
-        if not unsafe:
-            raise CorruptCheckpointError(f"{path} is damaged and cannot be unpickled: "
-                                         f"{str(err).splitlines()[0]}") from err
-        raise UnsafeCheckpointError(
-            f"Refused to load {path}: it needs arbitrary Python objects to unpickle, which could "
-            f"run code; only tensors and plain containers are loaded. Do not load it with "
-            f"weights_only=False unless you wrote it yourself. ({unsafe[0]})"
-        ) from err
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
-        raise CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}") from err
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError/EOFError/... for these
+        raise _unreadable(path, err, refused) from err
     live = reading.live if reading is not None else []
     try:
         from . import store  # [incremental] blobs in place of the placeholders
@@ -349,14 +365,34 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
         if reading is not None:
             reading.wait()  # every tensor was hashed, hence read: this only makes sure
         ckpt.live = live
-    except (OSError, EOFError) as err:  # reading a tensor record failed
-        raise _damaged(CorruptCheckpointError(f"{path} is damaged and cannot be read: {err}"), live) from err
     except CorruptCheckpointError as err:
         raise _damaged(err, live) from err
+    except CheckpointError:
+        raise
+    except Exception as err:  # a tensor record cut short, or whatever else a crafted payload makes Python raise
+        why = f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else str(err)
+        raise _damaged(CorruptCheckpointError(f"{path} is damaged and cannot be read: {why:.300}"), live) from err
     finally:
         if reading is not None:
             reading.close()
     return payload, ckpt
+
+
+def _unreadable(path: Path, err: Exception, ours: Exception | None) -> CheckpointError:
+    """Why torch's weights-only unpickler could not read `path` (`ours`: why ours gave up, if it
+    tried): a global of arbitrary code is refused as such, never called damage, and torch's
+    advice to retry with weights_only=False is never repeated."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    name = str(ours) if isinstance(ours, archive.Forbidden) else next(
+        (line for line in lines if 'unsupported global' in line.lower()), None)
+    if name is not None:
+        return UnsafeCheckpointError(
+            f"{path} refused: needs arbitrary Python objects to unpickle ({name}), which could run code; "
+            "only tensors and plain containers are loaded. It was not written by this framework, or was "
+            "altered: load nothing from it.")
+    why = next((line.split(':', 1)[1].strip() for line in lines if line.startswith('WeightsUnpickler error')),
+               lines[0] if lines and not lines[0].startswith('Weights only load failed') else type(err).__name__)
+    return CorruptCheckpointError(f"{path} is damaged and cannot be read: {why}")
 
 
 def _damaged(err: CorruptCheckpointError, live: list[torch.Tensor]) -> CorruptCheckpointError:

@@ -231,7 +231,12 @@ class CheckpointManager:
 
     def check_signature(self, ckpt: checkpoint.Checkpoint) -> None:
         other = ckpt.meta.get('sig')
-        if other is not None and other != self.sig:
+        if other is None:  # a file of ours always holds its experiment's signature
+            raise checkpoint.CheckpointError(
+                f"{ckpt.path} holds no experiment signature (meta.sig), so it was not saved by this "
+                f"experiment {self.sig}: it was copied here, or forged. Move it out of {self.folder}; to "
+                f"start from it, use continue_from=<path of the file>.")
+        if other != self.sig:
             raise checkpoint.CheckpointError(
                 f"{ckpt.path} belongs to experiment {other}, not to this experiment {self.sig}: it "
                 f"was copied or moved here. Move it out of {self.folder}; to start from it, use "

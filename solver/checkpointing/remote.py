@@ -87,6 +87,33 @@ def check_url(url: str, key: str = 'checkpoint.remote') -> str:
     return url.rstrip('/')
 
 
+def _url_override(arg: str) -> tuple[str, str] | None:
+    """(key, URL) of a `key=URL` override (the URL unquoted), else None."""
+    key, equals, value = str(arg).partition('=')
+    value = value.strip('\'"')
+    return (key, value) if equals and is_url(value) else None
+
+
+def secret_in(argv: tp.Sequence[str]) -> str | None:
+    """The first `key=URL` override of `argv` whose URL carries credentials or options, redacted
+    (None if none): checked before Dora and Hydra write the overrides into the experiment
+    folder (`.argv.json`, `.hydra/*.yaml`), where a secret would stay."""
+    for arg in argv:
+        found = _url_override(arg)
+        if found is not None:
+            parts = urllib.parse.urlsplit(found[1])
+            if '@' in parts.netloc or parts.query:
+                return f"{found[0].lstrip('+')}={redact(found[1])}"
+    return None
+
+
+def redact_overrides(argv: tp.Iterable[str]) -> list[str]:
+    """Overrides with the user info and query of every URL value removed: what may be printed
+    (`solver ls`, `solver show`) of an experiment recorded before `secret_in` refused them."""
+    return [f"{found[0]}={redact(found[1])}" if (found := _url_override(arg)) is not None else str(arg)
+            for arg in argv]
+
+
 def _filesystem(url: str) -> tuple[tp.Any, str]:
     """fsspec's filesystem for `url` and the path within it (`url_to_fs`)."""
     import fsspec
@@ -95,6 +122,9 @@ def _filesystem(url: str) -> tuple[tp.Any, str]:
     except (ImportError, ValueError) as err:
         raise RemoteError(f"Cannot open {redact(url)}: {err}. For s3:// URLs install s3fs "
                           "(pip install 'solver[remote]').") from err
+    except Exception as err:  # some file systems connect at once (ftp: ConnectionRefusedError...)
+        raise RemoteError(f"Cannot open {redact(url)}: {type(err).__name__}: {err}. Check the URL, that "
+                          "the server is reachable, and credentials (given through the environment).") from err
 
 
 def _retrying(what: str, function: tp.Callable[[], tp.Any], attempts: int = 4) -> tp.Any:

@@ -44,6 +44,7 @@ import xxhash
 
 from .. import distrib
 from . import tree
+from .fs import read_file
 
 #: the key that marks a placeholder: {MARK: name in the shard folder, 'shape': [...], 'dtype': 'float32'}
 MARK = 'solver.sharded_tensor'
@@ -189,7 +190,7 @@ def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: t
     state = None
     try:
         reader = verified_reader(folder, shards['files'])
-        budget[0] = sum((folder / name).stat().st_size for name in reader.files)
+        budget[0] = sum(info.length for info in reader.metadata.storage_data.values())
         state = _fill(skeleton, like, target)
         if targets:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -252,12 +253,16 @@ def check_listing(folder: Path, expected: dict[str, str]) -> None:
         raise ShardError('; '.join(f"{folder / name} is missing" for name in missing))
 
 
-def read_verified(path: Path, digest: str) -> bytes:
+METADATA_BYTES = 256 << 20  # the most read of a `.metadata`: DCP's for a model of millions of tensors
+
+
+def read_verified(path: Path, digest: str, limit: int) -> bytes:
     """The bytes of `path`, read once, after checking them against `digest` (what gets used is
-    what was checked: swapping the file afterwards changes nothing)."""
+    what was checked: swapping the file afterwards changes nothing). Read as every file of a
+    folder from elsewhere (`fs.open_fd`: no link, from the checkpoint's folder down; no FIFO
+    or device), at most `limit` bytes."""
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
+        data = read_file(path, limit, inside=path.parent.parent)
     except OSError as err:
         raise ShardError(f"{path} cannot be read: {err.strerror or err}") from err
     if xxhash.xxh3_64_hexdigest(data) != digest:
@@ -322,7 +327,7 @@ def parse_metadata(data: bytes, source: Path, files: tp.Collection[str] | None =
 
 def check_metadata(path: Path) -> None:
     """Refuse a `.metadata` file that would need anything but DCP's own classes to unpickle."""
-    parse_metadata(Path(path).read_bytes(), Path(path))
+    parse_metadata(read_file(Path(path), METADATA_BYTES), Path(path))
 
 
 def verified_reader(folder: Path, files: dict[str, str]) -> tp.Any:
@@ -353,7 +358,7 @@ def _verified_reader_class() -> type:
             check_listing(self.folder, self.files)
             if '.metadata' not in self.files:
                 raise ShardError(f"{self.folder}: its checkpoint lists no .metadata")
-            data = read_verified(self.folder / '.metadata', self.files['.metadata'])
+            data = read_verified(self.folder / '.metadata', self.files['.metadata'], METADATA_BYTES)
             self.metadata = parse_metadata(data, self.folder / '.metadata', self.files)
 
         def read_metadata(self) -> tp.Any:  # no **kwargs: see the class doc
@@ -374,7 +379,8 @@ def _verified_reader_class() -> type:
                 per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
             for name, items in per_file.items():
                 path = self.folder / name
-                data = memoryview(read_verified(path, self.files[name]))
+                ends = [info.offset + info.length for info in self.storage_data.values() if info.relative_path == name]
+                data = memoryview(read_verified(path, self.files[name], max(ends, default=0)))
                 for item in items:
                     info = self.storage_data[item.storage_index]
                     if info.offset < 0 or info.length < 0 or info.offset + info.length > len(data):

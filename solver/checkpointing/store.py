@@ -51,7 +51,7 @@ import torch
 from . import format as checkpoint
 from . import sharded, tree
 from .digest import flat_bytes, xxh3_128
-from .fs import fsync_dir
+from .fs import fsync_dir, open_fd, open_file, read_file, unlink
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class IncrementalStore:
         with self._mutex:
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
+                self.check_own()
                 skeleton = _map_tensors(content, to_ref)
                 # Written and fsynced a few at a time: the file system commits their fsyncs together.
                 list(_pool.map(lambda item: self._write_blob(*item), new.items()))
@@ -150,12 +151,21 @@ class IncrementalStore:
         self.last = stats
         return digests
 
+    def check_own(self) -> None:
+        """Refuse a blob folder that is a link: it would be another store (another experiment's,
+        whose blobs a collection here would delete)."""
+        if self.blobs.is_symlink():
+            raise checkpoint.CheckpointError(
+                f"{self.blobs} is a symbolic link (to {os.readlink(self.blobs)}): refused, since writing or "
+                "collecting blobs there would change another store. Replace it with a folder of its own "
+                "(copy the blobs in, or `solver export` each checkpoint).")
+
     def _stored(self, key: str) -> bool:
         """Whether blob `key` is on disk and intact (checked once per process: `_trusted`)."""
         target = self.blobs / key
         if key in self._trusted and target.exists():
             return True
-        if target.exists() and _intact(target, key):
+        if target.exists() and _intact(target, key, self.folder):
             self._trusted.add(key)
             return True
         return False
@@ -166,7 +176,10 @@ class IncrementalStore:
         flat = flat_bytes(tensor)
         tmp = self.blobs / f'.{key}.tmp.{os.getpid()}'
         try:
-            with open(tmp, 'wb') as f:
+            with contextlib.suppress(FileNotFoundError):  # a link planted under this name is not followed
+                os.unlink(tmp)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   0o644), 'wb') as f:
                 if flat.numel():
                     f.write(tp.cast(tp.Any, flat.view(torch.uint8).numpy()))
                 f.flush()
@@ -185,17 +198,18 @@ class IncrementalStore:
         the call); refuses while another process holds it. Never runs during a `write`.
         """
         with self._mutex, _experiment_lock(self.folder):
+            self.check_own()
             if not self.blobs.is_dir():
                 return []
             used = referenced(self.folder)
             if used is None:
                 return []
             removed = []
-            for blob in self.blobs.iterdir():
-                if _KEY.match(blob.name) and blob.name not in used:
-                    blob.unlink(missing_ok=True)
-                    self._trusted.discard(blob.name)
-                    removed.append(blob.name)
+            for name in sorted(os.listdir(self.blobs)):
+                if _KEY.match(name) and name not in used:
+                    unlink(self.blobs / name, inside=self.folder)  # through no link, even one made meanwhile
+                    self._trusted.discard(name)
+                    removed.append(name)
             if removed:
                 fsync_dir(self.blobs)
             return removed
@@ -212,7 +226,7 @@ def _experiment_lock(folder: Path) -> tp.Iterator[None]:
     from ..lock import ExperimentLock
     lock_path = Path(folder) / '.lock'
     with contextlib.suppress(OSError, ValueError):
-        owner = int(lock_path.read_text().split()[0])
+        owner = int(read_file(lock_path, 4096).split()[0])
         if owner == os.getpid() and _locked(lock_path):
             yield
             return
@@ -221,7 +235,7 @@ def _experiment_lock(folder: Path) -> tp.Iterator[None]:
 
 
 def _locked(lock_path: Path) -> bool:
-    fd = os.open(lock_path, os.O_RDONLY)
+    fd = open_fd(lock_path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -238,7 +252,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def _refs(path: Path) -> list[str]:
     """The blob keys a checkpoint file names (read without its tensors' bytes)."""
-    payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    payload = checkpoint.read_unverified(path)
     if not is_incremental(payload):
         return []
     return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
@@ -257,20 +271,23 @@ def referenced(folder: Path) -> set[str] | None:
     return used
 
 
-def _intact(blob: Path, key: str) -> bool:
+def _intact(blob: Path, key: str, inside: Path) -> bool:
     try:
-        _read_blob(blob, key)
+        _read_blob(blob, key, inside)
     except (OSError, checkpoint.CorruptCheckpointError):
         return False
     return True
 
 
-def _read_blob(blob: Path, key: str) -> torch.Tensor:
-    """The bytes of a blob as a uint8 tensor, checked against its key."""
+def _read_blob(blob: Path, key: str, inside: Path) -> torch.Tensor:
+    """The bytes of a blob as a uint8 tensor, checked against its key; `inside`: the folder
+    holding its store, which it is read from through no link (`fs.open_fd`)."""
     nbytes = int(key.rpartition('-')[2])
-    data = torch.empty(nbytes, dtype=torch.uint8)
-    with open(blob, 'rb') as f:
-        size = f.readinto(tp.cast(tp.Any, data.numpy())) if nbytes else 0
+    with open_file(blob, inside=inside, limit=nbytes) as f:
+        if os.fstat(f.fileno()).st_size != nbytes:  # before allocating what the key says
+            raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
+        data = torch.empty(nbytes, dtype=torch.uint8)
+        size = tp.cast(tp.Any, f).readinto(data.numpy()) if nbytes else 0
         extra = f.read(1)
     if size != nbytes or extra:
         raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
@@ -315,10 +332,11 @@ def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
                     and isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
                     and math.prod(shape) * dtype.itemsize == int(key.rpartition('-')[2])):
                 raise ValueError("not a blob key, dtype and shape of matching size")
-            data = _read_blob(tp.cast(Path, folder) / key, key)
+            data = _read_blob(tp.cast(Path, folder) / key, key, tp.cast(Path, folder).parent)
             return data.view(dtype).reshape(shape)
         except FileNotFoundError as err:
-            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: its blob {err.filename} is missing.") from err
+            raise checkpoint.CorruptCheckpointError(
+                f"{path} is damaged: its blob {tp.cast(Path, folder) / key} is missing.") from err
         except checkpoint.CorruptCheckpointError as err:
             raise checkpoint.CorruptCheckpointError(f"{path} is damaged: {err}.") from err
         except (OSError, ValueError, TypeError, RuntimeError, AttributeError) as err:
@@ -341,7 +359,7 @@ def consolidate(source: Path, target: Path) -> checkpoint.Checkpoint:
 def clean_stray_blobs(folder: Path) -> None:
     """Remove the temporary blob files of a process killed during a save."""
     blobs = Path(folder) / BLOBS
-    if blobs.is_dir():
+    if blobs.is_dir() and not blobs.is_symlink():  # another store's temporary files are not ours
         for tmp in blobs.glob('.*.tmp.*'):
             with contextlib.suppress(OSError):
                 tmp.unlink()
