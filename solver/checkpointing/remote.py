@@ -19,8 +19,8 @@ remote checkpoint intact beside stray temporary keys, which the next mirror remo
 shard folders, and the epoch files retention does not keep, are deleted only after the new commit.
 
 Retention. The remote copy keeps what the local folder keeps: the same `policy.Retention` decides,
-over the remote epoch files, each ranked by the metric its local copy records (or, for a file
-with no local copy, as from another machine, by the history handed over with each notice).
+over the remote and local epoch files, each ranked by the metric its local copy records (or, for
+a file with no local copy, as from another machine, by the history handed over with each notice).
 
 Faults. The mirror runs on a thread of its own (nice 19): `notify` only records which files
 changed. Failures are retried with exponential backoff, logged, never raised into training, and
