@@ -18,7 +18,6 @@ from solver.checkpointing.policy import (
     KeepContext,
     KeepEveryN,
     KeepLatest,
-    KeepUnion,
     OnPreemption,
     OverheadBudget,
     Retention,
@@ -99,8 +98,8 @@ def files(epochs=EPOCHS, scores=SCORES) -> list[EpochFile]:
     return [EpochFile(epoch, scores[epoch - 1]) for epoch in epochs]
 
 
-def keep(policy_, epochs=EPOCHS, scores=SCORES, lower_is_better=True) -> set[int]:
-    return policy_.keep(KeepContext(files(epochs, scores), lower_is_better))
+def keep(policy_, epochs=EPOCHS, scores=SCORES) -> set[int]:
+    return policy_.keep(KeepContext(files(epochs, scores)))
 
 
 def test_keep_latest_keeps_the_newest_n():
@@ -114,7 +113,7 @@ def test_keep_every_n_keeps_multiples_of_n_for_good():
 
 def test_keep_best_keeps_the_k_best_epochs_that_have_a_file():
     assert keep(KeepBest(2)) == {2, 4}
-    assert keep(KeepBest(2), lower_is_better=False) == {1, 6}
+    assert keep(KeepBest(2, lower_is_better=False)) == {1, 6}
 
 
 def test_keep_best_ranks_the_files_there_are_by_the_metric_each_records():
@@ -127,11 +126,11 @@ def test_keep_best_ranks_the_files_there_are_by_the_metric_each_records():
 def test_keep_best_never_ranks_a_file_without_a_finite_metric():
     nan, inf = float('nan'), float('inf')
     assert keep(KeepBest(2), scores=[nan, 2.0, None, 1.0, -inf, 3.0]) == {2, 4}
-    assert keep(KeepBest(2), scores=[nan, 2.0, None, 1.0, inf, 3.0], lower_is_better=False) == {6, 2}
+    assert keep(KeepBest(2, lower_is_better=False), scores=[nan, 2.0, None, 1.0, inf, 3.0]) == {6, 2}
 
 
 def test_a_file_stays_if_any_keep_policy_keeps_it():
-    assert keep(KeepUnion((KeepLatest(1), KeepBest(2), KeepEveryN(5)))) == {2, 4, 5, 6}
+    assert keep(Retention((KeepLatest(1), KeepBest(2), KeepEveryN(5)))) == {2, 4, 5, 6}
 
 
 def test_best_epochs_prefers_the_earlier_epoch_on_a_tie_and_skips_missing_scores():
@@ -148,7 +147,7 @@ def test_one_ranking_drops_nan_for_saving_keeping_and_the_command_line_alike():
 
 
 def test_retention_says_why_each_file_stays_and_lists_the_rest():
-    retention = Retention(KeepUnion((KeepLatest(1), KeepLatest(2), KeepBest(1), KeepEveryN(3))))
+    retention = Retention((KeepLatest(1), KeepLatest(2), KeepBest(1), KeepEveryN(3)))
     decision = retention.decide(reversed(files()))  # in any order
     assert decision.kept == {6: 'newest', 5: 'among the newest 2', 4: 'among the best 1 (checkpoint.keep_best)',
                              3: 'a multiple of 3 epochs'}
@@ -188,8 +187,15 @@ def test_mid_epoch_keys_become_policies_of_the_latest_file():
     ({'keep_best': 1}, {4, 6}),                                      # the newest epoch file always stays
 ])
 def test_keep_policies_from_the_config_are_a_union_that_always_keeps_the_newest(keys, kept):
-    assert keep(policy.from_config(checkpoint_cfg(**keys)).retention.keep) == kept
+    assert keep(policy.from_config(checkpoint_cfg(**keys)).retention) == kept
     assert set(policy.retention_from_config(keys).decide(files()).kept) == kept  # a plain dict, as `solver prune`
+
+
+def test_best_k_files_hold_every_state_and_others_may_not():
+    policies = policy.from_config(checkpoint_cfg(save_every=1, keep_best=1))
+    full = [e for e in (1, 2, 3) if policies.full_file.should_save(ctx(epoch=e, epoch_end=True,
+                                                                       scores=[2.0, 3.0, 1.0][:e]))]
+    assert full == [1, 3]  # epoch 2 was not the best so far: its file may hold keep_every_states only
 
 
 def test_keep_best_and_keep_every_write_epoch_files_of_their_own():

@@ -176,9 +176,7 @@ class CheckpointManager:
                 ctx.epoch_end and (self._latest_saved or self.latest_path.exists())):
             targets[self.latest_path] = None
         if ctx.epoch_end and self.policies.epoch_file.should_save(ctx):
-            best = any(isinstance(p, policy.BestEpochs) and p.should_save(ctx)
-                       for p in self.policies.epoch_file.policies)
-            names = None if best else self.cfg.keep_every_states
+            names = None if self.policies.full_file.should_save(ctx) else self.cfg.keep_every_states
             targets[checkpoint.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
         return targets
 
@@ -231,7 +229,7 @@ class CheckpointManager:
         scores of the epochs, for files that do not record their metric (`format.epoch_files`)."""
         removed = prune(self.folder, self.policies.retention, history).removed
         for path in removed:
-            logger.info("Removed old checkpoint %s (kept: %s)", path.name, self.policies.retention.keep.why())
+            logger.info("Removed old checkpoint %s (kept: %s)", path.name, self.policies.retention.why())
         if self.writer.store is not None:  # [incremental] blobs no checkpoint references any more
             self.writer.store.collect()
         return removed

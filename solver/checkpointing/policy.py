@@ -131,7 +131,6 @@ class KeepContext:
     """The epoch checkpoints there are, oldest first, each with its metric."""
 
     files: list[EpochFile]
-    lower_is_better: bool = True
 
     @property
     def epochs(self) -> list[int]:
@@ -176,40 +175,21 @@ class KeepBest:
     (one without a finite metric is never among them)."""
 
     k: int
+    lower_is_better: bool = True
 
     def keep(self, ctx: KeepContext) -> set[int]:
-        ranked = rank([(file.epoch, file.metric) for file in ctx.files], ctx.lower_is_better)
+        ranked = rank([(file.epoch, file.metric) for file in ctx.files], self.lower_is_better)
         return {epoch for epoch, _ in ranked[:max(self.k, 0)]}
 
     def why(self) -> str:
         return f'among the best {self.k} (checkpoint.keep_best)'
 
 
-@dataclass(frozen=True)
-class KeepUnion:
-    """A checkpoint stays if any policy keeps it."""
-
-    policies: tuple[KeepPolicy, ...] = ()
-
-    def keep(self, ctx: KeepContext) -> set[int]:
-        return set(self.reasons(ctx))
-
-    def reasons(self, ctx: KeepContext) -> dict[int, str]:
-        """The epochs kept, each with why: the first policy (in order) that keeps it."""
-        kept: dict[int, str] = {}
-        for policy in self.policies:
-            for epoch in policy.keep(ctx):
-                kept.setdefault(epoch, policy.why())
-        return kept
-
-    def why(self) -> str:
-        return ', '.join(policy.why() for policy in self.policies)
-
-
 def rank(scored: tp.Iterable[tuple[int, float | None]], lower_is_better: bool = True) -> list[tuple[int, float]]:
     """(epoch, metric) pairs, best first; on a tie the earlier epoch first. A missing (None) or
-    non-finite metric (a diverged epoch's NaN) is not ranked, nor anything but a number. The one ranking of best epochs:
-    the save policy `BestEpochs`, the keep policy `KeepBest` and `solver rollback --to best`."""
+    non-finite metric (a diverged epoch's NaN) is not ranked, nor anything but a number. The one
+    ranking of best epochs: the save policy `BestEpochs`, the keep policy `KeepBest` and
+    `solver rollback --to best`."""
     finite = [(epoch, float(metric)) for epoch, metric in scored
               if isinstance(metric, (int, float)) and math.isfinite(metric)]
     return sorted(finite, key=lambda item: (item[1] if lower_is_better else -item[1], item[0]))
@@ -231,15 +211,29 @@ class Decision:
 @dataclass(frozen=True)
 class Retention:
     """Which epoch checkpoints stay: the one decision every deletion asks (the manager after a
-    save, `solver prune`, the remote mirror). Given the checkpoints there are and their metrics,
-    it keeps what any of its policies keeps; everything else goes."""
+    save, `solver prune`, the remote mirror). A checkpoint stays if any policy keeps it (a union,
+    itself a keep policy); everything else goes."""
 
-    keep: KeepUnion
-    lower_is_better: bool = True
+    policies: tuple[KeepPolicy, ...] = ()
+
+    def keep(self, ctx: KeepContext) -> set[int]:
+        return set(self.reasons(ctx))
+
+    def reasons(self, ctx: KeepContext) -> dict[int, str]:
+        """The epochs kept, each with why: the first policy (in order) that keeps it."""
+        kept: dict[int, str] = {}
+        for policy in self.policies:
+            for epoch in policy.keep(ctx):
+                kept.setdefault(epoch, policy.why())
+        return kept
+
+    def why(self) -> str:
+        return ', '.join(policy.why() for policy in self.policies)
 
     def decide(self, files: tp.Iterable[EpochFile]) -> Decision:
+        """Given the epoch checkpoints there are (any order) and their metrics: which stay, which go."""
         found = sorted(files)
-        kept = self.keep.reasons(KeepContext(found, self.lower_is_better))
+        kept = self.reasons(KeepContext(found))
         return Decision(kept, [file.epoch for file in found if file.epoch not in kept])
 
 
@@ -253,6 +247,7 @@ class Policies:
 
     latest: AnySave
     epoch_file: AnySave
+    full_file: AnySave  # when an epoch file holds every state, whatever `keep_every_states` says
     retention: Retention
     periodic: bool  # whether anything is saved without a preemption signal
 
@@ -278,10 +273,12 @@ def from_config(cfg: tp.Any, lower_is_better: bool = True) -> Policies:
         epoch_file.append(EveryNEpochs(int(cfg.save_every)))
     if cfg.get('keep_every'):
         epoch_file.append(EveryNEpochs(int(cfg.keep_every)))
-    if cfg.get('keep_best'):
+    full_file: list[SavePolicy] = []
+    if cfg.get('keep_best'):  # a file kept as one of the best must be able to resume the run
         epoch_file.append(BestEpochs(int(cfg.keep_best)))
-    return Policies(AnySave(tuple(latest)), AnySave(tuple(epoch_file)), retention_from_config(cfg, lower_is_better),
-                    periodic=len(latest) > 1 or bool(epoch_file))
+        full_file.append(BestEpochs(int(cfg.keep_best)))
+    return Policies(AnySave(tuple(latest)), AnySave(tuple(epoch_file)), AnySave(tuple(full_file)),
+                    retention_from_config(cfg, lower_is_better), periodic=len(latest) > 1 or bool(epoch_file))
 
 
 def retention_from_config(cfg: tp.Any, lower_is_better: bool = True) -> Retention:
@@ -297,5 +294,5 @@ def retention_from_config(cfg: tp.Any, lower_is_better: bool = True) -> Retentio
     if cfg.get('keep_every'):
         keep.append(KeepEveryN(int(cfg.get('keep_every'))))
     if cfg.get('keep_best'):
-        keep.append(KeepBest(int(cfg.get('keep_best'))))
-    return Retention(KeepUnion(tuple(keep)), lower_is_better)
+        keep.append(KeepBest(int(cfg.get('keep_best')), lower_is_better))
+    return Retention(tuple(keep))

@@ -489,7 +489,7 @@ class RemoteMirror:
         for name in sorted(dropped & set(remote)):
             self.fs.rm_file(f'{self.root}/{name}')
             logger.info("Removed old checkpoint %s/%s (kept: %s).", redact(self.url), name,
-                        self.retention.keep.why() if self.retention else '')
+                        self.retention.why() if self.retention else '')
             remote.pop(name)
         for entry, kind in remote.items():
             match = _SHARDS_RE.match(entry)
