@@ -71,7 +71,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from solver.checkpointing import archive  # noqa: E402
 from solver.checkpointing import format as checkpoint  # noqa: E402
-from solver.checkpointing.fs import evict  # noqa: E402
+from solver.checkpointing.fs import evict, fsync_dir  # noqa: E402
 from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
 from solver.drums.model import NUM_EVENTS, DrumRNN  # noqa: E402
 
@@ -97,7 +97,7 @@ def tensors_of(state: tp.Any) -> list[torch.Tensor]:
     return found
 
 
-fsync_path = checkpoint.fsync_dir  # opens any path read-only and fsyncs it, file or folder
+fsync_path = fsync_dir  # opens any path read-only and fsyncs it, file or folder
 
 
 

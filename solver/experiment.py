@@ -29,7 +29,7 @@ import torch
 
 from . import lock
 from .checkpointing import format as checkpoint
-from .checkpointing import remote, sharded, store
+from .checkpointing import manager, policy, remote, sharded, store
 from .checkpointing.fs import atomic_open, fsync_dir, read_file
 
 ROLLED_BACK = 'rolled_back'
@@ -125,17 +125,7 @@ def _size(path: Path) -> int:
     return sum(info.st_size for p in paths if stat.S_ISREG((info := p.lstat()).st_mode))
 
 
-def read_meta(path: Path) -> dict[str, tp.Any]:
-    """The metadata of a checkpoint file without reading its tensors (mmap), or {} if unreadable.
-
-    For listing only: nothing is verified (`verify` does that).
-    """
-    try:
-        payload = checkpoint.read_unverified(path)
-    except checkpoint.CheckpointError:  # damaged, foreign, unsafe, a link or a pipe: listed without metadata
-        return {}
-    meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
-    return meta if isinstance(meta, dict) else {}
+read_meta = checkpoint.read_meta  # listing: metadata without the tensors, {} if unreadable
 
 
 class Experiment:
@@ -236,12 +226,14 @@ class Experiment:
         return ranked[0] if ranked else None
 
     def ranked_epochs(self) -> list[tuple[int, float]]:
-        """(epoch, valid metric) of the history, best first; ties keep the earliest first."""
-        name, lower = self.best_metric()
-        scored = [(epoch, float(stages['valid'][name])) for epoch, stages in enumerate(self.history, 1)
-                  if isinstance(stages.get('valid'), dict) and name in stages['valid']]
-        scored = [item for item in scored if math.isfinite(item[1])]
-        return sorted(scored, key=lambda item: (item[1] if lower else -item[1], item[0]))
+        """(epoch, valid metric) of the history, best first (`policy.rank`)."""
+        return policy.rank(enumerate(self.scores(), 1), self.best_metric()[1])
+
+    def scores(self) -> list[float | None]:
+        """The best metric of each epoch of the history (None where an epoch has none)."""
+        name = self.best_metric()[0]
+        return [stages['valid'].get(name) if isinstance(stages.get('valid'), dict) else None
+                for stages in self.history]
 
     def newest(self) -> checkpoint.Checkpoint:
         """The newest intact checkpoint (verified), or an error saying there is none."""
@@ -535,40 +527,21 @@ def _after(file: CheckpointFile, epoch: int) -> bool:
     return match is None or match > epoch
 
 
-def protected_best(xp: Experiment) -> set[int]:
-    """Epochs whose `checkpoint_<epoch>.th` a keep-best policy (`checkpoint.keep_best`) keeps."""
-    keep_best = (xp.config.get('checkpoint') or {}).get('keep_best')
-    if not keep_best:
-        return set()
-    return {epoch for epoch, _ in xp.ranked_epochs()[:int(keep_best)]}
-
-
 def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Path], dict[Path, str]]:
-    """The epoch checkpoints beyond the newest `keep_last` (deleted only with `apply`).
+    """The epoch checkpoints the run's retention would not keep with `keep_last` in place of its
+    own `checkpoint.keep_last` (deleted only with `apply`). Returns (removed, kept with why).
 
-    Never the newest one, nor one a keep-best policy holds. Returns (removed, kept with why).
+    The same decision as the run's (`policy.retention_from_config`): the newest always, every
+    `keep_every`-th, the best `keep_best`, each file ranked by the metric it records (files
+    written before the metric was recorded: by history.json).
     """
     if keep_last < 1:
         raise ExperimentError(f"--keep-last {keep_last}: keep at least 1 (the newest is never pruned).")
+    config = dict(xp.config.get('checkpoint') or {}, keep_last=keep_last)
+    retention = policy.retention_from_config(config, xp.best_metric()[1])
     with lock.ExperimentLock(xp.folder):
         store.IncrementalStore(xp.folder).check_own()  # a blob folder that is a link: refused before any delete
-        epochs = checkpoint.epoch_checkpoints(xp.folder)
-        best = protected_best(xp)
-        kept: dict[Path, str] = {}
-        removed: list[Path] = []
-        for index, (epoch, path) in enumerate(reversed(epochs)):
-            if index < keep_last:
-                kept[path] = 'newest' if index == 0 else f'among the newest {keep_last}'
-            elif epoch in best:
-                kept[path] = f'among the best {len(best)} (checkpoint.keep_best)'
-            else:
-                removed.append(path)
-        if apply:
-            for path in removed:
-                path.unlink(missing_ok=True)
-                sharded.remove_superseded(path)
-            if removed:
-                fsync_dir(xp.folder)
-            if (xp.folder / store.BLOBS).is_dir():  # [incremental] blobs no checkpoint references now
-                store.IncrementalStore(xp.folder).collect()
-    return removed, kept
+        pruned = manager.prune(xp.folder, retention, xp.scores(), apply=apply)
+        if apply and (xp.folder / store.BLOBS).is_dir():  # [incremental] blobs no checkpoint references now
+            store.IncrementalStore(xp.folder).collect()
+    return pruned.removed, pruned.kept

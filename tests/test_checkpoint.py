@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing import manager, policy
 from solver.checkpointing.format import CorruptCheckpointError, UnsafeCheckpointError
 
 
@@ -297,23 +298,35 @@ def test_load_newest_intact_returns_none_for_a_folder_without_checkpoints(tmp_pa
     assert checkpoint.load_newest_intact(tmp_path) is None
 
 
-# -- keep policy -------------------------------------------------------------------------------
+# -- retention on files (the one decision: `policy.Retention`, applied by `manager.prune`) --------
+
+def keep_last(n: int | None, save_every: int = 1) -> policy.Retention:
+    return policy.retention_from_config({'save_every': save_every, 'keep_last': n})
+
 
 def test_prune_keeps_the_newest_epochs_by_number_and_deletes_the_rest(tmp_path: Path):
     write_epochs(tmp_path, *range(1, 13))
-    removed = checkpoint.prune_epoch_checkpoints(tmp_path, keep_last=2)
+    removed = manager.prune(tmp_path, keep_last(2)).removed
     assert sorted(p.name for p in removed) == sorted(f'checkpoint_{i}.th' for i in range(1, 11))
     assert sorted(os.listdir(tmp_path)) == ['checkpoint_11.th', 'checkpoint_12.th']
 
 
 def test_prune_without_keep_last_deletes_nothing(tmp_path: Path):
     write_epochs(tmp_path, 1, 2, 3)
-    assert checkpoint.prune_epoch_checkpoints(tmp_path, keep_last=None) == []
+    assert manager.prune(tmp_path, keep_last(None)).removed == []
     assert len(os.listdir(tmp_path)) == 3
 
 
 def test_prune_leaves_the_latest_checkpoint_alone(tmp_path: Path):
     write_epochs(tmp_path, 1, 2)
     checkpoint.write_checkpoint(tmp_path / 'checkpoint.th', {}, {})
-    checkpoint.prune_epoch_checkpoints(tmp_path, keep_last=1)
+    manager.prune(tmp_path, keep_last(1))
     assert sorted(os.listdir(tmp_path)) == ['checkpoint.th', 'checkpoint_2.th']
+
+
+def test_a_dry_run_prune_deletes_nothing_and_says_why_each_file_stays(tmp_path: Path):
+    write_epochs(tmp_path, 1, 2, 3)
+    pruned = manager.prune(tmp_path, keep_last(2), apply=False)
+    assert [p.name for p in pruned.removed] == ['checkpoint_1.th'] and len(os.listdir(tmp_path)) == 3
+    assert {p.name: why for p, why in pruned.kept.items()} == {'checkpoint_3.th': 'newest',
+                                                             'checkpoint_2.th': 'among the newest 2'}

@@ -320,20 +320,44 @@ def test_prune_is_a_dry_run_unless_yes_and_never_removes_the_newest(solver, copy
     assert solver(copy.dora_dir, 'prune', copy.sig, '--keep-last', '0').code == 2
 
 
+def rewrite_meta(path: Path, **changes: tp.Any) -> None:
+    """Rewrite a checkpoint file with its metadata changed (None: the key removed), digests and all."""
+    found = checkpoint.read_checkpoint(path)
+    meta = {key: value for key, value in {**found.meta, **changes}.items() if value is not None}
+    checkpoint.write_checkpoint(path, found.state, meta)
+
+
 @pytest.mark.integration
-def test_prune_keeps_the_best_k_epoch_files_when_the_config_keeps_best(solver, copy):
+@pytest.mark.parametrize('ranked_by', ['metadata', 'history'])
+def test_prune_keeps_the_best_k_epoch_files_when_the_config_keeps_best(solver, copy, ranked_by):
+    # Each file is ranked by the metric it records, as the run ranked it; files written before
+    # the metric was recorded are ranked by history.json.
     history = json.loads((copy.folder / 'history.json').read_text())
     best = 1 + min(range(2), key=lambda i: history[i]['valid']['loss'])  # best of the two older epochs
     config = copy.folder / '.hydra' / 'config.yaml'
     text = config.read_text()
     assert '  keep_best: null\n' in text  # the recorded config of a run made without keep_best
     config.write_text(text.replace('  keep_best: null\n', '  keep_best: 1\n', 1))
-    history[best - 1]['valid']['loss'] = -1.0  # make it the best of all, so keep_best=1 holds it
-    (copy.folder / 'history.json').write_text(json.dumps(history))
+    if ranked_by == 'metadata':  # make it the best of all, so keep_best=1 holds it
+        rewrite_meta(copy.folder / f'checkpoint_{best}.th', metric=-1.0)
+    else:
+        for path in copy.folder.glob('checkpoint_*.th'):
+            rewrite_meta(path, metric=None)
+        history[best - 1]['valid']['loss'] = -1.0
+        (copy.folder / 'history.json').write_text(json.dumps(history))
     result = solver(copy.dora_dir, 'prune', copy.sig, '--keep-last', '1', '--yes')
     assert result.code == 0 and f'keep    checkpoint_{best}.th (among the best 1' in result.out, result.out
     assert sorted(p.name for p in copy.folder.glob('checkpoint_*.th')) == sorted(
         {f'checkpoint_{best}.th', 'checkpoint_3.th'})
+
+
+@pytest.mark.integration
+def test_prune_keeps_the_keep_every_files_of_the_config(solver, copy):
+    config = copy.folder / '.hydra' / 'config.yaml'
+    config.write_text(config.read_text().replace('  keep_every: null\n', '  keep_every: 2\n', 1))
+    result = solver(copy.dora_dir, 'prune', copy.sig, '--keep-last', '1', '--yes')
+    assert result.code == 0 and 'keep    checkpoint_2.th (a multiple of 2 epochs)' in result.out, result.out
+    assert sorted(p.name for p in copy.folder.glob('checkpoint_*.th')) == ['checkpoint_2.th', 'checkpoint_3.th']
 
 
 # -- TensorBoard -----------------------------------------------------------------------------------

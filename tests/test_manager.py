@@ -3,6 +3,7 @@ that a save's `on_durable` callback (Dora's history) never runs before the save 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -108,6 +109,58 @@ def test_keep_every_keeps_its_epochs_for_good(tmp_path):
         save_epoch(m, epoch, LOSSES[:epoch] + [0.0] * (epoch - len(LOSSES)))
     m.close()
     assert names(tmp_path) == ['checkpoint.th', 'checkpoint_3.th', 'checkpoint_6.th', 'checkpoint_7.th']
+
+
+def test_each_file_records_the_metric_of_its_epoch_and_retention_ranks_by_it_alone(tmp_path):
+    m = manager(tmp_path, save_every=1, keep_last=1, keep_best=2)
+    for epoch in range(1, 7):
+        save_epoch(m, epoch, LOSSES[:epoch])
+    m.close()
+    assert [checkpoint.read_meta(tmp_path / f'checkpoint_{e}.th')['metric'] for e in (2, 4, 6)] == [1.0, 2.0, 7.0]
+    assert m.prune(history=()) == []  # no history needed: the files say how they rank
+
+
+def test_files_written_before_the_metric_was_recorded_are_ranked_by_the_history(tmp_path):
+    for epoch in range(1, 5):  # as older code wrote them: no 'metric' in the metadata
+        checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(tmp_path, epoch), STATE, {'epoch': epoch})
+    removed = manager(tmp_path, save_every=1, keep_last=1, keep_best=1).prune(history=LOSSES[:4])
+    assert sorted(p.name for p in removed) == ['checkpoint_1.th', 'checkpoint_3.th']
+    assert names(tmp_path) == ['checkpoint_2.th', 'checkpoint_4.th']
+
+
+def test_a_nan_epoch_is_never_kept_as_best(tmp_path):
+    m = manager(tmp_path, save_every=1, keep_last=1, keep_best=1)
+    for epoch, scores in enumerate(([3.0], [3.0, float('nan')], [3.0, float('nan'), 4.0]), 1):
+        save_epoch(m, epoch, scores)
+    m.close()
+    assert names(tmp_path) == ['checkpoint.th', 'checkpoint_1.th', 'checkpoint_3.th']
+
+
+WAVY = [5.0, 1.0, 4.0, 2.0, 6.0, 0.5, 7.0, 8.0, 3.0]  # best two: epochs 6 and 2
+MIXED = dict(save_every=1, keep_best=2, keep_every=4)    # latest-N + best-k + every-N
+
+
+def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_the_history(tmp_path):
+    from solver import experiment
+    run = manager(tmp_path / 'run', keep_last=2, **MIXED)
+    for epoch in range(1, len(WAVY) + 1):
+        save_epoch(run, epoch, WAVY[:epoch])
+    run.close()
+    kept_by_the_run = names(tmp_path / 'run')
+    assert kept_by_the_run == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th', 'checkpoint_6.th',
+                               'checkpoint_8.th', 'checkpoint_9.th']
+    everything = manager(tmp_path / 'all', keep_last=None, **MIXED)  # the same run, keeping every file
+    for epoch in range(1, len(WAVY) + 1):
+        save_epoch(everything, epoch, WAVY[:epoch])
+    everything.close()
+    (tmp_path / 'all' / '.hydra').mkdir()
+    (tmp_path / 'all' / '.hydra' / 'config.yaml').write_text(OmegaConf.to_yaml({'checkpoint': config(**MIXED)}))
+    misleading = [{'valid': {'loss': -float(epoch)}} for epoch in range(1, len(WAVY) + 1)]  # not what ranks
+    (tmp_path / 'all' / 'history.json').write_text(json.dumps(misleading))
+    removed, kept = experiment.prune(experiment.Experiment(tmp_path / 'all'), keep_last=2, apply=True)
+    assert names(tmp_path / 'all') == kept_by_the_run
+    assert kept[tmp_path / 'all' / 'checkpoint_6.th'] == 'among the best 2 (checkpoint.keep_best)'
+    assert kept[tmp_path / 'all' / 'checkpoint_4.th'] == 'a multiple of 4 epochs'
 
 
 # -- durability callbacks --------------------------------------------------------------------------

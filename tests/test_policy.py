@@ -9,6 +9,7 @@ from solver.checkpointing import policy
 from solver.checkpointing.policy import (
     AnySave,
     BestEpochs,
+    EpochFile,
     EveryEpoch,
     EveryMinutes,
     EveryNEpochs,
@@ -17,11 +18,12 @@ from solver.checkpointing.policy import (
     KeepContext,
     KeepEveryN,
     KeepLatest,
-    KeepUnion,
     OnPreemption,
     OverheadBudget,
+    Retention,
     SaveContext,
     best_epochs,
+    rank,
 )
 
 
@@ -91,8 +93,13 @@ EPOCHS = [1, 2, 3, 4, 5, 6]
 SCORES = [5.0, 2.0, 4.0, 1.0, 3.0, 6.0]  # best: 4, then 2, then 5
 
 
-def keep(policy_, epochs=EPOCHS, scores=SCORES, lower_is_better=True) -> set[int]:
-    return policy_.keep(KeepContext(list(epochs), list(scores), lower_is_better))
+def files(epochs=EPOCHS, scores=SCORES) -> list[EpochFile]:
+    """The epoch files there are, each with the metric its metadata records (its epoch's score)."""
+    return [EpochFile(epoch, scores[epoch - 1]) for epoch in epochs]
+
+
+def keep(policy_, epochs=EPOCHS, scores=SCORES) -> set[int]:
+    return policy_.keep(KeepContext(files(epochs, scores)))
 
 
 def test_keep_latest_keeps_the_newest_n():
@@ -106,22 +113,45 @@ def test_keep_every_n_keeps_multiples_of_n_for_good():
 
 def test_keep_best_keeps_the_k_best_epochs_that_have_a_file():
     assert keep(KeepBest(2)) == {2, 4}
-    assert keep(KeepBest(2), epochs=[1, 2, 3, 5, 6]) == {2}  # epoch 4's file is gone: not made up
-    assert keep(KeepBest(2), lower_is_better=False) == {1, 6}
+    assert keep(KeepBest(2, lower_is_better=False)) == {1, 6}
 
 
-def test_keep_best_ranks_by_every_epoch_of_the_history_not_only_those_left():
-    # a resumed run passes the whole history: a worse epoch never displaces the true best
+def test_keep_best_ranks_the_files_there_are_by_the_metric_each_records():
+    # the metric travels with its file (as Orbax's BestN): a resumed run, or `solver prune`,
+    # ranks the same files the same way, whatever history it holds
     assert keep(KeepBest(1), epochs=[4, 5, 6]) == {4}
+    assert keep(KeepBest(2), epochs=[1, 2, 3, 5, 6]) == {2, 5}  # epoch 4's file is gone: the next best stays
+
+
+def test_keep_best_never_ranks_a_file_without_a_finite_metric():
+    nan, inf = float('nan'), float('inf')
+    assert keep(KeepBest(2), scores=[nan, 2.0, None, 1.0, -inf, 3.0]) == {2, 4}
+    assert keep(KeepBest(2, lower_is_better=False), scores=[nan, 2.0, None, 1.0, inf, 3.0]) == {6, 2}
 
 
 def test_a_file_stays_if_any_keep_policy_keeps_it():
-    assert keep(KeepUnion((KeepLatest(1), KeepBest(2), KeepEveryN(5)))) == {2, 4, 5, 6}
+    assert keep(Retention((KeepLatest(1), KeepBest(2), KeepEveryN(5)))) == {2, 4, 5, 6}
 
 
 def test_best_epochs_prefers_the_earlier_epoch_on_a_tie_and_skips_missing_scores():
     assert best_epochs([1.0, None, 1.0, 2.0], 1) == {1}
     assert best_epochs([1.0, None, 1.0, 2.0], 3) == {1, 3, 4}
+
+
+def test_one_ranking_drops_nan_for_saving_keeping_and_the_command_line_alike():
+    # a diverged epoch's NaN is never "best": not for BestEpochs, KeepBest, nor `rollback --to best`
+    scores = [2.0, float('nan'), 1.0]
+    assert rank(enumerate(scores, 1)) == [(3, 1.0), (1, 2.0)]
+    assert best_epochs(scores, 2) == {1, 3}
+    assert not BestEpochs(2).should_save(ctx(epoch=2, epoch_end=True, scores=scores[:2]))
+
+
+def test_retention_says_why_each_file_stays_and_lists_the_rest():
+    retention = Retention((KeepLatest(1), KeepLatest(2), KeepBest(1), KeepEveryN(3)))
+    decision = retention.decide(reversed(files()))  # in any order
+    assert decision.kept == {6: 'newest', 5: 'among the newest 2', 4: 'among the best 1 (checkpoint.keep_best)',
+                             3: 'a multiple of 3 epochs'}
+    assert decision.removed == [1, 2]
 
 
 # -- from the config -----------------------------------------------------------------------------
@@ -157,7 +187,15 @@ def test_mid_epoch_keys_become_policies_of_the_latest_file():
     ({'keep_best': 1}, {4, 6}),                                      # the newest epoch file always stays
 ])
 def test_keep_policies_from_the_config_are_a_union_that_always_keeps_the_newest(keys, kept):
-    assert keep(policy.from_config(checkpoint_cfg(**keys)).keep) == kept
+    assert keep(policy.from_config(checkpoint_cfg(**keys)).retention) == kept
+    assert set(policy.retention_from_config(keys).decide(files()).kept) == kept  # a plain dict, as `solver prune`
+
+
+def test_best_k_files_hold_every_state_and_others_may_not():
+    policies = policy.from_config(checkpoint_cfg(save_every=1, keep_best=1))
+    full = [e for e in (1, 2, 3) if policies.full_file.should_save(ctx(epoch=e, epoch_end=True,
+                                                                       scores=[2.0, 3.0, 1.0][:e]))]
+    assert full == [1, 3]  # epoch 2 was not the best so far: its file may hold keep_every_states only
 
 
 def test_keep_best_and_keep_every_write_epoch_files_of_their_own():

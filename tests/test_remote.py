@@ -1,7 +1,7 @@
 """Checkpoints mirrored to object storage (`checkpoint.remote`), against a real S3-protocol server:
 moto's standalone server on a free port of 127.0.0.1, reached by s3fs through AWS_ENDPOINT_URL.
 
-Covered: mirroring after each save (files, the commit point last, the keep policy remotely),
+Covered: mirroring after each save (files, the commit point last, the local retention remotely),
 resume on an empty local folder, continue_from a remote experiment (folder and file URLs), the
 store going down mid-run and coming back (or not), kill -9 during uploads then a resume on an
 empty folder, a damaged remote checkpoint skipped for the next older, credentials kept out of
@@ -22,10 +22,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import damage_a_tensor
+from helpers import checkpoint_config, damage_a_tensor
 
 from solver.checkpointing import format as checkpoint
-from solver.checkpointing import remote
+from solver.checkpointing import manager, policy, remote
+from solver.checkpointing.manager import CheckpointManager
 
 BUCKET = 'solver-tests'
 SECRET = 'sEcReT-never-logged-7f3a'
@@ -151,14 +152,18 @@ def test_urls_with_credentials_are_refused_and_logs_show_urls_without_them():
 
 
 @pytest.mark.integration
+def keep_last(n: int) -> policy.Retention:
+    return policy.retention_from_config({'save_every': 1, 'keep_last': n})
+
+
 def test_mirror_uploads_each_save_commit_point_last_and_applies_keep_last(s3, tmp_path):
     folder = tmp_path / 'xp'
     folder.mkdir()
     url = f's3://{BUCKET}/unit-mirror'
-    mirror = remote.RemoteMirror(url, folder, keep_last=2, max_backoff=1)
+    mirror = remote.RemoteMirror(url, folder, keep_last(2), max_backoff=1)
     for epoch in (1, 2, 3):
         saved = [write(folder, f'checkpoint_{epoch}.th', epoch), write(folder, checkpoint.LATEST, epoch)]
-        checkpoint.prune_epoch_checkpoints(folder, 2)
+        manager.prune(folder, keep_last(2))
         mirror.notify(saved)
         assert mirror.flush(30)  # this save mirrored on its own (coalescing is tested below)
     assert mirror.close() == []
@@ -178,7 +183,7 @@ def test_a_file_pruned_locally_while_it_uploads_leaves_no_temporary_key(s3, tmp_
     # uploads it. The upload is superseded, its temporary key removed, and nothing fails.
     folder = tmp_path / 'xp'
     folder.mkdir()
-    mirror = remote.RemoteMirror(f's3://{BUCKET}/unit-pruned-{when[0]}', folder, keep_last=1, max_backoff=1)
+    mirror = remote.RemoteMirror(f's3://{BUCKET}/unit-pruned-{when[0]}', folder, keep_last(1), max_backoff=1)
     put_file = mirror.fs.put_file
 
     def pruning_put_file(local: str, key: str, **kwargs: tp.Any) -> None:
@@ -199,6 +204,51 @@ def test_a_file_pruned_locally_while_it_uploads_leaves_no_temporary_key(s3, tmp_
     assert mirror.flush(30)
     assert mirror.close() == [] and mirror.failures == 0
     assert remote_names(f'unit-pruned-{when[0]}') == ['checkpoint.th', 'checkpoint_2.th']
+
+
+WAVY = [5.0, 1.0, 4.0, 2.0, 6.0, 0.5, 7.0, 8.0, 3.0]  # the metric of each epoch: best two 6 and 2
+MIXED = dict(save_every=1, keep_last=1, keep_best=2, keep_every=4, async_save=False)  # latest + best + every-N
+
+
+def run_epochs(m: CheckpointManager, epochs: range) -> None:
+    """What the solver does at epoch ends: plan and save, the metric of each epoch in the history."""
+    import torch
+    for epoch in epochs:
+        ctx = m.context(step=epoch, epoch=epoch, epoch_end=True, scores=WAVY[:epoch])
+        m.save({'model': {'w': torch.full((64,), float(epoch))}}, m.plan(ctx), {'epoch': epoch, 'step': epoch})
+
+
+@pytest.mark.integration
+def test_local_and_remote_keep_the_same_files_under_latest_best_and_every_n(s3, tmp_path):
+    url = f's3://{BUCKET}/unit-same'
+    (tmp_path / 'same').mkdir()
+    m = CheckpointManager(tmp_path / 'same', checkpoint_config(**MIXED, remote=url), 'same01')
+    run_epochs(m, range(1, len(WAVY) + 1))
+    m.close()
+    local = sorted(p.name for p in checkpoint.candidates(tmp_path / 'same'))
+    assert local == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th', 'checkpoint_6.th', 'checkpoint_8.th',
+                     'checkpoint_9.th']
+    assert remote_names('unit-same/same01') == local
+
+
+@pytest.mark.integration
+def test_keep_best_and_keep_every_files_survive_remotely_after_a_move_to_a_fresh_machine(s3, tmp_path):
+    # Issue 22, finding 13: the mirror pruned by keep_last alone, deleting from object storage the
+    # best and keep_every files. Here machine 2 has no local copy of them at all.
+    url = f's3://{BUCKET}/unit-fresh'
+    (tmp_path / 'machine1').mkdir()
+    first = CheckpointManager(tmp_path / 'machine1', checkpoint_config(**MIXED, remote=url), 'fresh01')
+    run_epochs(first, range(1, 7))
+    first.close()
+    assert remote_names('unit-fresh/fresh01') == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th',
+                                                  'checkpoint_6.th']
+    (tmp_path / 'machine2').mkdir()
+    second = CheckpointManager(tmp_path / 'machine2', checkpoint_config(**MIXED, remote=url), 'fresh01')
+    assert second.restore().meta['epoch'] == 6  # the remote copy, fetched
+    run_epochs(second, range(7, len(WAVY) + 1))
+    second.close()
+    assert remote_names('unit-fresh/fresh01') == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th',
+                                                  'checkpoint_6.th', 'checkpoint_8.th', 'checkpoint_9.th']
 
 
 @pytest.mark.integration

@@ -225,9 +225,11 @@ SAVER = """
 import sys, random, torch
 from pathlib import Path
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing import manager, policy
 from solver.checkpointing.store import IncrementalStore
 from solver.lock import ExperimentLock
 folder = Path(sys.argv[1])
+retention = policy.retention_from_config({'save_every': 1, 'keep_last': 2})
 rng = random.Random(int(sys.argv[2]))
 with ExperimentLock(folder):
     incremental = IncrementalStore(folder)
@@ -237,7 +239,7 @@ with ExperimentLock(folder):
                  'moved': torch.randn(rng.randint(200, 300), 64)}
         incremental.write(folder / 'checkpoint.th', state, {'epoch': epoch})
         incremental.write(checkpoint.epoch_checkpoint_path(folder, epoch), state, {'epoch': epoch})
-        checkpoint.prune_epoch_checkpoints(folder, keep_last=2)
+        manager.prune(folder, retention)
         incremental.collect()
         print(epoch, flush=True)
 """

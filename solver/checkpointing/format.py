@@ -1,4 +1,4 @@
-"""Checkpoint files: names, atomic writes, integrity, safe loading, keep policy.
+"""Checkpoint files: names, atomic writes, integrity, safe loading, what retention reads and deletes.
 
 A checkpoint is one torch archive (what `torch.save` writes; we write it at disk speed with
 `archive.save`) read back with `weights_only=True`: a plain dict of tensors and Python
@@ -39,9 +39,9 @@ import xxhash
 
 from .. import distrib
 from ..errors import UserError
-from . import archive, sharded, tree
+from . import archive, policy, sharded, tree
 from .digest import tensor_digest
-from .fs import UnsafeFileError, atomic_open, fsync_dir, open_file
+from .fs import UnsafeFileError, atomic_open, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,40 @@ def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """The `checkpoint_<epoch>.th` files of a folder, oldest first."""
     return sorted((epoch, path) for path in Path(folder).glob('checkpoint_*.th')
                   if (epoch := epoch_of(path)) is not None)
+
+
+def read_meta(path: Path) -> dict[str, tp.Any]:
+    """The metadata of a checkpoint file without reading its tensors (mmap), or {} if unreadable.
+
+    Not verified (`read_checkpoint` verifies): for listing, and for ranking by `meta['metric']`.
+    """
+    try:
+        payload = read_unverified(path)
+    except CheckpointError:  # damaged, foreign, unsafe, a link or a pipe: listed without metadata
+        return {}
+    meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def epoch_files(folder: Path, history: tp.Sequence[float | None] = ()) -> dict[Path, policy.EpochFile]:
+    """The epoch checkpoints of a folder (oldest first), each with the metric retention ranks it
+    by: the one its metadata holds (`meta['metric']`, recorded by every save), else, for a file
+    written before the metric was recorded (or unreadable), its epoch's score in `history`."""
+    found = {}
+    for epoch, path in epoch_checkpoints(folder):
+        meta = read_meta(path)
+        found[path] = policy.EpochFile(epoch, _metric(meta['metric']) if 'metric' in meta
+                                       else history_metric(history, epoch))
+    return found
+
+
+def history_metric(history: tp.Sequence[float | None], epoch: int) -> float | None:
+    """The score of `epoch` (1-based) in a history of scores, None if it has none."""
+    return _metric(history[epoch - 1]) if 0 < epoch <= len(history) else None
+
+
+def _metric(value: tp.Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def candidates(folder: Path) -> list[Path]:
@@ -445,20 +479,6 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
             "them for inspection (`python -m solver.checkpointing.inspect FILE`) and move them "
             "into a subfolder to train from scratch; delete nothing you have not inspected.")
     return None
-
-
-def prune_epoch_checkpoints(folder: Path, keep_last: int | None) -> list[Path]:
-    """Delete all but the newest `keep_last` epoch checkpoints; return what was deleted."""
-    if keep_last is None or keep_last <= 0:
-        return []
-    found = epoch_checkpoints(folder)
-    removed = [path for _, path in found[:-keep_last]]
-    for path in removed:
-        path.unlink(missing_ok=True)
-        sharded.remove_superseded(path)
-    if removed:
-        fsync_dir(Path(folder))
-    return removed
 
 
 def load_source(path: Path) -> Checkpoint:

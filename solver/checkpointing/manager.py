@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,13 +27,53 @@ import torch
 from .. import distrib
 from ..errors import SolverError
 from . import format as checkpoint
-from . import policy, remote, sharded
+from . import fs, policy, remote, sharded
 from .fs import fsync_dir
 from .store import IncrementalStore
 from .writer import CheckpointWriter, SaveMode, SaveStats
 
 logger = logging.getLogger(__name__)
 Targets = dict[Path, tp.Optional[tp.Sequence[str]]]
+
+
+class _Pending(tp.NamedTuple):
+    """A save whose files are not yet durable: its callback, and the scores of the history it
+    holds (the fallback metric of files that record none), handed to the listener thread."""
+
+    on_durable: tp.Callable[[], None] | None
+    scores: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What `prune` decided: the epoch files kept (newest first, each with why) and removed."""
+
+    kept: dict[Path, str]
+    removed: list[Path]
+
+
+def prune(folder: Path, retention: policy.Retention, history: tp.Sequence[float | None] = (),
+          apply: bool = True) -> Pruned:
+    """Ask `retention` which epoch checkpoints of `folder` stay, each ranked by the metric it
+    records (else by `history`: `format.epoch_files`), and delete the others (with `apply`).
+    The run after each save and `solver prune` both prune through here."""
+    found = checkpoint.epoch_files(folder, history)
+    decision = retention.decide(found.values())
+    removed = [path for path, file in found.items() if file.epoch in decision.removed]
+    if apply:
+        for path in removed:
+            remove_checkpoint(path)
+        if removed:
+            fsync_dir(Path(folder))
+    return Pruned({path: decision.kept[file.epoch] for path, file in reversed(found.items())
+                   if file.epoch in decision.kept}, removed)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file, then its shard folders: the one place a local checkpoint is
+    deleted (the caller fsyncs the folder once). A link is removed, never what it points to."""
+    fs.unlink(Path(path), inside=Path(path).parent)
+    sharded.remove_superseded(path)
 
 
 def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
@@ -59,7 +100,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.sig = sig
         self.lower_is_better = lower_is_better
-        self.policies = policy.from_config(cfg)
+        self.policies = policy.from_config(cfg, lower_is_better)
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
                                        staging_max_mb=cfg.get('staging_max_mb'))
         self.writer.listeners.append(self._after_durable)
@@ -69,14 +110,13 @@ class CheckpointManager:
         self.remote: remote.RemoteMirror | None = None
         if cfg.get('remote') and distrib.is_rank_zero():
             self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
-                                              keep_last=cfg.keep_last)
-            self.writer.listeners.append(self.remote.notify)
+                                              self.policies.retention)
         self.rollbacks = 0
         self._started = self._last_save = time.time()
         self._save_cost = self._total_blocked = 0.0
         self._latest_saved = False
-        self._scores: list[float | None] = []
-        self._on_durable: collections.deque[tp.Callable[[], None] | None] = collections.deque()
+        self._scores: list[float | None] = []  # the training thread's: set by `context`, read by `save`
+        self._on_durable: collections.deque[_Pending] = collections.deque()
 
     @property
     def latest_path(self) -> Path:
@@ -109,7 +149,7 @@ class CheckpointManager:
     def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
                 scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
         """This moment of the run, as the save policies see it. `scores` (the best metric of each
-        epoch so far, from the history) are also kept for the keep policies (`prune`)."""
+        epoch so far, from the history) also give each file saved next its `meta['metric']`."""
         self._scores = list(scores) or self._scores
         return policy.SaveContext(step=step, epoch=epoch, epoch_end=epoch_end, preempted=preempted,
                                   since_last_save=time.time() - self._last_save, save_cost=self._save_cost,
@@ -128,9 +168,7 @@ class CheckpointManager:
                 ctx.epoch_end and (self._latest_saved or self.latest_path.exists())):
             targets[self.latest_path] = None
         if ctx.epoch_end and self.policies.epoch_file.should_save(ctx):
-            best = any(isinstance(p, policy.BestEpochs) and p.should_save(ctx)
-                       for p in self.policies.epoch_file.policies)
-            names = None if best else self.cfg.keep_every_states
+            names = None if self.policies.full_file.should_save(ctx) else self.cfg.keep_every_states
             targets[checkpoint.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
         return targets
 
@@ -139,13 +177,18 @@ class CheckpointManager:
         """Write `state` to `targets` (every rank calls this; see `CheckpointWriter.save`).
 
         `on_durable` runs once every file is durable (on the writer's listener thread, after
-        the keep policies pruned old files): never before, even with async saves.
+        retention pruned old files): never before, even with async saves. Each file records the
+        metric of its epoch (`meta['metric']`, from the scores of the last `context`): what
+        retention ranks it by, in this run and in `solver prune` alike.
         """
         writes = self.writer.writes(state)
+        scores = tuple(self._scores)  # this save's own copy: the listener thread reads only this
         if writes:
-            self._on_durable.append(on_durable)
+            self._on_durable.append(_Pending(on_durable, scores))
+        meta = dict(meta, sig=self.sig, versions=versions())
+        meta.setdefault('metric', checkpoint.history_metric(scores, int(meta.get('epoch') or 0)))
         try:
-            stats = self.writer.save(state, targets, dict(meta, sig=self.sig, versions=versions()))
+            stats = self.writer.save(state, targets, meta)
         except BaseException:
             if writes:
                 self._on_durable.pop()
@@ -163,26 +206,22 @@ class CheckpointManager:
         return stats
 
     def _after_durable(self, paths: list[Path]) -> None:
-        """Writer listener: prune by the keep policies, then run the save's `on_durable`."""
-        callback = self._on_durable.popleft() if self._on_durable else None
+        """Writer listener: prune by retention, hand the save to the remote mirror, then run the
+        save's `on_durable`."""
+        pending = self._on_durable.popleft() if self._on_durable else _Pending(None, ())
         if distrib.is_rank_zero():
-            self.prune()
-        if callback is not None:
-            callback()
+            self.prune(pending.scores)
+            if self.remote is not None:
+                self.remote.notify(paths, pending.scores)
+        if pending.on_durable is not None:
+            pending.on_durable()
 
-    def prune(self) -> list[Path]:
-        """Delete the epoch checkpoints no keep policy keeps; return them."""
-        found = checkpoint.epoch_checkpoints(self.folder)
-        ctx = policy.KeepContext([epoch for epoch, _ in found], self._scores, self.lower_is_better)
-        kept = self.policies.keep.keep(ctx)
-        removed = [path for epoch, path in found if epoch not in kept]
+    def prune(self, history: tp.Sequence[float | None] = ()) -> list[Path]:
+        """Delete the epoch checkpoints retention does not keep; return them. `history`: the
+        scores of the epochs, for files that do not record their metric (`format.epoch_files`)."""
+        removed = prune(self.folder, self.policies.retention, history).removed
         for path in removed:
-            path.unlink(missing_ok=True)
-            sharded.remove_superseded(path)
-            logger.info("Removed old checkpoint %s (checkpoint.keep_last=%s, keep_best=%s)", path.name,
-                        self.cfg.keep_last, self.cfg.get('keep_best'))
-        if removed:
-            fsync_dir(self.folder)
+            logger.info("Removed old checkpoint %s (kept: %s)", path.name, self.policies.retention.why())
         if self.writer.store is not None:  # [incremental] blobs no checkpoint references any more
             self.writer.store.collect()
         return removed

@@ -1,14 +1,17 @@
 """When to save and what to keep, as small policy objects combined by "any" and by union.
 
 A save policy answers one question about one moment of a run (`SaveContext`): save now? A keep
-policy answers which epoch checkpoints (`checkpoint_<epoch>.th`) to keep, given the epochs that
-have one and the best metric of every epoch (`KeepContext`). A file stays if any keep policy
-keeps it. Each is a value that can be tested alone; `from_config` builds the ones a
-`checkpoint.*` config asks for. Shaped after Orbax's save-decision and preservation policies.
+policy answers which epoch checkpoints (`checkpoint_<epoch>.th`) to keep, given the ones there
+are and the metric each holds in its metadata (`KeepContext`). A file stays if any keep policy
+keeps it: `Retention` is that union, the one "which stay" decision every deletion asks (the
+manager after a save, `solver prune`, the remote mirror). Each is a value that can be tested
+alone; `from_config` builds the ones a `checkpoint.*` config asks for. Shaped after Orbax's
+save-decision and preservation policies.
 """
 
 from __future__ import annotations
 
+import math
 import typing as tp
 from dataclasses import dataclass, field
 
@@ -113,17 +116,31 @@ class AnySave:
 # -- keep decisions -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, order=True)
+class EpochFile:
+    """An epoch checkpoint (`checkpoint_<epoch>.th`) as retention sees it: its epoch and the
+    metric it is ranked by, read from its own metadata (`meta['metric']`), as Orbax's BestN
+    keeps each checkpoint's metrics with it."""
+
+    epoch: int
+    metric: float | None = None
+
+
 @dataclass
 class KeepContext:
-    """The epochs that have an epoch checkpoint (oldest first) and the best metric of each epoch."""
+    """The epoch checkpoints there are, oldest first, each with its metric."""
 
-    epochs: list[int]
-    scores: list[float | None] = field(default_factory=list)
-    lower_is_better: bool = True
+    files: list[EpochFile]
+
+    @property
+    def epochs(self) -> list[int]:
+        return [file.epoch for file in self.files]
 
 
 class KeepPolicy(tp.Protocol):
     def keep(self, ctx: KeepContext) -> set[int]: ...
+
+    def why(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,9 @@ class KeepLatest:
     def keep(self, ctx: KeepContext) -> set[int]:
         return set(ctx.epochs[-self.n:]) if self.n > 0 else set()
 
+    def why(self) -> str:
+        return 'newest' if self.n == 1 else f'among the newest {self.n}'
+
 
 @dataclass(frozen=True)
 class KeepEveryN:
@@ -145,35 +165,76 @@ class KeepEveryN:
     def keep(self, ctx: KeepContext) -> set[int]:
         return {epoch for epoch in ctx.epochs if epoch % self.n == 0}
 
+    def why(self) -> str:
+        return f'a multiple of {self.n} epochs'
+
 
 @dataclass(frozen=True)
 class KeepBest:
-    """The checkpoints of the `k` epochs with the best metric (of all epochs run so far)."""
+    """The `k` epoch checkpoints with the best metric, ranked among the checkpoints there are
+    (one without a finite metric is never among them)."""
 
     k: int
+    lower_is_better: bool = True
 
     def keep(self, ctx: KeepContext) -> set[int]:
-        return best_epochs(ctx.scores, self.k, ctx.lower_is_better) & set(ctx.epochs)
+        ranked = rank([(file.epoch, file.metric) for file in ctx.files], self.lower_is_better)
+        return {epoch for epoch, _ in ranked[:max(self.k, 0)]}
+
+    def why(self) -> str:
+        return f'among the best {self.k} (checkpoint.keep_best)'
+
+
+def rank(scored: tp.Iterable[tuple[int, float | None]], lower_is_better: bool = True) -> list[tuple[int, float]]:
+    """(epoch, metric) pairs, best first; on a tie the earlier epoch first. A missing (None) or
+    non-finite metric (a diverged epoch's NaN) is not ranked, nor anything but a number. The one
+    ranking of best epochs: the save policy `BestEpochs`, the keep policy `KeepBest` and
+    `solver rollback --to best`."""
+    finite = [(epoch, float(metric)) for epoch, metric in scored
+              if isinstance(metric, (int, float)) and math.isfinite(metric)]
+    return sorted(finite, key=lambda item: (item[1] if lower_is_better else -item[1], item[0]))
+
+
+def best_epochs(scores: tp.Sequence[float | None], k: int, lower_is_better: bool = True) -> set[int]:
+    """The (1-based) epochs of the `k` best scores of a history (`rank`)."""
+    return {epoch for epoch, _ in rank(enumerate(scores, start=1), lower_is_better)[:max(k, 0)]}
 
 
 @dataclass(frozen=True)
-class KeepUnion:
-    """A checkpoint stays if any policy keeps it."""
+class Decision:
+    """What retention decided: the epochs kept, each with why, and the epochs to remove."""
+
+    kept: dict[int, str]
+    removed: list[int]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which epoch checkpoints stay: the one decision every deletion asks (the manager after a
+    save, `solver prune`, the remote mirror). A checkpoint stays if any policy keeps it (a union,
+    itself a keep policy); everything else goes."""
 
     policies: tuple[KeepPolicy, ...] = ()
 
     def keep(self, ctx: KeepContext) -> set[int]:
-        kept: set[int] = set()
+        return set(self.reasons(ctx))
+
+    def reasons(self, ctx: KeepContext) -> dict[int, str]:
+        """The epochs kept, each with why: the first policy (in order) that keeps it."""
+        kept: dict[int, str] = {}
         for policy in self.policies:
-            kept |= policy.keep(ctx)
+            for epoch in policy.keep(ctx):
+                kept.setdefault(epoch, policy.why())
         return kept
 
+    def why(self) -> str:
+        return ', '.join(policy.why() for policy in self.policies)
 
-def best_epochs(scores: tp.Sequence[float | None], k: int, lower_is_better: bool = True) -> set[int]:
-    """The (1-based) epochs of the `k` best scores; on a tie the earlier epoch ranks first."""
-    scored = [(score if lower_is_better else -score, epoch)
-              for epoch, score in enumerate(scores, start=1) if score is not None]
-    return {epoch for _, epoch in sorted(scored)[:max(k, 0)]}
+    def decide(self, files: tp.Iterable[EpochFile]) -> Decision:
+        """Given the epoch checkpoints there are (any order) and their metrics: which stay, which go."""
+        found = sorted(files)
+        kept = self.reasons(KeepContext(found))
+        return Decision(kept, [file.epoch for file in found if file.epoch not in kept])
 
 
 # -- from the config ----------------------------------------------------------------------------
@@ -182,21 +243,21 @@ def best_epochs(scores: tp.Sequence[float | None], k: int, lower_is_better: bool
 @dataclass(frozen=True)
 class Policies:
     """What a `checkpoint.*` config asks for: when to write the latest file, when to write an
-    epoch file, and which epoch files to keep."""
+    epoch file, and which epoch files stay."""
 
     latest: AnySave
     epoch_file: AnySave
-    keep: KeepUnion
+    full_file: AnySave  # when an epoch file holds every state, whatever `keep_every_states` says
+    retention: Retention
     periodic: bool  # whether anything is saved without a preemption signal
 
 
-def from_config(cfg: tp.Any) -> Policies:
+def from_config(cfg: tp.Any, lower_is_better: bool = True) -> Policies:
     """Policies from a `checkpoint` config section (a DictConfig or anything with those keys).
 
     The latest file: every epoch (`save_last`), every N steps or minutes, the overhead budget,
-    and always on preemption. Epoch files: every `save_every` epochs and, with `keep_best`, at
-    epochs among the best k. Kept: the newest `keep_last` (else every scheduled file), every
-    `keep_every`-th (written and kept for good), the best `keep_best`; the newest epoch file is always kept.
+    and always on preemption. Epoch files: every `save_every` epochs, every `keep_every` epochs
+    and, with `keep_best`, at epochs among the best k so far. Which stay: `retention_from_config`.
     """
     latest: list[SavePolicy] = [OnPreemption()]
     if cfg.save_last:
@@ -208,18 +269,30 @@ def from_config(cfg: tp.Any) -> Policies:
     if cfg.max_overhead:
         latest.append(OverheadBudget(float(cfg.max_overhead)))
     epoch_file: list[SavePolicy] = []
-    keep: list[KeepPolicy] = [KeepLatest(1)]
     if cfg.save_every:
         epoch_file.append(EveryNEpochs(int(cfg.save_every)))
-        # keep_last null (or 0): every scheduled file stays, as before any other keep policy
-        keep.append(KeepLatest(int(cfg.keep_last)) if cfg.keep_last else KeepEveryN(int(cfg.save_every)))
-    elif cfg.keep_last:
-        keep.append(KeepLatest(int(cfg.keep_last)))
     if cfg.get('keep_every'):
         epoch_file.append(EveryNEpochs(int(cfg.keep_every)))
-        keep.append(KeepEveryN(int(cfg.keep_every)))
-    if cfg.get('keep_best'):
+    full_file: list[SavePolicy] = []
+    if cfg.get('keep_best'):  # a file kept as one of the best must be able to resume the run
         epoch_file.append(BestEpochs(int(cfg.keep_best)))
-        keep.append(KeepBest(int(cfg.keep_best)))
-    return Policies(AnySave(tuple(latest)), AnySave(tuple(epoch_file)), KeepUnion(tuple(keep)),
-                    periodic=len(latest) > 1 or bool(epoch_file))
+        full_file.append(BestEpochs(int(cfg.keep_best)))
+    return Policies(AnySave(tuple(latest)), AnySave(tuple(epoch_file)), AnySave(tuple(full_file)),
+                    retention_from_config(cfg, lower_is_better), periodic=len(latest) > 1 or bool(epoch_file))
+
+
+def retention_from_config(cfg: tp.Any, lower_is_better: bool = True) -> Retention:
+    """Which epoch files stay under a `checkpoint` config section (a DictConfig or a plain dict;
+    missing keys are null): the newest always; the newest `keep_last` (null or 0 with
+    `save_every`: every scheduled file); every `keep_every`-th, for good; the best `keep_best`."""
+    keep: list[KeepPolicy] = [KeepLatest(1)]
+    save_every, keep_last = cfg.get('save_every'), cfg.get('keep_last')
+    if save_every and not keep_last:
+        keep.append(KeepEveryN(int(save_every)))
+    elif keep_last:
+        keep.append(KeepLatest(int(keep_last)))
+    if cfg.get('keep_every'):
+        keep.append(KeepEveryN(int(cfg.get('keep_every'))))
+    if cfg.get('keep_best'):
+        keep.append(KeepBest(int(cfg.get('keep_best')), lower_is_better))
+    return Retention(tuple(keep))

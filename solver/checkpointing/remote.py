@@ -1,9 +1,9 @@
 """Checkpoints that outlive the machine: an experiment's checkpoints mirrored to object storage
 through fsspec (s3fs, gcsfs, adlfs: any fsspec URL), and fetched back from there.
 
-    mirror = RemoteMirror('s3://bucket/runs/<sig>', xp_folder, keep_last=...)
+    mirror = RemoteMirror('s3://bucket/runs/<sig>', xp_folder, retention)
     mirror.restore()                        # local folder has no checkpoint: fetch the newest intact
-    writer.listeners.append(mirror.notify)  # after each durable save: mirror it, off the loop
+    mirror.notify(paths, history)           # after each durable save: mirror it, off the loop
     mirror.close()                          # end of run: wait (bounded); log what is not mirrored
 
 Remote layout: `<url>/checkpoint.th`, `<url>/checkpoint_<epoch>.th` and, for a sharded checkpoint,
@@ -16,7 +16,11 @@ after every byte it references (its shard folder). The checkpoint file is the co
 holds the xxh3 digests of everything it covers, shard files included, and a download is loaded
 only once `format.read_checkpoint` has verified them. A kill at any moment leaves the previous
 remote checkpoint intact beside stray temporary keys, which the next mirror removes; superseded
-shard folders and epoch files past `keep_last` are deleted only after the new commit.
+shard folders, and the epoch files retention does not keep, are deleted only after the new commit.
+
+Retention. The remote copy keeps what the local folder keeps: the same `policy.Retention` decides,
+over the remote and local epoch files, each ranked by the metric its local copy records (or, for
+a file with no local copy, as from another machine, by the history handed over with each notice).
 
 Faults. The mirror runs on a thread of its own (nice 19): `notify` only records which files
 changed. Failures are retried with exponential backoff, logged, never raised into training, and
@@ -46,6 +50,7 @@ from pathlib import Path
 import torch
 
 from . import format as checkpoint
+from . import policy
 from .fs import fsync_dir
 from .writer import background_priority
 
@@ -283,11 +288,11 @@ class _Superseded(Exception):
 class RemoteMirror:
     """Mirrors the checkpoints of an experiment folder to `url`, on a thread of its own."""
 
-    def __init__(self, url: str, folder: Path, keep_last: int | None = None,
+    def __init__(self, url: str, folder: Path, retention: policy.Retention | None = None,
                  max_backoff: float | None = None, close_timeout: float | None = None) -> None:
         self.url = check_url(url)
         self.folder = Path(folder)
-        self.keep_last = keep_last
+        self.retention = retention  # None: no epoch file is deleted remotely
         self.max_backoff = max_backoff if max_backoff is not None else float(os.environ.get(BACKOFF_ENV, 60))
         self.close_timeout = (close_timeout if close_timeout is not None
                               else float(os.environ.get(CLOSE_TIMEOUT_ENV, 300)))
@@ -298,6 +303,7 @@ class RemoteMirror:
         self.bytes = 0
         self._dirty: dict[str, int] = {}    # checkpoint names saved, not mirrored since -> notice number
         self._notices = 0
+        self._history: tuple[float | None, ...] = ()  # the scores of the newest notice, for retention
         self._errors: dict[str, str] = {}   # name -> last error, while not mirrored
         self._pending = self._busy = self._closing = self._cleaned = False
         self._stop = False
@@ -311,10 +317,12 @@ class RemoteMirror:
 
     # -- the training side (returns at once) ----------------------------------------------------
 
-    def notify(self, saved: list[Path]) -> None:
-        """Writer listener: these checkpoint files are durable; mirror them soon."""
+    def notify(self, saved: list[Path], history: tp.Sequence[float | None] = ()) -> None:
+        """These checkpoint files are durable; mirror them soon. `history`: the score of every
+        epoch so far, the metric of remote epoch files that have no local copy to read it from."""
         with self._cond:
             self._notices += 1
+            self._history = tuple(history) or self._history
             self._dirty.update({Path(p).name: self._notices for p in saved})
             self._pending = True
             self._cond.notify_all()
@@ -417,10 +425,11 @@ class RemoteMirror:
             self._cleaned = True
         remote = _listing(self.fs, self.root)
         local = [path.name for path in reversed(checkpoint.candidates(self.folder))]  # checkpoint.th last
-        for name in set(dirty) - set(local):
-            self._done(name, dirty)  # pruned or replaced locally since: nothing to upload
+        dropped = self._not_kept(set(remote) | set(local))
+        for name in (set(dirty) - set(local)) | (set(dirty) & dropped):
+            self._done(name, dirty)  # pruned or replaced locally since, or not kept remotely: no upload
         for name in local:
-            if name in dirty or name not in remote:
+            if name not in dropped and (name in dirty or name not in remote):
                 try:
                     self._upload_checkpoint(name)
                 except _Superseded:
@@ -430,7 +439,7 @@ class RemoteMirror:
                         self._done(name, dirty)
                     continue
                 self._done(name, dirty)
-        self._apply_keep_policy()
+        self._apply_retention(dropped)
 
     def _upload_checkpoint(self, name: str) -> None:
         path = self.folder / name
@@ -486,17 +495,32 @@ class RemoteMirror:
     def _put(self, path: Path, key: str) -> None:
         self._promote(self._upload_tmp(path, key), key)
 
-    def _apply_keep_policy(self) -> None:
-        """The local keep policy, remotely: epoch files past the newest `keep_last` (name first,
-        then its shard folders), and shard folders whose checkpoint file is gone."""
+    def _not_kept(self, names: set[str]) -> set[str]:
+        """The epoch files among `names` (remote and local) that retention does not keep, each
+        ranked by the metric its local copy records, else by the history of the last notice.
+
+        Over the same files, the same decision as the local folder's. A fresh machine has fewer
+        local files than the store: one it keeps locally (the best of the few it has) but not
+        remotely (the store holds better ones) is not uploaded, rather than uploaded and deleted."""
+        if self.retention is None:
+            return set()
+        with self._cond:
+            history = self._history
+        local = {path.name: file for path, file in checkpoint.epoch_files(self.folder, history).items()}
+        named = {epoch: name for name in names if (epoch := checkpoint.epoch_of(name)) is not None}
+        files = [local.get(name) or policy.EpochFile(epoch, checkpoint.history_metric(history, epoch))
+                 for epoch, name in named.items()]
+        return {named[epoch] for epoch in self.retention.decide(files).removed}
+
+    def _apply_retention(self, dropped: set[str]) -> None:
+        """After the commit: delete the epoch files retention does not keep (name first, then its
+        shard folders), and shard folders whose checkpoint file is gone."""
         remote = _listing(self.fs, self.root)
-        epochs = sorted((e, n) for n in remote if (e := checkpoint.epoch_of(n)) is not None)
-        if self.keep_last and self.keep_last > 0:
-            for _, name in epochs[:-self.keep_last]:
-                self.fs.rm_file(f'{self.root}/{name}')
-                logger.info("Removed old checkpoint %s/%s (checkpoint.keep_last=%d).",
-                            redact(self.url), name, self.keep_last)
-                remote.pop(name)
+        for name in sorted(dropped & set(remote)):
+            self.fs.rm_file(f'{self.root}/{name}')
+            logger.info("Removed old checkpoint %s/%s (kept: %s).", redact(self.url), name,
+                        self.retention.why() if self.retention else '')
+            remote.pop(name)
         for entry, kind in remote.items():
             match = _SHARDS_RE.match(entry)
             if kind == 'directory' and match and match.group(1) not in remote:
