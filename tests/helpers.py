@@ -35,9 +35,9 @@ SAVE_LINE = ' - Checkpoint checkpoint.th'  # the log line of every save of the l
 
 
 def checkpoint_config(**overrides: tp.Any) -> tp.Any:
-    """The `checkpoint` section of config/config.yaml (the real defaults), with `overrides`."""
+    """The `checkpoint` section of config/base.yaml (the real defaults), with `overrides`."""
     from omegaconf import OmegaConf
-    section = OmegaConf.load(ROOT / 'config' / 'config.yaml').checkpoint
+    section = OmegaConf.load(ROOT / 'config' / 'base.yaml').checkpoint
     return OmegaConf.merge(section, overrides)
 
 
