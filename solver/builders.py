@@ -6,12 +6,11 @@ import importlib
 import logging
 import typing as tp
 
-import flashy
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from . import locations, validation
+from . import distrib, locations, validation
 from .errors import ConfigError
 from .sampler import ResumableBatchSampler
 
@@ -155,7 +154,7 @@ def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
     """Training loader over a resumable, rank-aware batch stream (see `sampler`)."""
     try:  # the sampler's messages name the keys (batch size against ranks or data): user errors
         sampler = ResumableBatchSampler(len(dataset), cfg.dataset.batch_size, seed=seed,  # type: ignore
-                                        rank=flashy.distrib.rank(), world_size=flashy.distrib.world_size())
+                                        rank=distrib.rank(), world_size=distrib.world_size())
     except ValueError as err:
         raise ConfigError(str(err)) from err
     validation.check_batch_fits(cfg.dataset.batch_size, _item_bytes(dataset))
@@ -192,7 +191,7 @@ def get_eval_loader(dataset: Dataset, cfg: DictConfig, collate_fn: tp.Callable |
     Shares are the same size (with N ranks, up to N-1 items at the start are read twice): every
     rank then runs the same number of forwards, which a sharded model (FSDP) needs.
     """
-    world, rank, size = flashy.distrib.world_size(), flashy.distrib.rank(), len(dataset)  # type: ignore[arg-type]
+    world, rank, size = distrib.world_size(), distrib.rank(), len(dataset)  # type: ignore[arg-type]
     indices = [index % size for index in range(rank, -(-size // world) * world, world)]
     subset = torch.utils.data.Subset(dataset, indices)
     batch = max(1, cfg.dataset.batch_size // world)

@@ -21,14 +21,15 @@ import datetime
 import logging
 import typing as tp
 
-import dora.distrib
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import UserError
+
+if tp.TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 _checkpoint_group: dist.ProcessGroup | None = None
@@ -69,6 +70,8 @@ def init(cfg: DictConfig) -> None:
     the background never interleaves with the training collectives of the main thread.
     """
     global _checkpoint_group
+    import dora.distrib  # here, not at the top: the `solver` command imports this module, and dora
+    # (Hydra, submitit) costs it a third of a second it never uses
     spec = dora.distrib.get_distrib_spec()
     if spec.world_size <= 1 or dist.is_initialized():
         return

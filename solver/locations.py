@@ -24,11 +24,15 @@ FRAMEWORK = Path(__file__).resolve().parent
 
 def shipped(name: str) -> Path:
     """The folder of the framework's package `solver.<name>` (`config` or `data`), wherever
-    Python imports it from (the checkout's `config/`, or `solver/config/` of a wheel)."""
+    Python imports it from (the checkout's `config/`, or `solver/config/` of a wheel), else the
+    checkout's folder when the checkout is imported without being installed."""
     spec = importlib.util.find_spec(f'solver.{name}')
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"solver.{name} is not installed: reinstall the solver package")
-    return Path(spec.origin).parent
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin).parent
+    checkout = FRAMEWORK.parent / name  # a checkout imported from its folder, not installed
+    if (checkout / '__init__.py').is_file():
+        return checkout
+    raise FileNotFoundError(f"solver.{name} is not installed: reinstall the solver package (pip install -e .)")
 
 
 def project_root(package_dir: Path) -> Path:
