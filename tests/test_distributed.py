@@ -90,16 +90,15 @@ def fsdp(dora_tools, tmp_path_factory) -> SimpleNamespace:
 # -- data ------------------------------------------------------------------------------------------
 
 def test_eval_loaders_give_every_rank_the_same_number_of_batches_covering_the_split(monkeypatch):
-    import flashy
     from omegaconf import OmegaConf
 
-    from solver import builders
+    from solver import builders, distrib
     cfg = OmegaConf.create({'dataset': {'batch_size': 4, 'num_workers': 0}})
     dataset = torch.utils.data.TensorDataset(torch.arange(11))
     shares = []
     for rank in range(3):
-        monkeypatch.setattr(flashy.distrib, 'rank', lambda rank=rank: rank)
-        monkeypatch.setattr(flashy.distrib, 'world_size', lambda: 3)
+        monkeypatch.setattr(distrib, 'rank', lambda rank=rank: rank)
+        monkeypatch.setattr(distrib, 'world_size', lambda: 3)
         shares.append([int(x) for (batch,) in builders.get_eval_loader(dataset, cfg) for x in batch])
     assert [len(share) for share in shares] == [4, 4, 4]  # 11 items: one read twice
     assert sorted(set(sum(shares, []))) == list(range(11))
