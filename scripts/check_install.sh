@@ -55,7 +55,7 @@ EOF
       log "installing the newest set and running the unit tests on it"
       "$PY" -m pip install --quiet -e '.[test]' 2>&1 | quiet
       "$PY" -m pytest -q -m 'not integration' -p no:cacheprovider | tail -3
-      { sed -n '/^#/p' "$repo/constraints.txt"; "$PY" -m pip freeze --exclude-editable | grep -v '^solver'; } \
+      { sed -n '/^#/p' "$repo/constraints.txt"; "$PY" -m pip freeze --exclude-editable | grep -v '^solver' | sed 's/+cpu$//'; } \
         > "$repo/constraints.txt.new"
       mv "$repo/constraints.txt.new" "$repo/constraints.txt"
       log "wrote $repo/constraints.txt: review with git diff, run the whole suite, commit"
