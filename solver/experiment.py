@@ -13,6 +13,7 @@ never delete what a user could want back: a rollback moves the abandoned branch 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import difflib
 import functools
 import json
@@ -29,6 +30,7 @@ import torch
 from . import lock
 from .checkpointing import format as checkpoint
 from .checkpointing import manager, policy, remote, sharded, store
+from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir
 
 ROLLED_BACK = 'rolled_back'
@@ -515,7 +517,7 @@ def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Pat
     """
     if keep_last < 1:
         raise ExperimentError(f"--keep-last {keep_last}: keep at least 1 (the newest is never pruned).")
-    config = dict(xp.config.get('checkpoint') or {}, keep_last=keep_last)
+    config = dataclasses.replace(CheckpointConfig.parse(xp.config.get('checkpoint')), keep_last=keep_last)
     retention = policy.retention_from_config(config, xp.best_metric()[1])
     with lock.ExperimentLock(xp.folder):
         pruned = manager.prune(xp.folder, retention, xp.scores(), apply=apply)
