@@ -118,7 +118,7 @@ class AnySave:
 # -- keep decisions -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class EpochFile:
     """An epoch checkpoint (`checkpoint_<epoch>.th`) as retention sees it: its epoch and the
     metric it is ranked by, read from its own metadata (`meta['metric']`), as Orbax's BestN
@@ -234,7 +234,7 @@ class Retention:
 
     def decide(self, files: tp.Iterable[EpochFile]) -> Decision:
         """Given the epoch checkpoints there are (any order) and their metrics: which stay, which go."""
-        found = sorted(files)
+        found = sorted(files, key=lambda file: file.epoch)
         kept = self.reasons(KeepContext(found))
         return Decision(kept, [file.epoch for file in found if file.epoch not in kept])
 
