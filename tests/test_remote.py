@@ -248,6 +248,10 @@ def test_keep_best_and_keep_every_files_survive_remotely_after_a_move_to_a_fresh
     assert second.restore().meta['epoch'] == 6  # the remote copy, fetched
     run_epochs(second, range(7, len(WAVY) + 1))
     second.close()
+    # machine 2 keeps checkpoint_7.th (the second best of the files it has); the store, which
+    # holds better ones, does not: uploaded at most once (at epoch 7, as the newest), never again
+    assert (tmp_path / 'machine2' / 'checkpoint_7.th').exists() and second.remote is not None
+    assert second.remote.uploaded.count('checkpoint_7.th') <= 1  # 0 if saves coalesced
     assert remote_names('unit-fresh/fresh01') == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th',
                                                   'checkpoint_6.th', 'checkpoint_8.th', 'checkpoint_9.th']
 
