@@ -13,6 +13,7 @@ never delete what a user could want back: a rollback moves the abandoned branch 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import difflib
 import functools
 import json
@@ -31,6 +32,7 @@ import yaml
 from . import lock
 from .checkpointing import format as checkpoint
 from .checkpointing import manager, policy, remote, sharded, store
+from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir, read_file
 
 ROLLED_BACK = 'rolled_back'
@@ -539,7 +541,7 @@ def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Pat
     """
     if keep_last < 1:
         raise ExperimentError(f"--keep-last {keep_last}: keep at least 1 (the newest is never pruned).")
-    config = dict(xp.config.get('checkpoint') or {}, keep_last=keep_last)
+    config = dataclasses.replace(CheckpointConfig.parse(xp.config.get('checkpoint')), keep_last=keep_last)
     retention = policy.retention_from_config(config, xp.best_metric()[1])
     with lock.ExperimentLock(xp.folder):
         store.IncrementalStore(xp.folder).check_own()  # a blob folder that is a link: refused before any delete

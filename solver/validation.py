@@ -11,13 +11,10 @@ import math
 import os
 import typing as tp
 
+from .checkpointing import config as checkpoint_config
 from .errors import ConfigError
 
 STAGES = ('valid', 'evaluate', 'generate')
-# Keys that make a run write checkpoints without a preemption signal.
-SAVING_KEYS = ('checkpoint.save_last', 'checkpoint.save_every', 'checkpoint.every_steps',
-               'checkpoint.every_minutes', 'checkpoint.max_overhead', 'checkpoint.keep_every',
-               'checkpoint.keep_best')
 
 
 def lookup(cfg: tp.Any, key: str) -> tp.Any:
@@ -50,16 +47,8 @@ def check_config(cfg: tp.Any) -> None:
     number(cfg, 'dataset.batch_size', 'an integer >= 1', lambda v: v >= 1, integer=True)
     number(cfg, 'optim.ema.decay', 'a number in [0, 1)', lambda v: 0 <= v < 1, optional=True)
     number(cfg, 'optim.ema.updates', 'an integer >= 1', lambda v: v >= 1, integer=True, optional=True)
-    for key in ('checkpoint.keep_last', 'checkpoint.keep_best'):
-        number(cfg, key, 'null or an integer >= 0', lambda v: v >= 0, integer=True, optional=True)
-    for key in ('checkpoint.save_every', 'checkpoint.keep_every', 'checkpoint.every_steps'):
-        number(cfg, key, 'null or an integer >= 1', lambda v: v >= 1, integer=True, optional=True)
-    number(cfg, 'checkpoint.every_minutes', 'null or a number > 0', lambda v: v > 0, optional=True)
-    number(cfg, 'checkpoint.max_overhead', 'null or a share in (0, 1), e.g. 0.01', lambda v: 0 < v < 1,
-           optional=True)
-    number(cfg, 'checkpoint.rollback.max_rollbacks', 'an integer >= 0 (0: off)', lambda v: v >= 0,
-           integer=True, optional=True)
-    number(cfg, 'checkpoint.rollback.spike_factor', 'null or a number > 1', lambda v: v > 1, optional=True)
+    for key, rule in checkpoint_config.rules():  # each checkpoint.* key by its definition
+        number(cfg, key, rule.allowed, rule.ok, integer=rule.integer, optional=True)
     number(cfg, 'early_stop.patience', 'null or an integer >= 0 (0: off)', lambda v: v >= 0, integer=True,
            optional=True)
     number(cfg, 'early_stop.min_delta', 'a number >= 0', lambda v: v >= 0, optional=True)
@@ -80,9 +69,10 @@ def check_saves_something(cfg: tp.Any) -> None:
     unless `checkpoint.allow_none=true` says that is meant. `execute_only` writes none anyway."""
     if cfg.get('execute_only') or lookup(cfg, 'checkpoint.allow_none'):
         return
-    if not any(lookup(cfg, key) for key in SAVING_KEYS):
+    saving = checkpoint_config.saving_keys()
+    if not any(lookup(cfg, key) for key in saving):
         raise ConfigError(
-            f"This config never writes a checkpoint: {', '.join(SAVING_KEYS)} are all off, so the run "
+            f"This config never writes a checkpoint: {', '.join(saving)} are all off, so the run "
             "could not be resumed and a rerun would train from scratch. Set checkpoint.save_last=true "
             "or checkpoint.save_every=N (or checkpoint.allow_none=true if that is what you want).")
 

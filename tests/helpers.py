@@ -34,13 +34,6 @@ TORCHRUN = (sys.executable, '-m', 'torch.distributed.run')
 SAVE_LINE = ' - Checkpoint checkpoint.th'  # the log line of every save of the latest checkpoint
 
 
-def checkpoint_config(**overrides: tp.Any) -> tp.Any:
-    """The `checkpoint` section of config/base.yaml (the real defaults), with `overrides`."""
-    from omegaconf import OmegaConf
-    section = OmegaConf.load(ROOT / 'config' / 'base.yaml').checkpoint
-    return OmegaConf.merge(section, overrides)
-
-
 # -- processes ------------------------------------------------------------------------------------
 
 def dora_env(dora_dir: Path) -> dict[str, str]:

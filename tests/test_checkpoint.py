@@ -19,6 +19,7 @@ from torch import nn
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import manager, policy
+from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.format import CorruptCheckpointError, UnsafeCheckpointError
 
 
@@ -301,7 +302,7 @@ def test_load_newest_intact_returns_none_for_a_folder_without_checkpoints(tmp_pa
 # -- retention on files (the one decision: `policy.Retention`, applied by `manager.prune`) --------
 
 def keep_last(n: int | None, save_every: int = 1) -> policy.Retention:
-    return policy.retention_from_config({'save_every': save_every, 'keep_last': n})
+    return policy.retention_from_config(CheckpointConfig(save_every=save_every, keep_last=n))
 
 
 def test_prune_keeps_the_newest_epochs_by_number_and_deletes_the_rest(tmp_path: Path):

@@ -3,6 +3,7 @@ that a save's `on_durable` callback (Dora's history) never runs before the save 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -13,17 +14,15 @@ import torch
 from omegaconf import OmegaConf
 
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing.config import CheckpointConfig, RollbackConfig
 from solver.checkpointing.manager import CheckpointManager
 from solver.errors import SolverError, UserError
 
 STATE = {'model': {'weight': torch.arange(4.0)}, 'progress': {'step': 0}}
 
 
-def config(**overrides) -> object:
-    base = dict(save_last=True, save_every=None, keep_last=None, keep_every=None, keep_best=None,
-                keep_every_states=None, every_steps=None, every_minutes=None, max_overhead=None,
-                async_save=False, rollback={'max_rollbacks': 2, 'spike_factor': None})
-    return OmegaConf.create({**base, **overrides})
+def config(**overrides) -> CheckpointConfig:
+    return CheckpointConfig(**{'async_save': False, 'rollback': RollbackConfig(max_rollbacks=2), **overrides})
 
 
 def manager(folder: Path, sig: str = 'abc123', **overrides) -> CheckpointManager:
@@ -154,7 +153,8 @@ def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_t
         save_epoch(everything, epoch, WAVY[:epoch])
     everything.close()
     (tmp_path / 'all' / '.hydra').mkdir()
-    (tmp_path / 'all' / '.hydra' / 'config.yaml').write_text(OmegaConf.to_yaml({'checkpoint': config(**MIXED)}))
+    recorded = {'checkpoint': dataclasses.asdict(config(**MIXED))}  # as Hydra records the run's config
+    (tmp_path / 'all' / '.hydra' / 'config.yaml').write_text(OmegaConf.to_yaml(recorded))
     misleading = [{'valid': {'loss': -float(epoch)}} for epoch in range(1, len(WAVY) + 1)]  # not what ranks
     (tmp_path / 'all' / 'history.json').write_text(json.dumps(misleading))
     removed, kept = experiment.prune(experiment.Experiment(tmp_path / 'all'), keep_last=2, apply=True)

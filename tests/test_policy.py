@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
 from solver.checkpointing import policy
+from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.policy import (
     AnySave,
     BestEpochs,
@@ -156,10 +156,8 @@ def test_retention_says_why_each_file_stays_and_lists_the_rest():
 
 # -- from the config -----------------------------------------------------------------------------
 
-def checkpoint_cfg(**overrides) -> object:
-    base = dict(save_last=True, save_every=None, keep_last=None, keep_every=None, keep_best=None,
-                every_steps=None, every_minutes=None, max_overhead=None)
-    return OmegaConf.create({**base, **overrides})
+def checkpoint_cfg(**overrides) -> CheckpointConfig:
+    return CheckpointConfig(**overrides)
 
 
 def test_the_default_config_saves_the_latest_every_epoch_and_on_preemption():
@@ -188,7 +186,7 @@ def test_mid_epoch_keys_become_policies_of_the_latest_file():
 ])
 def test_keep_policies_from_the_config_are_a_union_that_always_keeps_the_newest(keys, kept):
     assert keep(policy.from_config(checkpoint_cfg(**keys)).retention) == kept
-    assert set(policy.retention_from_config(keys).decide(files()).kept) == kept  # a plain dict, as `solver prune`
+    assert set(policy.retention_from_config(CheckpointConfig.parse(keys)).decide(files()).kept) == kept
 
 
 def test_best_k_files_hold_every_state_and_others_may_not():

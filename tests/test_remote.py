@@ -22,10 +22,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import checkpoint_config, damage_a_tensor
+from helpers import damage_a_tensor
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import manager, policy, remote
+from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.manager import CheckpointManager
 
 BUCKET = 'solver-tests'
@@ -153,7 +154,7 @@ def test_urls_with_credentials_are_refused_and_logs_show_urls_without_them():
 
 @pytest.mark.integration
 def keep_last(n: int) -> policy.Retention:
-    return policy.retention_from_config({'save_every': 1, 'keep_last': n})
+    return policy.retention_from_config(CheckpointConfig(save_every=1, keep_last=n))
 
 
 def test_mirror_uploads_each_save_commit_point_last_and_applies_keep_last(s3, tmp_path):
@@ -222,7 +223,7 @@ def run_epochs(m: CheckpointManager, epochs: range) -> None:
 def test_local_and_remote_keep_the_same_files_under_latest_best_and_every_n(s3, tmp_path):
     url = f's3://{BUCKET}/unit-same'
     (tmp_path / 'same').mkdir()
-    m = CheckpointManager(tmp_path / 'same', checkpoint_config(**MIXED, remote=url), 'same01')
+    m = CheckpointManager(tmp_path / 'same', CheckpointConfig(**MIXED, remote=url), 'same01')
     run_epochs(m, range(1, len(WAVY) + 1))
     m.close()
     local = sorted(p.name for p in checkpoint.candidates(tmp_path / 'same'))
@@ -237,16 +238,20 @@ def test_keep_best_and_keep_every_files_survive_remotely_after_a_move_to_a_fresh
     # best and keep_every files. Here machine 2 has no local copy of them at all.
     url = f's3://{BUCKET}/unit-fresh'
     (tmp_path / 'machine1').mkdir()
-    first = CheckpointManager(tmp_path / 'machine1', checkpoint_config(**MIXED, remote=url), 'fresh01')
+    first = CheckpointManager(tmp_path / 'machine1', CheckpointConfig(**MIXED, remote=url), 'fresh01')
     run_epochs(first, range(1, 7))
     first.close()
     assert remote_names('unit-fresh/fresh01') == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th',
                                                   'checkpoint_6.th']
     (tmp_path / 'machine2').mkdir()
-    second = CheckpointManager(tmp_path / 'machine2', checkpoint_config(**MIXED, remote=url), 'fresh01')
+    second = CheckpointManager(tmp_path / 'machine2', CheckpointConfig(**MIXED, remote=url), 'fresh01')
     assert second.restore().meta['epoch'] == 6  # the remote copy, fetched
     run_epochs(second, range(7, len(WAVY) + 1))
     second.close()
+    # machine 2 keeps checkpoint_7.th (the second best of the files it has); the store, which
+    # holds better ones, does not: uploaded at most once (at epoch 7, as the newest), never again
+    assert (tmp_path / 'machine2' / 'checkpoint_7.th').exists() and second.remote is not None
+    assert second.remote.uploaded.count('checkpoint_7.th') <= 1  # 0 if saves coalesced
     assert remote_names('unit-fresh/fresh01') == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th',
                                                   'checkpoint_6.th', 'checkpoint_8.th', 'checkpoint_9.th']
 

@@ -226,10 +226,11 @@ import sys, random, torch
 from pathlib import Path
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import manager, policy
+from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.store import IncrementalStore
 from solver.lock import ExperimentLock
 folder = Path(sys.argv[1])
-retention = policy.retention_from_config({'save_every': 1, 'keep_last': 2})
+retention = policy.retention_from_config(CheckpointConfig(save_every=1, keep_last=2))
 rng = random.Random(int(sys.argv[2]))
 with ExperimentLock(folder):
     incremental = IncrementalStore(folder)

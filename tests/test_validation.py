@@ -3,6 +3,7 @@ the key, the value and what is allowed; a config that never saves needs an expli
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import typing as tp
 from pathlib import Path
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from solver import builders
+from solver.checkpointing.config import CheckpointConfig, RollbackConfig
 from solver.errors import ConfigError, UserError
 
 CONFIG = Path(__file__).resolve().parents[1] / 'config'
@@ -63,6 +65,13 @@ def test_an_impossible_value_is_refused_naming_key_value_and_what_is_allowed(ove
         builders.check_config(config(override))
     assert f"{key}=" in str(err.value) and allowed in str(err.value)
     assert value.lower() in str(err.value).lower()
+
+
+def test_base_yaml_holds_exactly_the_checkpoint_keys_and_defaults_of_their_definition():
+    section = OmegaConf.load(CONFIG / 'base.yaml').checkpoint
+    assert set(section) == {item.name for item in dataclasses.fields(CheckpointConfig)}
+    assert set(section.rollback) == {item.name for item in dataclasses.fields(RollbackConfig)}
+    assert CheckpointConfig.parse(section) == CheckpointConfig()
 
 
 def test_an_unknown_execute_only_is_refused_listing_the_stages():

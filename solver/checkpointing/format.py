@@ -26,6 +26,7 @@ The layer knows no solver: it saves and loads dicts. See `base.StandardSolver` f
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -117,10 +118,21 @@ def epoch_files(folder: Path, history: tp.Sequence[float | None] = ()) -> dict[P
     written before the metric was recorded (or unreadable), its epoch's score in `history`."""
     found = {}
     for epoch, path in epoch_checkpoints(folder):
-        meta = read_meta(path)
-        found[path] = policy.EpochFile(epoch, _metric(meta['metric']) if 'metric' in meta
-                                       else history_metric(history, epoch))
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # pruned meanwhile
+            continue
+        recorded, metric = _recorded_metric(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        found[path] = policy.EpochFile(epoch, metric if recorded else history_metric(history, epoch))
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _recorded_metric(path: str, *identity: int) -> tuple[bool, float | None]:
+    """Whether the file records its metric, and the metric; read once per file (its inode, time
+    and size name it: a file saved again is read again), not at every prune of a long run."""
+    meta = read_meta(Path(path))
+    return 'metric' in meta, _metric(meta.get('metric'))
 
 
 def history_metric(history: tp.Sequence[float | None], epoch: int) -> float | None:

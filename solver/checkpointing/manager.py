@@ -28,6 +28,7 @@ from .. import distrib
 from ..errors import SolverError
 from . import format as checkpoint
 from . import fs, policy, remote, sharded
+from .config import CheckpointConfig
 from .fs import fsync_dir
 from .store import IncrementalStore
 from .writer import CheckpointWriter, SaveMode, SaveStats
@@ -90,25 +91,25 @@ def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
 class CheckpointManager:
     """Save decisions, retention, restore, `continue_from` and rollback for one experiment folder.
 
-    `cfg` is the `checkpoint` config section; `sig` the experiment's signature, recorded in every
-    checkpoint and checked on resume; `lower_is_better` the direction of the best metric
-    (for `checkpoint.keep_best`).
+    `cfg` is the `checkpoint` config section (a DictConfig, a dict or a `CheckpointConfig`);
+    `sig` the experiment's signature, recorded in every checkpoint and checked on resume;
+    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`).
     """
 
     def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True) -> None:
         self.folder = Path(folder)
-        self.cfg = cfg
+        self.cfg = cfg = CheckpointConfig.parse(cfg)
         self.sig = sig
         self.lower_is_better = lower_is_better
         self.policies = policy.from_config(cfg, lower_is_better)
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
-                                       staging_max_mb=cfg.get('staging_max_mb'))
+                                       staging_max_mb=cfg.staging_max_mb)
         self.writer.listeners.append(self._after_durable)
-        if cfg.get('incremental'):  # [incremental] equal tensors stored once (store.py)
+        if cfg.incremental:  # [incremental] equal tensors stored once (store.py)
             self.writer.store = IncrementalStore(self.folder)
         # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
         self.remote: remote.RemoteMirror | None = None
-        if cfg.get('remote') and distrib.is_rank_zero():
+        if cfg.remote and distrib.is_rank_zero():
             self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
                                               self.policies.retention)
         self.rollbacks = 0
@@ -129,9 +130,9 @@ class CheckpointManager:
         if cfg.save_every:
             parts.append(f"checkpoint_<epoch>.th every {cfg.save_every} epochs"
                          + (f" (newest {cfg.keep_last} kept)" if cfg.keep_last else ''))
-        if cfg.get('keep_every'):
+        if cfg.keep_every:
             parts.append(f"checkpoint_<epoch>.th every {cfg.keep_every} epochs kept for good")
-        if cfg.get('keep_best'):
+        if cfg.keep_best:
             parts.append(f"the best {cfg.keep_best} epochs' checkpoints kept")
         if cfg.every_steps:
             parts.append(f"every {cfg.every_steps} steps")

@@ -15,6 +15,8 @@ import math
 import typing as tp
 from dataclasses import dataclass, field
 
+from .config import CheckpointConfig
+
 # -- save decisions -----------------------------------------------------------------------------
 
 
@@ -116,7 +118,7 @@ class AnySave:
 # -- keep decisions -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class EpochFile:
     """An epoch checkpoint (`checkpoint_<epoch>.th`) as retention sees it: its epoch and the
     metric it is ranked by, read from its own metadata (`meta['metric']`), as Orbax's BestN
@@ -232,7 +234,7 @@ class Retention:
 
     def decide(self, files: tp.Iterable[EpochFile]) -> Decision:
         """Given the epoch checkpoints there are (any order) and their metrics: which stay, which go."""
-        found = sorted(files)
+        found = sorted(files, key=lambda file: file.epoch)
         kept = self.reasons(KeepContext(found))
         return Decision(kept, [file.epoch for file in found if file.epoch not in kept])
 
@@ -252,8 +254,8 @@ class Policies:
     periodic: bool  # whether anything is saved without a preemption signal
 
 
-def from_config(cfg: tp.Any, lower_is_better: bool = True) -> Policies:
-    """Policies from a `checkpoint` config section (a DictConfig or anything with those keys).
+def from_config(cfg: CheckpointConfig, lower_is_better: bool = True) -> Policies:
+    """Policies from a `checkpoint` config section.
 
     The latest file: every epoch (`save_last`), every N steps or minutes, the overhead budget,
     and always on preemption. Epoch files: every `save_every` epochs, every `keep_every` epochs
@@ -271,28 +273,27 @@ def from_config(cfg: tp.Any, lower_is_better: bool = True) -> Policies:
     epoch_file: list[SavePolicy] = []
     if cfg.save_every:
         epoch_file.append(EveryNEpochs(int(cfg.save_every)))
-    if cfg.get('keep_every'):
+    if cfg.keep_every:
         epoch_file.append(EveryNEpochs(int(cfg.keep_every)))
     full_file: list[SavePolicy] = []
-    if cfg.get('keep_best'):  # a file kept as one of the best must be able to resume the run
+    if cfg.keep_best:  # a file kept as one of the best must be able to resume the run
         epoch_file.append(BestEpochs(int(cfg.keep_best)))
         full_file.append(BestEpochs(int(cfg.keep_best)))
     return Policies(AnySave(tuple(latest)), AnySave(tuple(epoch_file)), AnySave(tuple(full_file)),
                     retention_from_config(cfg, lower_is_better), periodic=len(latest) > 1 or bool(epoch_file))
 
 
-def retention_from_config(cfg: tp.Any, lower_is_better: bool = True) -> Retention:
-    """Which epoch files stay under a `checkpoint` config section (a DictConfig or a plain dict;
-    missing keys are null): the newest always; the newest `keep_last` (null or 0 with
-    `save_every`: every scheduled file); every `keep_every`-th, for good; the best `keep_best`."""
+def retention_from_config(cfg: CheckpointConfig, lower_is_better: bool = True) -> Retention:
+    """Which epoch files stay under a `checkpoint` config section: the newest always; the newest
+    `keep_last` (null or 0 with `save_every`: every scheduled file); every `keep_every`-th, for
+    good; the best `keep_best`."""
     keep: list[KeepPolicy] = [KeepLatest(1)]
-    save_every, keep_last = cfg.get('save_every'), cfg.get('keep_last')
-    if save_every and not keep_last:
-        keep.append(KeepEveryN(int(save_every)))
-    elif keep_last:
-        keep.append(KeepLatest(int(keep_last)))
-    if cfg.get('keep_every'):
-        keep.append(KeepEveryN(int(cfg.get('keep_every'))))
-    if cfg.get('keep_best'):
-        keep.append(KeepBest(int(cfg.get('keep_best')), lower_is_better))
+    if cfg.save_every and not cfg.keep_last:
+        keep.append(KeepEveryN(int(cfg.save_every)))
+    elif cfg.keep_last:
+        keep.append(KeepLatest(int(cfg.keep_last)))
+    if cfg.keep_every:
+        keep.append(KeepEveryN(int(cfg.keep_every)))
+    if cfg.keep_best:
+        keep.append(KeepBest(int(cfg.keep_best), lower_is_better))
     return Retention(tuple(keep))
