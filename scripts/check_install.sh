@@ -9,7 +9,8 @@
 #                                       a second fresh venv, train and resume from an empty folder
 #   scripts/check_install.sh --latest   instead: resolve the newest versions pyproject.toml's ranges
 #                                       allow, without constraints.txt; if that fails, name the
-#                                       packages whose newest release breaks the known-good set
+#                                       direct dependency that, held at its known-good version, lets
+#                                       everything else resolve at its newest (the one that broke it)
 #   scripts/check_install.sh --latest --write
 #                                       and if it resolves, install that set, run the unit tests on
 #                                       it and write it to constraints.txt (review, then commit)
@@ -36,6 +37,7 @@ tests=$(grep -m1 '^python -m pytest' README.md)
 if (( latest )); then
   python3 -m venv .venv
   PY=.venv/bin/python
+  "$PY" -m pip install --quiet --upgrade pip 2>&1 | quiet  # the newest resolver backtracks best
   "$PY" -m pip install --quiet torch==2.13.0 2>&1 | quiet
   log "newest versions the ranges allow (no constraints.txt)"
   if "$PY" -m pip install --dry-run --report "$work/report.json" -e '.[test]' > "$work/resolve.log" 2>&1; then
@@ -64,7 +66,7 @@ EOF
   fi
   log "the newest versions do not resolve; pip says:"
   sed -n "/conflict is caused by/,/^$/p" "$work/resolve.log" | head -20
-  log "each direct dependency at its newest, everything else at constraints.txt"
+  log "each direct dependency held at its constraints.txt version, every other one at its newest"
   "$PY" - > "$work/direct.txt" <<'EOF'
 import re, tomllib
 project = tomllib.load(open('pyproject.toml', 'rb'))['project']
@@ -74,17 +76,16 @@ for dep in dict.fromkeys(re.match(r'[A-Za-z0-9_.-]+', d).group(0).lower() for d 
 EOF
   broke=0
   while read -r dep; do
-    [[ "$dep" == torch ]] && continue  # only 2.13.0 has a CPU build here
-    grep -viE "^${dep//-/[-_]}(\[.*\])?==" "$repo/constraints.txt" > "$work/others.txt"
-    if "$PY" -m pip install --dry-run -e '.[test]' -c "$work/others.txt" --upgrade-strategy eager \
-        --upgrade "$dep" > "$work/one.log" 2>&1; then
-      echo "  ok     $dep"
-    else
-      echo "  BREAKS $dep: $(grep -m1 -E 'depends on|requires' "$work/one.log" | sed 's/^ *//')"
+    [[ "$dep" == torch ]] && continue  # held at 2.13.0 anyway: the only CPU build here
+    grep -iE "^${dep//-/[-_]}(\[.*\])?==" "$repo/constraints.txt" > "$work/held.txt" || true
+    if "$PY" -m pip install --dry-run --quiet -e '.[test]' -c "$work/held.txt" > "$work/one.log" 2>&1; then
+      echo "  BREAKS $dep: held at $(cut -d= -f3 "$work/held.txt"), everything else resolves at its newest"
       broke=1
+    else
+      echo "  -      $dep: holding it back does not help"
     fi
   done < "$work/direct.txt"
-  (( broke )) && echo "Keep constraints.txt; raise or cap the ranges of the packages above in pyproject.toml."
+  (( broke )) && echo "Keep constraints.txt; cap the range of the package marked BREAKS in pyproject.toml (or wait for a fix upstream)."
   exit 1
 fi
 
