@@ -219,8 +219,7 @@ class DrumRNNSolver(StandardSolver):
             log_likelihoods.append(log_likelihood / max(cfg.num_steps - len(primer), 1))
             if writes:
                 renderers |= self.write_sample(events, folder, f'sample_{index:02d}', qpm)
-        metrics = {'nonsilent_steps': float(np.mean([(events != 0).mean() for events in samples])),
-                   'log_likelihood_per_step': float(np.mean(log_likelihoods))}
+        metrics = {'log_likelihood_per_step': float(np.mean(log_likelihoods))}  # groove_hit_steps: the density
         report = groove.groove_report(samples, self.corpus.sections['evaluate'])
         metrics.update(groove.report_metrics(report))
         if writes:
