@@ -322,6 +322,25 @@ def sequence_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None = None)
     }
 
 
+WINDOW_KEYS = ('loss_sum', 'count', 'correct', 'event_count', 'event_correct', 'no_event_count',
+               'no_event_correct', 'later_correct', 'later_count')
+
+
+def window_counts(logits: Tensor, labels: Tensor, later: Tensor) -> Tensor:
+    """`sequence_metrics`' counts for each sequence of a batch, `[B, len(WINDOW_KEYS)]` float64, no
+    graph: for statistics over windows (a bootstrap). `later` (`[B, T]` bool) marks the positions
+    whose `later_correct`/`later_count` are counted. Their sum over B is `sequence_metrics`' counts.
+    """
+    keep = labels != IGNORE_INDEX
+    nll = F.cross_entropy(logits.detach().transpose(1, 2).float(), labels.masked_fill(~keep, 0), reduction='none')
+    correct = (logits.argmax(-1) == labels) & keep
+    event = (labels != NO_EVENT) & keep
+    silent = keep & ~event
+    later = later & keep
+    columns = (nll * keep, keep, correct, event, correct & event, silent, correct & silent, correct & later, later)
+    return torch.stack([column.double().sum(1) for column in columns], dim=1)
+
+
 def _ratio(num: float, den: float) -> float:
     return num / den if den else math.nan
 

@@ -14,8 +14,9 @@ from .. import builders, distrib, locations, validation
 from ..base import StandardSolver
 from ..errors import ConfigError, SolverError
 from . import audio, data, groove, midi
+from .bootstrap import intervals, replicate_sums
 from .encoding import NUM_EVENTS, STEPS_PER_BAR, parse_drum_steps, pitches_to_event
-from .model import DrumRNN, beam_search, finalize_metrics, sequence_metrics
+from .model import WINDOW_KEYS, DrumRNN, beam_search, finalize_metrics, sequence_metrics, window_counts
 
 logger = logging.getLogger(__name__)
 KICK = pitches_to_event([36])
@@ -25,6 +26,16 @@ def resolve_path(value: str | Path) -> Path:
     """A config path: from the launch directory, else the project's root, else the framework's
     shipped files (data/drums, the bundled corpus) (`solver.locations.find`)."""
     return locations.find(value)
+
+
+CI_METRICS = ('loss', 'perplexity', 'accuracy', 'accuracy_from_bar_2')  # evaluate's, with a 95% interval
+
+
+def split_summary(totals: dict[str, float]) -> dict[str, float]:
+    """Magenta's metrics and `accuracy_from_bar_2` from a split's summed counts."""
+    metrics = finalize_metrics(totals)
+    metrics['accuracy_from_bar_2'] = totals['later_correct'] / max(totals['later_count'], 1.0)
+    return metrics
 
 
 SEARCH_KEYS = ('beam_size', 'branch_factor', 'steps_per_iteration')  # Magenta's beam search flags
@@ -116,14 +127,17 @@ class DrumRNNSolver(StandardSolver):
         return self.split_metrics('valid')
 
     @torch.no_grad()
-    def split_metrics(self, split: str) -> dict[str, float]:
+    def split_metrics(self, split: str, bootstrap: bool = False) -> dict[str, float]:
         """Magenta's metrics over a whole split, from summed counts (exact, not batch averages).
 
         `accuracy_from_bar_2` counts only labels from the second bar of each window on: the
         positions where the repeat-the-last-bar baseline is defined, for a like-for-like comparison.
+        With `bootstrap`, each metric gets a 95% interval (`<name>_ci_low`, `_ci_high`) from a
+        bootstrap over the split's windows (`bootstrap.py`).
         """
         self.model.eval()
         totals: dict[str, float] = {}
+        rows = []
         for batch in self.dataloaders[split]:
             self.check_stop()  # a preemption signal stops the stage here
             inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
@@ -134,16 +148,21 @@ class DrumRNNSolver(StandardSolver):
             counts.update(later_correct=later_counts['correct'], later_count=later_counts['count'])
             for key, value in counts.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
+            if bootstrap:  # the same counts, window by window
+                rows.append(window_counts(logits, targets, later.expand_as(targets)))
         self.model.train()
         totals = distrib.sum_metrics(totals)
-        metrics = finalize_metrics(totals)
-        metrics['accuracy_from_bar_2'] = totals['later_correct'] / max(totals['later_count'], 1.0)
+        metrics = split_summary(totals)
+        if bootstrap:
+            table = torch.cat(rows).cpu() if rows else torch.zeros(0, len(WINDOW_KEYS))
+            replicates = replicate_sums(table, WINDOW_KEYS, seed=self.cfg.seed)
+            metrics.update(intervals(replicates, split_summary, CI_METRICS))
         return metrics
 
     # -- evaluate: the model beside two baselines --------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        metrics = self.split_metrics('evaluate')
+        metrics = self.split_metrics('evaluate', bootstrap=True)
         metrics.update(self.baselines(self.corpus.windows['evaluate']))
         return metrics
 

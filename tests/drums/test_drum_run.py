@@ -48,6 +48,8 @@ def test_evaluate_logs_metrics_beside_both_baselines(debug_xp):
     assert METRICS <= set(evaluate)
     assert 0 < evaluate['baseline_repeat_bar_accuracy'] < 1
     assert 1 < evaluate['baseline_unigram_perplexity'] < 512
+    for name in ('loss', 'perplexity', 'accuracy', 'accuracy_from_bar_2'):  # 95% bootstrap intervals
+        assert evaluate[f'{name}_ci_low'] <= evaluate[name] <= evaluate[f'{name}_ci_high']
 
 
 def test_generated_midi_files_are_playable_drum_tracks(debug_xp):
