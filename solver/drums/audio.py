@@ -3,8 +3,8 @@
 A generated pattern should be heard, not only seen as a piano roll. The kit is made in code
 (a pitch-swept sine kick, a tone-and-noise snare, filtered-noise hats and cymbals, swept-sine
 toms), so nothing is downloaded. When the `fluidsynth` program and a General MIDI sound font
-are on the machine (`$SOLVER_SOUNDFONT`, or a usual system path), it renders the MIDI file
-itself instead.
+are on the machine (`$SOLVER_SOUNDFONT`, or a usual system path), it renders the same steps
+(written as MIDI) instead. Either way a preview is 16-bit mono PCM, cut at `preview_seconds`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 import wave
 from pathlib import Path
 
 import numpy as np
 
-from .encoding import NUM_CLASSES, STEPS_PER_QUARTER, events_to_hits
+from .encoding import NUM_CLASSES, STEPS_PER_QUARTER, check_events, events_to_hits
+from .midi import write_drum_midi
 
 SAMPLE_RATE = 22050
+RING_SECONDS = 1.5  # how long the last hit of a preview may ring (the kit's longest sound: 1.4 s)
 SOUNDFONT_ENV = "SOLVER_SOUNDFONT"
 SOUNDFONT_PATHS = (
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",
@@ -112,19 +115,57 @@ def find_soundfont() -> Path | None:
     return next((Path(c) for c in candidates if Path(c).is_file()), None)
 
 
-def write_preview(events: np.ndarray, midi_path: str | Path, wav_path: str | Path, qpm: float,
-                  seconds: float | None = None) -> str:
-    """Write a WAV preview of a drum sample; returns the renderer used ('fluidsynth' or 'synth').
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Mono float32 audio in [-1, 1] (channels averaged) and the sample rate of a 16-bit PCM WAV file."""
+    with wave.open(str(path), "rb") as wav:
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: {8 * wav.getsampwidth()}-bit samples; only 16-bit PCM is read")
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, wav.getnchannels())
+        return (frames.astype(np.float32) / 32768).mean(axis=1), wav.getframerate()
 
-    fluidsynth renders `midi_path` when it and a sound font are found (and succeed); otherwise
-    the events are played on the synthesised kit, the first `seconds` of them.
+
+def _played_steps(events: np.ndarray, qpm: float, seconds: float | None) -> np.ndarray:
+    """The steps that start within `seconds` (all if None), as `render_drums` plays them."""
+    step_seconds = 60.0 / qpm / STEPS_PER_QUARTER
+    return events if seconds is None else events[: max(1, int(seconds / step_seconds))]
+
+
+def render_fluidsynth(events: np.ndarray, qpm: float, seconds: float | None, soundfont: Path,
+                      program: str) -> np.ndarray | None:
+    """Mono audio of the first `seconds` of the events by fluidsynth, or None if it fails.
+
+    The played steps are written to a MIDI file of their own (fluidsynth plays a whole file), and
+    the render is cut `RING_SECONDS` after the last step starts, with a short fade: fluidsynth
+    renders its reverb tail to silence, seconds past the pattern.
     """
-    soundfont, program = find_soundfont(), shutil.which("fluidsynth")
-    if soundfont is not None and program is not None:
+    played = _played_steps(check_events(events), qpm, seconds)
+    with tempfile.TemporaryDirectory(prefix="solver-preview-") as tmp:
+        midi_path, wav_path = Path(tmp) / "preview.mid", Path(tmp) / "preview.wav"
+        write_drum_midi(played, midi_path, qpm=qpm)
         command = [program, "-ni", "-g", "1.0", "-r", str(SAMPLE_RATE), "-F", str(wav_path), str(soundfont),
                    str(midi_path)]
         done = subprocess.run(command, capture_output=True, timeout=120, check=False)
-        if done.returncode == 0 and Path(wav_path).exists():
+        if done.returncode != 0 or not wav_path.exists():
+            return None
+        audio, rate = read_wav(wav_path)
+    if rate != SAMPLE_RATE:
+        return None
+    end = int((len(played) * 60.0 / qpm / STEPS_PER_QUARTER + RING_SECONDS) * SAMPLE_RATE)
+    audio = audio[:end].copy()
+    fade = min(len(audio), SAMPLE_RATE // 20)
+    audio[len(audio) - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+    return audio
+
+
+def write_preview(events: np.ndarray, wav_path: str | Path, qpm: float, seconds: float | None = None) -> str:
+    """Write a WAV preview (16-bit mono) of the first `seconds` of a drum sample (all if None);
+    returns the renderer used: 'fluidsynth' when it and a sound font are found and succeed,
+    else 'synth', the synthesised kit."""
+    soundfont, program = find_soundfont(), shutil.which("fluidsynth")
+    if soundfont is not None and program is not None:
+        audio = render_fluidsynth(events, qpm, seconds, soundfont, program)
+        if audio is not None:
+            write_wav(audio, wav_path)
             return "fluidsynth"
     write_wav(render_drums(events, qpm, seconds), wav_path)
     return "synth"

@@ -81,6 +81,9 @@ class Corpus:
     root: Path
     window_steps: int
     windows: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    # The same music uncut: whole sections (by file) or the pieces (by section), for statistics
+    # over more bars than a window holds (the groove report's repetitions).
+    sections: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     files: dict[str, list[str]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_bars: dict[str, int] = field(default_factory=dict)
@@ -233,6 +236,7 @@ def split_sections(corpus: Corpus, usable: dict[str, list[np.ndarray]], window_s
             if relpath not in corpus.files[split]:
                 corpus.files[split].append(relpath)
             corpus.windows[split].append(piece)
+            corpus.sections[split].append(piece)
     dropped = sum(len(e) for runs in usable.values() for e in runs) - sum(len(p) for _, _, p in sections)
     _count(corpus, f"tail under dataset.min_bars={min_bars}", dropped // STEPS_PER_BAR)
 
@@ -252,6 +256,8 @@ def _add(corpus: Corpus, split: str, relpath: str, sections: list[np.ndarray], w
     for events in sections:
         windows = cut_windows(events, window_steps, min_steps)
         corpus.windows[split].extend(windows)
+        if windows:
+            corpus.sections[split].append(events[:sum(len(w) for w in windows)])
         _count(corpus, f"tail under dataset.min_bars={min_steps // STEPS_PER_BAR}",
                (len(events) - sum(len(w) for w in windows)) // STEPS_PER_BAR)
 

@@ -97,3 +97,32 @@ def hits_to_events(hits: np.ndarray) -> np.ndarray:
     if hits.shape[-1:] != (NUM_CLASSES,):
         raise ValueError(f"hits must have a last axis of {NUM_CLASSES} classes, got shape {hits.shape}")
     return (hits.astype(np.int64) << _CLASS_BITS).sum(axis=-1)
+
+
+def parse_drum_steps(text: str) -> np.ndarray:
+    """Events from Magenta's `--primer_drums` syntax: a list of one tuple of MIDI pitches per step,
+    e.g. "[(36,),(),(42,)]" (kick, silence, closed hi-hat).
+
+    Read with `ast.literal_eval` (a literal, never code); raises ValueError saying what is wrong:
+    not a list of tuples, an empty list, or a pitch that is not a General MIDI drum kit pitch.
+    """
+    import ast
+
+    try:
+        steps = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        raise ValueError(f"{text!r} is not a Python list literal like \"[(36,),(),(42,)]\"") from None
+    if not isinstance(steps, list) or not steps:
+        raise ValueError(f"{text!r} must be a non-empty list with one tuple of MIDI pitches per step, "
+                         f"like \"[(36,),(),(42,)]\"")
+    events = []
+    for index, step in enumerate(steps):
+        if not isinstance(step, tuple):
+            raise ValueError(f"step {index} is {step!r}, not a tuple of MIDI pitches (write (36,) for one pitch)")
+        for pitch in step:
+            in_kit = isinstance(pitch, int) and not isinstance(pitch, bool) and 0 <= pitch < 128
+            if not in_kit or PITCH_TO_CLASS[pitch] < 0:
+                raise ValueError(f"step {index}: {pitch!r} is not a General MIDI drum kit pitch "
+                                 f"(e.g. 36 kick, 38 snare, 42 closed hi-hat)")
+        events.append(pitches_to_event(step))
+    return np.asarray(events, dtype=np.int64)

@@ -12,6 +12,7 @@ layer, then a linear layer to the 512 event logits. Weights use PyTorch's defaul
 from __future__ import annotations
 
 import math
+import typing as tp
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -196,12 +197,30 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def sample(model: nn.Module, primer: Tensor, num_steps: int, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> Tensor:
-    """A sequence of `num_steps` events that starts with `primer` (events `[P]`), as Magenta's generate.
+def select_state(model: nn.Module, state: State, index: Tensor) -> State:
+    """The state of the sequences `index` of a batch (a beam's survivors or its branches).
 
-    The primer runs through the network once, then each step draws from softmax(logits / temperature)
-    with `generator` and feeds the drawn event with the carried state. Runs in eval mode, no grad.
+    The first layer's state is batch-first when it is an `AttentionLSTM`, otherwise each layer's
+    is nn.LSTM's `[1, B, H]`; a wrapper's `.module` (DDP) is looked through.
+    """
+    inner = getattr(model, 'module', model)
+    first_dim = 0 if isinstance(inner.first, AttentionLSTM) else 1
+    return tuple(tuple(t.index_select(first_dim if layer == 0 else 1, index) for t in layer_state)
+                 for layer, layer_state in enumerate(state))
+
+
+def beam_search(model: nn.Module, primer: Tensor, num_steps: int, temperature: float = 1.0,
+                generator: torch.Generator | None = None, beam_size: int = 1, branch_factor: int = 1,
+                steps_per_iteration: int = 1) -> tuple[Tensor, float]:
+    """`num_steps` events starting with `primer` (events `[P]`), and their log-likelihood, by
+    Magenta's `beam_search` (note_seq `sequence_generator`).
+
+    `beam_size` copies of the primer are first extended by `(n - 1) % steps_per_iteration + 1`
+    sampled steps (n: the steps to generate); then each iteration copies every beam
+    `branch_factor` times, extends each copy by `steps_per_iteration` sampled steps and keeps
+    the `beam_size` most likely. The sequence with the highest log-likelihood is returned. Each
+    step draws from softmax(logits / temperature) with `generator`, and the log-likelihood is
+    summed under that same distribution, as Magenta's. 1/1/1 is plain sampling.
     """
     if not temperature > 0:
         raise ValueError(f"generate.temperature must be > 0, got {temperature}")
@@ -209,18 +228,73 @@ def sample(model: nn.Module, primer: Tensor, num_steps: int, temperature: float 
         raise ValueError(f"the primer must be a non-empty 1-d tensor of events, got shape {tuple(primer.shape)}")
     if num_steps < len(primer):
         raise ValueError(f"generate.num_steps ({num_steps}) is shorter than the primer ({len(primer)} steps)")
-    events = [primer]
+    for name, value in (('beam_size', beam_size), ('branch_factor', branch_factor),
+                        ('steps_per_iteration', steps_per_iteration)):
+        if value < 1:
+            raise ValueError(f"generate.{name} must be an integer >= 1, got {value}")
+    to_generate = num_steps - len(primer)
     with torch.no_grad(), _eval_mode(model):
         logits, state = model(primer[None])
-        for position in range(len(primer), num_steps):
-            probs = torch.softmax(logits[0, -1].float() / temperature, dim=-1)
+        beams = _Beams(primer[None], logits[:, -1], state, torch.zeros(1, dtype=torch.float64))
+        beams = beams.select(model, torch.zeros(beam_size, dtype=torch.long, device=primer.device))
+        if to_generate == 0:
+            return primer, 0.0
+        first = (to_generate - 1) % steps_per_iteration + 1
+        beams = beams.extend(model, first, num_steps, temperature, generator)
+        while beams.events.shape[1] < num_steps:
+            beams = beams.best(model, beam_size)
+            branches = torch.arange(len(beams.scores), device=primer.device).repeat_interleave(branch_factor)
+            beams = beams.select(model, branches).extend(model, steps_per_iteration, num_steps, temperature,
+                                                         generator)
+        best = int(beams.scores.argmax())
+        return beams.events[best], float(beams.scores[best])
+
+
+class _Beams(tp.NamedTuple):
+    """Sequences `[B, T]` under search, the logits of their next event, the network's state and
+    the log-likelihood of the sampled steps of each."""
+
+    events: Tensor
+    logits: Tensor
+    state: State
+    scores: Tensor
+
+    def select(self, model: nn.Module, index: Tensor) -> _Beams:
+        return _Beams(self.events[index], self.logits[index], select_state(model, self.state, index),
+                      self.scores[index.to(self.scores.device)])
+
+    def best(self, model: nn.Module, k: int) -> _Beams:
+        """The `k` most likely, most likely first (Magenta's `_prune_branches`)."""
+        return self.select(model, self.scores.topk(min(k, len(self.scores))).indices.to(self.events.device))
+
+    def extend(self, model: nn.Module, steps: int, num_steps: int, temperature: float,
+               generator: torch.Generator | None) -> _Beams:
+        """Each sequence extended by `steps` sampled events (fewer at `num_steps`)."""
+        events, logits, state, scores = self
+        for _ in range(min(steps, num_steps - events.shape[1])):
+            tempered = logits.float() / temperature
+            probs = torch.softmax(tempered, dim=-1)
             if generator is not None:
                 probs = probs.to(generator.device)
-            event = torch.multinomial(probs, 1, generator=generator).to(primer.device)
-            events.append(event)
+            drawn = torch.multinomial(probs, 1, generator=generator).to(events.device)
+            scores = scores + torch.log_softmax(tempered, dim=-1).gather(1, drawn)[:, 0].double().to(scores.device)
+            position = events.shape[1]
+            events = torch.cat([events, drawn], dim=1)
             if position + 1 < num_steps:
-                logits, state = model(event[None], state, start=position)
-    return torch.cat(events)
+                step_logits, state = model(drawn, state, start=position)
+                logits = step_logits[:, -1]
+        return _Beams(events, logits, state, scores)
+
+
+def sample(model: nn.Module, primer: Tensor, num_steps: int, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """A sequence of `num_steps` events that starts with `primer` (events `[P]`), as Magenta's generate.
+
+    The primer runs through the network once, then each step draws from softmax(logits / temperature)
+    with `generator` and feeds the drawn event with the carried state: `beam_search` with 1/1/1.
+    Runs in eval mode, no grad.
+    """
+    return beam_search(model, primer, num_steps, temperature, generator)[0]
 
 
 def sequence_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
@@ -246,6 +320,25 @@ def sequence_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None = None)
         'no_event_count': (~event).sum(),
         'no_event_correct': (correct & ~event).sum(),
     }
+
+
+WINDOW_KEYS = ('loss_sum', 'count', 'correct', 'event_count', 'event_correct', 'no_event_count',
+               'no_event_correct', 'later_correct', 'later_count')
+
+
+def window_counts(logits: Tensor, labels: Tensor, later: Tensor) -> Tensor:
+    """`sequence_metrics`' counts for each sequence of a batch, `[B, len(WINDOW_KEYS)]` float64, no
+    graph: for statistics over windows (a bootstrap). `later` (`[B, T]` bool) marks the positions
+    whose `later_correct`/`later_count` are counted. Their sum over B is `sequence_metrics`' counts.
+    """
+    keep = labels != IGNORE_INDEX
+    nll = F.cross_entropy(logits.detach().transpose(1, 2).float(), labels.masked_fill(~keep, 0), reduction='none')
+    correct = (logits.argmax(-1) == labels) & keep
+    event = (labels != NO_EVENT) & keep
+    silent = keep & ~event
+    later = later & keep
+    columns = (nll * keep, keep, correct, event, correct & event, silent, correct & silent, correct & later, later)
+    return torch.stack([column.double().sum(1) for column in columns], dim=1)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -6,7 +6,16 @@ import wave
 import numpy as np
 import pytest
 
-from solver.drums.audio import SAMPLE_RATE, drum_kit, find_soundfont, render_drums, write_preview, write_wav
+from solver.drums.audio import (
+    RING_SECONDS,
+    SAMPLE_RATE,
+    drum_kit,
+    find_soundfont,
+    read_wav,
+    render_drums,
+    write_preview,
+    write_wav,
+)
 from solver.drums.encoding import DRUM_NAMES, NUM_CLASSES, pitches_to_event
 from solver.drums.midi import write_drum_midi
 
@@ -74,7 +83,7 @@ def test_preview_uses_the_synthesised_kit_without_a_sound_font(tmp_path, monkeyp
     monkeypatch.setenv("SOLVER_SOUNDFONT", str(tmp_path / "absent.sf2"))
     events = np.array([KICK, 0, 0, 0, SNARE, 0, 0, 0] * 4, dtype=np.int64)
     write_drum_midi(events, tmp_path / "s.mid", qpm=90)
-    assert write_preview(events, tmp_path / "s.mid", tmp_path / "s.wav", qpm=90, seconds=4.0) == "synth"
+    assert write_preview(events, tmp_path / "s.wav", qpm=90, seconds=4.0) == "synth"
     with wave.open(str(tmp_path / "s.wav")) as wav:
         assert 2.0 < wav.getnframes() / SAMPLE_RATE < 4.0 + 2.0  # 32 steps at 90 qpm: 5.3 s, cut at 4 s
 
@@ -83,6 +92,29 @@ def test_preview_uses_the_synthesised_kit_without_a_sound_font(tmp_path, monkeyp
 def test_preview_uses_fluidsynth_when_present(tmp_path):
     events = np.array([KICK, 0, 0, 0, SNARE, 0, 0, 0] * 4, dtype=np.int64)
     write_drum_midi(events, tmp_path / "s.mid", qpm=90)
-    assert write_preview(events, tmp_path / "s.mid", tmp_path / "s.wav", qpm=90) == "fluidsynth"
+    assert write_preview(events, tmp_path / "s.wav", qpm=90) == "fluidsynth"
     with wave.open(str(tmp_path / "s.wav")) as wav:
         assert wav.getnframes() > 0
+
+
+@pytest.mark.skipif(not (shutil.which("fluidsynth") and find_soundfont()), reason="no fluidsynth or GM sound font")
+@pytest.mark.parametrize("seconds", [2.0, None])
+def test_fluidsynth_previews_are_cut_at_preview_seconds_and_mono(tmp_path, seconds):
+    events = np.array([KICK, 0, HAT, 0, SNARE, 0, HAT, 0] * 8, dtype=np.int64)  # 64 steps: 8 s at 120 qpm
+    assert write_preview(events, tmp_path / "s.wav", qpm=120, seconds=seconds) == "fluidsynth"
+    audio, rate = read_wav(tmp_path / "s.wav")
+    played = 8.0 if seconds is None else seconds
+    assert rate == SAMPLE_RATE and played <= len(audio) / rate <= played + RING_SECONDS
+    with wave.open(str(tmp_path / "s.wav")) as wav:
+        assert wav.getnchannels() == 1
+    assert np.abs(audio[: int(0.1 * rate)]).max() > 0.01  # the first kick sounds
+
+
+def test_read_wav_averages_channels_to_mono_floats(tmp_path):
+    with wave.open(str(tmp_path / "st.wav"), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(np.array([16384, 0, -16384, -16384], dtype="<i2").tobytes())
+    audio, rate = read_wav(tmp_path / "st.wav")
+    assert rate == 8000 and audio.tolist() == [0.25, -0.5]

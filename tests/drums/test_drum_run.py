@@ -48,6 +48,8 @@ def test_evaluate_logs_metrics_beside_both_baselines(debug_xp):
     assert METRICS <= set(evaluate)
     assert 0 < evaluate['baseline_repeat_bar_accuracy'] < 1
     assert 1 < evaluate['baseline_unigram_perplexity'] < 512
+    for name in ('loss', 'perplexity', 'accuracy', 'accuracy_from_bar_2'):  # 95% bootstrap intervals
+        assert evaluate[f'{name}_ci_low'] <= evaluate[name] <= evaluate[f'{name}_ci_high']
 
 
 def test_generated_midi_files_are_playable_drum_tracks(debug_xp):
@@ -187,3 +189,32 @@ def test_a_folder_without_usable_drums_stops_with_a_clear_error(dora, tmp_path):
     assert code != 0
     assert 'notes.mid' in out  # the skipped file is named, with the reason
     assert 'dataset.path' in out.strip().splitlines()[-1] or 'dataset.path' in out[-600:]
+
+
+def test_beam_search_from_primer_drums_with_a_groove_report_and_previews_in_tensorboard(dora_tools, dora_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ('run', 'solver=drum_rnn/debug', 'logging.log_tensorboard=true', 'generate.primer_drums="[(36,),(),(42,)]"',
+            'generate.beam_size=2', 'generate.branch_factor=2', 'generate.steps_per_iteration=4')
+    code, out = dora_tools.run(dora_dir, *args, timeout=300)
+    assert code == 0, out[-2000:]
+    assert 'beam 2/2/4' in out and 'groove distance to the evaluate split' in out
+    xp = dora_tools.folder(dora_dir, *args[1:])
+    for epoch, metrics in enumerate(json.loads((xp / 'history.json').read_text()), start=1):
+        generate = metrics['generate']
+        assert 0 <= generate['groove_distance'] <= 1 and generate['log_likelihood_per_step'] < 0
+        assert {'groove_kick_per_bar', 'groove_backbeat_bars', 'groove_repeat_prev_bar'} <= set(generate)
+        folder = xp / 'samples' / f'epoch_{epoch}'
+        report = json.loads((folder / 'groove.json').read_text())
+        assert report['bars']['samples'] == 2 * 2 and report['distance'] == pytest.approx(generate['groove_distance'])
+        assert (folder / 'groove.png').stat().st_size > 0
+        for sample in folder.glob('sample_*.mid'):
+            assert read_drum_events(sample)[:3].tolist() == [1, 0, 4]  # kick, silence, closed hi-hat
+    board = EventAccumulator(str(xp / 'tensorboard'), size_guidance={'audio': 0})
+    board.Reload()
+    assert board.Tags()['audio'] == ['generate/sample_00', 'generate/sample_01']
+    for tag in board.Tags()['audio']:
+        previews = board.Audio(tag)
+        assert [p.step for p in previews] == [1, 2]  # one per epoch
+        assert all(p.encoded_audio_string[:4] == b'RIFF' and 4.0 <= p.length_frames / p.sample_rate < 6.0
+                   for p in previews)

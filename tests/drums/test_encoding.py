@@ -12,6 +12,7 @@ from solver.drums.encoding import (
     event_to_pitches,
     events_to_hits,
     hits_to_events,
+    parse_drum_steps,
     pitch_classes,
     pitches_to_event,
 )
@@ -78,3 +79,13 @@ def test_vectorised_hits_round_trip():
 def test_vectorised_hits_reject_out_of_range_events():
     with pytest.raises(ValueError, match="out of range"):
         events_to_hits(np.array([0, 512]))
+
+
+def test_magentas_primer_drums_syntax_gives_one_event_per_step():
+    events = parse_drum_steps("[(36,),(),(42,), (36, 38, 42), (35,)]")
+    assert events.tolist() == [1, 0, 4, 1 | 2 | 4, 1]  # 35 is a kick too
+
+
+def test_primer_drums_is_read_as_a_literal_never_run():
+    with pytest.raises(ValueError, match="not a Python list literal"):
+        parse_drum_steps("[(36,)] + [__import__('os').getpid()]")
