@@ -30,6 +30,7 @@ import collections
 import contextlib
 import io
 import json
+import logging
 import os
 import pickletools
 import random
@@ -460,6 +461,7 @@ def main() -> int:
     parser.add_argument('--seed', type=int, default=int(time.time()), help='random seed (printed; replays a run)')
     parser.add_argument('--out', type=Path, default=Path('fuzz-failures'), help='where rule-breaking inputs go')
     args = parser.parse_args()
+    logging.disable(logging.CRITICAL)  # "Skipping damaged checkpoint ..." for nearly every case
     seconds = args.minutes * 60 if args.minutes is not None else (None if args.cases else 60.0)
     print(f"fuzz_checkpoints: seed {args.seed}", file=sys.stderr)
     report, broken = fuzz(seconds, args.cases, args.seed, args.out)

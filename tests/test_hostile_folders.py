@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -431,3 +432,17 @@ def test_1_dora_run_refuses_a_lock_that_is_a_link_and_leaves_its_target(tmp_path
     code, output, _ = _run_bounded([*DORA, 'run', *REGRESSION], dora_env(dora_dir), timeout=120)
     assert code == 1 and 'Traceback' not in output and '.lock is a symbolic link' in output
     assert victim.read_text() == 'do not truncate me\n'
+
+
+# -- the mutation fuzzer, a short run ------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_a_short_fuzz_run_finds_no_input_that_breaks_the_rule(tmp_path):
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'fuzz_checkpoints.py'
+    result = subprocess.run([sys.executable, str(script), '--cases', '200', '--seed', '22', '--out',
+                             str(tmp_path / 'failures')], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report['mutations'] == 200 and report['rule_broken'] == 0
+    assert {kind.split('/')[0] for kind in report['by_seed_and_kind']} == {'single', 'incremental', 'sharded'}
+    assert not (tmp_path / 'failures').exists()
