@@ -14,9 +14,12 @@ import contextlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import typing as tp
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -197,6 +200,63 @@ def test_5_a_stride_0_view_from_torchs_unpickler_is_refused_before_hashing(tmp_p
     with pytest.raises(checkpoint.CorruptCheckpointError, match='more elements than its record'):
         checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
     assert _peak_rss() - peak < 256 << 20
+
+
+def test_a_memo_index_far_beyond_the_pickle_is_refused_before_the_c_unpickler_fills_it(tmp_path):
+    # Found by the fuzzer: LONG_BINPUT 2**27 makes CPython's C unpickler fill a memo of 2**28 entries (2 GiB).
+    pickled = _tensor((4,), (1,)) + b'r' + struct.pack('<I', 1 << 27)
+    path = _forged_archive(tmp_path / 'checkpoint.th', pickled)
+    peak = _peak_rss()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='memo index 134217728'):
+        checkpoint.read_checkpoint(path)
+    assert _peak_rss() - peak < 256 << 20
+
+
+def test_a_deflate_bomb_is_refused_from_the_zip_directory_before_anything_is_inflated(tmp_path):
+    good = tmp_path / 'good.th'
+    checkpoint.write_checkpoint(good, state(), META)
+    reader = torch._C.PyTorchFileReader(str(good))
+    bomb = tmp_path / 'checkpoint.th'
+    with zipfile.ZipFile(bomb, 'w') as archive_file:
+        for name in reader.get_all_records():
+            data = bytes(reader.get_record(name))
+            if name == 'data.pkl':  # 256 MiB of padding after the pickle's STOP, deflated to a few hundred KiB
+                archive_file.writestr(f'archive/{name}', data + bytes(256 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), data)
+    assert bomb.stat().st_size < 2 << 20
+    peak = _peak_rss()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="'archive/data.pkl' is compressed"):
+        checkpoint.read_checkpoint(bomb)
+    assert _peak_rss() - peak < 128 << 20
+
+
+def test_zip_entries_named_with_dot_dots_or_twice_are_never_extracted_and_the_digests_hold(tmp_path):
+    good = tmp_path / 'good.th'
+    checkpoint.write_checkpoint(good, state(), META)
+    reader = torch._C.PyTorchFileReader(str(good))
+    records = {name: bytes(reader.get_record(name)) for name in reader.get_all_records()}
+    forged = tmp_path / 'checkpoint.th'
+    with warnings.catch_warnings(), zipfile.ZipFile(forged, 'w') as archive_file:
+        warnings.simplefilter('ignore')  # "Duplicate name"
+        for name, data in records.items():
+            archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), data)
+        archive_file.writestr(zipfile.ZipInfo('archive/../../pwned'), b'x')
+        for name in records:  # a second copy of each record, zeros
+            if name.startswith('data/'):
+                archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), bytes(len(records[name])))
+    try:  # whichever of two records the zip reader finds, the digests are checked on the bytes read
+        loaded = checkpoint.read_checkpoint(forged)
+        assert torch.equal(loaded.state['model']['w'], state()['model']['w'])
+    except checkpoint.CorruptCheckpointError as err:
+        assert 'do not match their digests' in str(err)
+    assert not (tmp_path.parent / 'pwned').exists() and not Path('pwned').exists()
+
+
+def test_a_local_mirror_that_is_the_experiment_folder_is_refused(tmp_path):
+    for url in (f'file://{tmp_path}', f'file://{tmp_path}/sub', f'file://{tmp_path.parent}'):
+        with pytest.raises(remote.RemoteError, match='is the experiment folder'):
+            remote.RemoteMirror(url, tmp_path)
 
 
 def _peak_rss() -> int:
