@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -506,3 +507,17 @@ def test_a_short_fuzz_run_finds_no_input_that_breaks_the_rule(tmp_path):
     assert report['mutations'] == 200 and report['rule_broken'] == 0
     assert {kind.split('/')[0] for kind in report['by_seed_and_kind']} == {'single', 'incremental', 'sharded'}
     assert not (tmp_path / 'failures').exists()
+
+
+FOUND_BY_FUZZING = sorted((Path(__file__).parent / 'fuzz_regressions').glob('*.th'))
+
+
+@pytest.mark.parametrize('found', FOUND_BY_FUZZING, ids=lambda p: p.stem)
+def test_an_input_the_fuzzer_found_is_a_checkpoint_error_naming_it(tmp_path, capsys, found):
+    # zip64-end-record-bit-flip: zipfile.is_zipfile raised BadZipFile ("span multiple disks") past our checks.
+    path = tmp_path / checkpoint.LATEST
+    shutil.copyfile(found, path)
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.read_checkpoint(path)
+    code, output = solver(capsys, 'verify', path)
+    assert code == 1 and f'{path}: DAMAGED' in output

@@ -340,7 +340,11 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
     as in `read_checkpoint`."""
     if os.fstat(f.fileno()).st_size == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes): a save was cut short.")
-    if not zipfile.is_zipfile(f):
+    try:
+        is_zip = zipfile.is_zipfile(f)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):  # it raises for some damaged directories
+        is_zip = False
+    if not is_zip:
         raise CorruptCheckpointError(
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
     reading: archive.Reading | None = None
