@@ -67,8 +67,8 @@ def resolve(target: str, dora_dir: Path) -> Experiment | Path:
         local = remote.fetch_source(target, cache)
         return local if local.is_file() else Experiment(local)
     path = Path(target).expanduser()
-    if path.is_file():
-        return path
+    if path.is_file():  # a path the user typed: a link in it is theirs to follow
+        return path.resolve()
     if path.is_dir():
         return Experiment(path)
     sig, slash, name = target.partition('/')

@@ -49,7 +49,7 @@ def check_writable(folder: Path) -> None:
 
 # What Dora, Hydra, logging and this framework open by name in an experiment folder (Slurm
 # launches add links of Dora's own, `code` and submitit folders, which are left alone).
-_OPENED_BY_NAME = re.compile(r'^(\.argv\.json|history\.json|\.lock|\.hydra|blobs|samples|rolled_back'
+_OPENED_BY_NAME = re.compile(r'^(\.argv\.json|history\.json|\.lock|\.hydra|blobs|samples|rolled_back|tensorboard'
                              r'|\.?checkpoint.*|solver\.log.*)$')
 
 

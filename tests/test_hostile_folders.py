@@ -13,9 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
+import sys
 import typing as tp
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -196,6 +201,63 @@ def test_5_a_stride_0_view_from_torchs_unpickler_is_refused_before_hashing(tmp_p
     with pytest.raises(checkpoint.CorruptCheckpointError, match='more elements than its record'):
         checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
     assert _peak_rss() - peak < 256 << 20
+
+
+def test_a_memo_index_far_beyond_the_pickle_is_refused_before_the_c_unpickler_fills_it(tmp_path):
+    # Found by the fuzzer: LONG_BINPUT 2**27 makes CPython's C unpickler fill a memo of 2**28 entries (2 GiB).
+    pickled = _tensor((4,), (1,)) + b'r' + struct.pack('<I', 1 << 27)
+    path = _forged_archive(tmp_path / 'checkpoint.th', pickled)
+    peak = _peak_rss()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='memo index 134217728'):
+        checkpoint.read_checkpoint(path)
+    assert _peak_rss() - peak < 256 << 20
+
+
+def test_a_deflate_bomb_is_refused_from_the_zip_directory_before_anything_is_inflated(tmp_path):
+    good = tmp_path / 'good.th'
+    checkpoint.write_checkpoint(good, state(), META)
+    reader = torch._C.PyTorchFileReader(str(good))
+    bomb = tmp_path / 'checkpoint.th'
+    with zipfile.ZipFile(bomb, 'w') as archive_file:
+        for name in reader.get_all_records():
+            data = bytes(reader.get_record(name))
+            if name == 'data.pkl':  # 256 MiB of padding after the pickle's STOP, deflated to a few hundred KiB
+                archive_file.writestr(f'archive/{name}', data + bytes(256 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), data)
+    assert bomb.stat().st_size < 2 << 20
+    peak = _peak_rss()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="'archive/data.pkl' is compressed"):
+        checkpoint.read_checkpoint(bomb)
+    assert _peak_rss() - peak < 128 << 20
+
+
+def test_zip_entries_named_with_dot_dots_or_twice_are_never_extracted_and_the_digests_hold(tmp_path):
+    good = tmp_path / 'good.th'
+    checkpoint.write_checkpoint(good, state(), META)
+    reader = torch._C.PyTorchFileReader(str(good))
+    records = {name: bytes(reader.get_record(name)) for name in reader.get_all_records()}
+    forged = tmp_path / 'checkpoint.th'
+    with warnings.catch_warnings(), zipfile.ZipFile(forged, 'w') as archive_file:
+        warnings.simplefilter('ignore')  # "Duplicate name"
+        for name, data in records.items():
+            archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), data)
+        archive_file.writestr(zipfile.ZipInfo('archive/../../pwned'), b'x')
+        for name in records:  # a second copy of each record, zeros
+            if name.startswith('data/'):
+                archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), bytes(len(records[name])))
+    try:  # whichever of two records the zip reader finds, the digests are checked on the bytes read
+        loaded = checkpoint.read_checkpoint(forged)
+        assert torch.equal(loaded.state['model']['w'], state()['model']['w'])
+    except checkpoint.CorruptCheckpointError as err:
+        assert 'do not match their digests' in str(err)
+    assert not (tmp_path.parent / 'pwned').exists() and not Path('pwned').exists()
+
+
+def test_a_local_mirror_that_is_the_experiment_folder_is_refused(tmp_path):
+    for url in (f'file://{tmp_path}', f'file://{tmp_path}/sub', f'file://{tmp_path.parent}'):
+        with pytest.raises(remote.RemoteError, match='is the experiment folder'):
+            remote.RemoteMirror(url, tmp_path)
 
 
 def _peak_rss() -> int:
@@ -431,3 +493,31 @@ def test_1_dora_run_refuses_a_lock_that_is_a_link_and_leaves_its_target(tmp_path
     code, output, _ = _run_bounded([*DORA, 'run', *REGRESSION], dora_env(dora_dir), timeout=120)
     assert code == 1 and 'Traceback' not in output and '.lock is a symbolic link' in output
     assert victim.read_text() == 'do not truncate me\n'
+
+
+# -- the mutation fuzzer, a short run ------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_a_short_fuzz_run_finds_no_input_that_breaks_the_rule(tmp_path):
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'fuzz_checkpoints.py'
+    result = subprocess.run([sys.executable, str(script), '--cases', '200', '--seed', '22', '--out',
+                             str(tmp_path / 'failures')], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report['mutations'] == 200 and report['rule_broken'] == 0
+    assert {kind.split('/')[0] for kind in report['by_seed_and_kind']} == {'single', 'incremental', 'sharded'}
+    assert not (tmp_path / 'failures').exists()
+
+
+FOUND_BY_FUZZING = sorted((Path(__file__).parent / 'fuzz_regressions').glob('*.th'))
+
+
+@pytest.mark.parametrize('found', FOUND_BY_FUZZING, ids=lambda p: p.stem)
+def test_an_input_the_fuzzer_found_is_a_checkpoint_error_naming_it(tmp_path, capsys, found):
+    # zip64-end-record-bit-flip: zipfile.is_zipfile raised BadZipFile ("span multiple disks") past our checks.
+    path = tmp_path / checkpoint.LATEST
+    shutil.copyfile(found, path)
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.read_checkpoint(path)
+    code, output = solver(capsys, 'verify', path)
+    assert code == 1 and f'{path}: DAMAGED' in output

@@ -50,11 +50,13 @@ import math
 import mmap
 import os
 import pickle
+import pickletools
 import sys
 import tempfile
 import threading
 import typing as tp
 import warnings
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -554,6 +556,85 @@ class Forbidden(pickle.UnpicklingError):
     """A pickle naming a global outside the allow-list (named in the message)."""
 
 
+def check_records(f: tp.BinaryIO) -> None:
+    """Refuse an archive whose zip directory names a compressed record, or one larger than the
+    file: torch writes every record stored, and its reader inflates a compressed one whole into
+    memory (a deflate bomb: 1 MiB of file, 1 GiB of `data.pkl`). Read from the central
+    directory only; raises `Refused`."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    try:
+        with zipfile.ZipFile(f) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise Refused(f"its zip directory cannot be read ({err})") from err
+    finally:
+        f.seek(0)
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+            what = 'compressed' if entry.compress_type != zipfile.ZIP_STORED else 'larger than the file'
+            raise Refused(f"its record {entry.filename!r} is {what} ({entry.file_size} bytes): torch writes "
+                          "neither (a deflate bomb?)")
+
+
+def _argument_sizes() -> list[int | None]:
+    """By opcode byte: the bytes of its argument (>= 0), or how they are given (pickletools'
+    codes: -1 up to a newline, -2/-3/-4/-5 a 1/4/4/8-byte length first; -10 two lines); None for
+    a byte that is no opcode."""
+    sizes: list[int | None] = [None] * 256
+    for op in pickletools.opcodes:
+        code = ord(op.code.encode('latin-1'))
+        sizes[code] = 0 if op.arg is None else -10 if op.name in ('GLOBAL', 'INST') else op.arg.n
+    return sizes
+
+
+_ARGUMENT_SIZES = _argument_sizes()
+_LONG_BINPUT, _PUT, _STOP = ord('r'), ord('p'), ord('.')
+
+
+def check_memo(data: bytes) -> None:
+    """Refuse a pickle that stores into its memo at an index beyond its own length.
+
+    CPython's C unpickler (ours, and the DCP metadata's) grows its memo to twice the largest
+    index a PUT or LONG_BINPUT names, and fills it: 4 bytes of a file (LONG_BINPUT 2**27) make
+    it touch 2 GiB before anything else is checked. A pickler numbers its memo 0, 1, 2...: no
+    index of a real pickle reaches its length. Walks the opcodes (pickletools' table; a few ms
+    per 1,000 tensors); raises `Refused`."""
+    position, end, largest = 0, len(data), -1
+    sizes, from_bytes = _ARGUMENT_SIZES, int.from_bytes
+    try:
+        while position < end:
+            op = data[position]
+            position += 1
+            size = sizes[op]
+            if size is None:
+                raise Refused(f"byte {op:#04x} at {position - 1} of its pickle is no opcode")
+            if size >= 0:
+                if op == _LONG_BINPUT:
+                    largest = max(largest, from_bytes(data[position:position + 4], 'little'))
+                position += size
+            elif size == -1:
+                newline = data.index(b'\n', position)
+                if op == _PUT:
+                    largest = max(largest, int(data[position:newline]))
+                position = newline + 1
+            elif size == -10:
+                position = data.index(b'\n', data.index(b'\n', position) + 1) + 1
+            elif size == -2:
+                position += 1 + data[position]
+            elif size in (-3, -4):
+                position += 4 + from_bytes(data[position:position + 4], 'little', signed=size == -3)
+            else:
+                position += 8 + from_bytes(data[position:position + 8], 'little')
+            if op == _STOP:
+                break
+    except (ValueError, IndexError) as err:
+        raise Refused(f"its pickle is cut short or malformed ({err})") from None
+    if largest >= len(data):
+        raise Refused(f"its pickle stores into memo index {largest}, beyond its {len(data)} bytes (the C unpickler "
+                      "would fill a memo of twice that many entries)")
+
+
 class _StorageType(tuple):
     """A storage class the pickle names (`torch.FloatStorage`...), as `(dtype,)`: immutable and
     not callable, so the pickle can only use it inside a storage's persistent id."""
@@ -640,7 +721,9 @@ class _Unpickler(pickle.Unpickler):
     """
 
     def __init__(self, archive: tp.Any) -> None:
-        super().__init__(io.BytesIO(archive.get_record('data.pkl')), encoding='utf-8')
+        pickled = archive.get_record('data.pkl')
+        check_memo(pickled)
+        super().__init__(io.BytesIO(pickled), encoding='utf-8')
         self._archive = archive
         self.storages: dict[str, torch.UntypedStorage] = {}          # by key: fresh, untouched buffers
         self.records: dict[str, tuple[int, torch.Tensor]] = {}       # by key: (offset in the file, buffer)

@@ -370,9 +370,12 @@ def read_unverified(path: Path) -> tp.Any:
     every file of a folder is (`fs.open_fd`); raises `CheckpointError` naming the file."""
     try:
         with open_file(Path(path)) as f:  # torch maps what the descriptor names, not the path
+            archive.check_records(f)
             return torch.load(f'/proc/self/fd/{f.fileno()}', map_location='cpu', weights_only=True, mmap=True)
     except CheckpointError:
         raise
+    except archive.Refused as err:
+        raise CorruptCheckpointError(f"{path} is damaged or forged, refused: {err}.") from err
     except Exception as err:  # damaged, foreign, unsafe: whatever torch raises
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CorruptCheckpointError(f"{path} cannot be read: {why}") from err
@@ -383,12 +386,17 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
     as in `read_checkpoint`."""
     if os.fstat(f.fileno()).st_size == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes): a save was cut short.")
-    if not zipfile.is_zipfile(f):
+    try:
+        is_zip = zipfile.is_zipfile(f)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):  # it raises for some damaged directories
+        is_zip = False
+    if not is_zip:
         raise CorruptCheckpointError(
             f"{path} is not a torch zip archive: truncated, damaged or another format.")
     reading: archive.Reading | None = None
     refused: Exception | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
+        archive.check_records(f)  # before either unpickler inflates anything
         targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
         f.seek(0)
         payload, reading = archive.load(f, targets)

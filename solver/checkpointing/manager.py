@@ -85,7 +85,7 @@ def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
         known = sorted(p.stem for p in folder.glob('*.th')) if folder.exists() else []
         raise SolverError(f"No pretrained model '{name}': looked for {path} (SOLVER_PRETRAINED_DIR sets the "
                           f"folder). Known names: {known or 'none'}.")
-    return checkpoint.read_checkpoint(path)
+    return checkpoint.read_checkpoint(path.resolve())  # a link the user made there is followed (not a FIFO)
 
 
 class CheckpointManager:
@@ -308,8 +308,8 @@ class CheckpointManager:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
             return newest
-        if path.is_file():
-            return checkpoint.read_checkpoint(path, like, into)
+        if path.is_file():  # a path the user typed: a link in it is theirs to follow
+            return checkpoint.read_checkpoint(path.resolve(), like, into)
         raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
                           "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
 

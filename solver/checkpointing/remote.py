@@ -285,6 +285,20 @@ class _Superseded(Exception):
     """A local file changed while it was being uploaded: a newer save will be mirrored instead."""
 
 
+def _check_apart(fs: tp.Any, root: str, folder: Path, url: str) -> None:
+    """Refuse a mirror on the local disk that is the experiment folder, inside it or holds it
+    (`checkpoint.remote=file://<dora dir>/xps`): its uploads and prunes would rewrite and delete
+    the very files they copy."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not {'file', 'local'} & set(protocols):
+        return
+    mirror, local = Path(os.path.realpath(root)), Path(os.path.realpath(folder))
+    if mirror == local or local in mirror.parents or mirror in local.parents:
+        raise RemoteError(f"checkpoint.remote={redact(url)} is the experiment folder {folder} (or inside it, or "
+                          "holds it): mirroring there would overwrite and delete the checkpoints it copies. "
+                          "Point it at a folder outside the Dora folder.")
+
+
 class RemoteMirror:
     """Mirrors the checkpoints of an experiment folder to `url`, on a thread of its own."""
 
@@ -297,6 +311,7 @@ class RemoteMirror:
         self.close_timeout = (close_timeout if close_timeout is not None
                               else float(os.environ.get(CLOSE_TIMEOUT_ENV, 300)))
         self.fs, self.root = _filesystem(self.url)
+        _check_apart(self.fs, self.root, self.folder, self.url)
         self.token = secrets.token_hex(4)
         self.uploaded: list[str] = []       # final keys, relative to url, in the order they appeared
         self.failures = 0
