@@ -15,7 +15,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib
+from . import builders, distrib, slurm
 from .errors import UserError
 from .lock import ExperimentLock, FolderNotWritableError, check_writable
 
@@ -37,6 +37,7 @@ def main(cfg: DictConfig) -> None:
     try:
         flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
         logger.info("Experiment %s in %s", xp.sig, xp.folder)
+        slurm.log_job()
         distrib.init(cfg)
         seed_everything(cfg.seed)
         if cfg.get('num_threads'):
@@ -115,6 +116,7 @@ def init_xp(xp: tp.Any) -> None:
 
 
 main.init_xp = init_xp  # type: ignore[method-assign]
+slurm.install(main)  # dora launch / grid: CPU jobs, per-experiment requests, no sacct needed
 
 if __name__ == '__main__':
     main()
