@@ -97,3 +97,10 @@ class PreemptionHandler:
                 handler(each, None)
         logger.info("Stopped by %s after saving; rerun the same command to resume.", sig.name)
         sys.exit(128 + sig)
+
+
+def ignore_requeue_signal() -> None:
+    """After the run has finished: a time-limit signal that comes now has nothing left to save.
+    Ignored, it can neither requeue the finished job (submitit's handler) nor kill it while the
+    interpreter exits (Python then resets its handlers), which Slurm would report as FAILED."""
+    signal.signal(REQUEUE_SIGNAL, signal.SIG_IGN)

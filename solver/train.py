@@ -15,7 +15,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib, slurm
+from . import builders, distrib, preemption, slurm
 from .errors import UserError
 from .lock import ExperimentLock, FolderNotWritableError, check_writable
 
@@ -48,6 +48,7 @@ def main(cfg: DictConfig) -> None:
                 builders.get_solver(cfg).run()
         else:
             builders.get_solver(cfg).run()
+        preemption.ignore_requeue_signal()
     except UserError as err:
         stop(str(err), 1)
     except KeyboardInterrupt:
