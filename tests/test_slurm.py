@@ -267,3 +267,29 @@ def test_a_job_reaching_its_time_limit_saves_is_requeued_and_completes(slurm, tm
     assert f'started again after {len(requeues)} requeue(s)' in log
     assert log.count('Caught signal SIGUSR2') >= len(requeues) and 'this job is timed-out' in log
     assert len(history(job.folder)) == 24
+
+
+# -- several tasks ---------------------------------------------------------------------------------
+
+def test_a_two_task_job_trains_with_ddp_and_a_one_task_rerun_resumes_its_checkpoint(slurm, tmp_path):
+    dora_dir = tmp_path / 'dora'
+    job = launch(dora_dir, *CPU, 'slurm.cpu.tasks=2')
+    assert wait_state(job.job, FINAL) == 'COMPLETED', job_log(job.folder, job.job)
+    assert '--ntasks-per-node=2' in sbatch_flags(job.folder)
+    assert 'Distributed: rank 0 of 2 (local rank 0, from submitit), backend gloo' in job_log(job.folder, job.job)
+    assert len(history(job.folder)) == 3 and sorted(p.name for p in job.folder.glob('checkpoint*')) == ['checkpoint.th']
+    # The same experiment again (-D: replace the completed job), as one task: it resumes the checkpoint.
+    code, output = run_dora_cmd(dora_dir, 'launch', '--no_tail', '-D', *CPU, 'slurm.cpu.tasks=1')
+    assert code == 0, output
+    rerun = job_id(output)
+    assert wait_state(rerun, FINAL) == 'COMPLETED'
+    log = job_log(job.folder, rerun)
+    assert f"Resumed from {job.folder / 'checkpoint.th'} (epoch 3, step 48)" in log and 'Distributed:' not in log
+
+
+def test_a_two_task_fsdp_job_writes_a_sharded_checkpoint(slurm, tmp_path):
+    job = launch(tmp_path / 'dora', *CPU, 'slurm.cpu.tasks=2', 'fsdp.use=true', 'optim.epochs=1')
+    assert wait_state(job.job, FINAL) == 'COMPLETED', job_log(job.folder, job.job)
+    folders = list(job.folder.glob('checkpoint.th.dcp.*'))
+    assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == [
+        '.metadata', '__0_0.distcp', '__1_0.distcp']
