@@ -75,7 +75,7 @@ def sbatch_flags(folder: Path) -> set[str]:
 def wait_for_log(folder: Path, job: str, text: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not (folder / 'submitit' / f'{job}_0_log.out').exists() or text not in job_log(folder, job):
-        assert squeue(job) not in FINAL, f"job {job} ended before {text!r}"
+        assert squeue(job) not in FINAL, f"job {job} ended before {text!r}:\n{job_log(folder, job)[-6000:]}"
         assert time.monotonic() < deadline, f"no {text!r} in job {job}'s log after {timeout}s"
         time.sleep(0.05)
 
@@ -271,6 +271,7 @@ def test_a_job_reaching_its_time_limit_saves_is_requeued_and_completes(slurm, tm
 
 # -- several tasks ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # CI time: DDP and FSDP themselves are tested in test_distributed; `-m slurm` runs these
 def test_a_two_task_job_trains_with_ddp_and_a_one_task_rerun_resumes_its_checkpoint(slurm, tmp_path):
     dora_dir = tmp_path / 'dora'
     job = launch(dora_dir, *CPU, 'slurm.cpu.tasks=2')
@@ -287,6 +288,7 @@ def test_a_two_task_job_trains_with_ddp_and_a_one_task_rerun_resumes_its_checkpo
     assert f"Resumed from {job.folder / 'checkpoint.th'} (epoch 3, step 48)" in log and 'Distributed:' not in log
 
 
+@pytest.mark.slow
 def test_a_two_task_fsdp_job_writes_a_sharded_checkpoint(slurm, tmp_path):
     job = launch(tmp_path / 'dora', *CPU, 'slurm.cpu.tasks=2', 'fsdp.use=true', 'optim.epochs=1')
     assert wait_state(job.job, FINAL) == 'COMPLETED', job_log(job.folder, job.job)
