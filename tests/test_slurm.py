@@ -249,24 +249,24 @@ def test_a_job_past_max_num_timeout_is_not_requeued_again(slurm, tmp_path):
     assert re.search(r'Checkpoint checkpoint\.th \(epoch 1, step \d+\)', log.split('Received SIGUSR2')[1])
 
 
-def test_a_job_reaching_its_time_limit_saves_is_requeued_and_completes(slurm, tmp_path):
-    """slurm.time=2 with the signal 105 s before: Slurm itself signals each run of the job about
-    15 s after it starts; the job saves, submitit requeues it (one timeout counted each time)."""
-    overrides = (*EXACT[:-2], 'optim.epochs=24', 'slurm.time=2', 'slurm.signal_delay_s=105')
+@pytest.mark.slow  # about 90 s; CI covers the same signal and handler with `scancel --signal USR2` above
+def test_a_job_reaching_its_time_limit_saves_is_requeued_and_resumes(slurm, tmp_path):
+    """slurm.time=2 with the signal 95 s before: Slurm itself signals the job 25-55 s after it
+    starts (slurmctld looks at time limits every 30 s); the job saves and submitit requeues it,
+    counting a timeout. The requeued job is given 10 minutes, so that it finishes."""
+    overrides = (*EXACT[:-2], 'optim.epochs=60', 'slurm.time=2', 'slurm.signal_delay_s=95')
     job = launch(tmp_path / 'dora', *overrides)
-    deadline = time.monotonic() + 240
-    while (state := squeue(job.job)) not in FINAL:
-        assert time.monotonic() < deadline, f"job {job.job} still {state}"
-        if state == 'PENDING' and squeue(job.job, '%r') == 'BeginTime':
-            subprocess.run(['scontrol', 'update', f'jobid={job.job}', 'StartTime=now'], check=True)
-        time.sleep(0.2)
+    release_requeued(job.job, timeout=150)
+    subprocess.run(['scontrol', 'update', f'jobid={job.job}', 'TimeLimit=10'], check=True)
+    state = wait_state(job.job, FINAL, timeout=240)
     log = job_log(job.folder, job.job)
     assert state == 'COMPLETED', log
-    requeues = re.findall(r'\[submitit\]\[INFO\] - Requeued job \d+ \((\d+) remaining timeouts\)', log)
-    assert requeues and requeues == [str(19 - i) for i in range(len(requeues))], log  # each counted, each said
-    assert f'started again after {len(requeues)} requeue(s)' in log
-    assert log.count('Caught signal SIGUSR2') >= len(requeues) and 'this job is timed-out' in log
-    assert len(history(job.folder)) == 24
+    assert 'Caught signal SIGUSR2 on vm: this job is timed-out.' in log or 'this job is timed-out' in log
+    assert re.search(r'\[submitit\]\[INFO\] - Requeued job \d+ \(19 remaining timeouts\)', log), log
+    saved = re.search(r'Checkpoint checkpoint\.th \(epoch \d+, step (\d+)\)', log.split('Received SIGUSR2', 1)[1])
+    assert saved and 'started again after 1 requeue(s)' in log
+    assert f'Resuming the train stage at step {int(saved.group(1)) % 96} of 96.' in log or int(saved.group(1)) % 96 == 0
+    assert len(history(job.folder)) == 60
 
 
 # -- several tasks ---------------------------------------------------------------------------------
