@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import types
 import typing as tp
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 # submitit's signal before a time limit (its variable, its default)
 REQUEUE_SIGNAL = getattr(signal, 'SIG' + os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2'), signal.SIGUSR2)
 SIGNALS = tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, REQUEUE_SIGNAL)))
+REQUEUE_WAIT_S = 120  # a rank > 0 waits this long for Slurm to end the job rank 0 requeues
 
 
 class StopRequested(Exception):
@@ -95,6 +97,11 @@ class PreemptionHandler:
             if callable(handler):
                 logger.info("Passing %s on to the previous handler (e.g. submitit's requeue).", each.name)
                 handler(each, None)
+        if REQUEUE_SIGNAL in self.all_received and distrib.rank() > 0 and os.environ.get('SUBMITIT_EXECUTOR'):
+            # submitit requeues from rank 0 alone. Exiting now with an error would let srun end the
+            # job step (Dora sets SLURM_KILL_BAD_EXIT) before rank 0 has requeued it: wait for Slurm.
+            logger.info("Saved; waiting for rank 0 to requeue the Slurm job.")
+            time.sleep(REQUEUE_WAIT_S)
         logger.info("Stopped by %s after saving; rerun the same command to resume.", sig.name)
         sys.exit(128 + sig)
 

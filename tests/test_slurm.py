@@ -295,3 +295,18 @@ def test_a_two_task_fsdp_job_writes_a_sharded_checkpoint(slurm, tmp_path):
     folders = list(job.folder.glob('checkpoint.th.dcp.*'))
     assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == [
         '.metadata', '__0_0.distcp', '__1_0.distcp']
+
+
+@pytest.mark.slow
+def test_a_two_task_job_signalled_saves_is_requeued_by_rank_0_and_resumes(slurm, tmp_path):
+    def stop(job: str) -> None:
+        subprocess.run(['scancel', '--signal', 'USR2', job], check=True)
+
+    job = stop_and_resume(tmp_path / 'dora', stop, 'slurm.time=5', 'slurm.cpu.tasks=2')
+    assert job.state == 'COMPLETED', job.log
+    assert 'started again after 1 requeue(s)' in job.log and len(history(job.folder)) == 2
+    assert 'waiting for rank 0 to requeue the Slurm job' in job_log_of_rank(job.folder, job.job, 1)
+
+
+def job_log_of_rank(folder: Path, job: str, rank: int) -> str:
+    return re.sub(r'\x1b\[[0-9;]*m', '', (folder / 'submitit' / f'{job}_{rank}_log.out').read_text())
