@@ -140,7 +140,7 @@ status() {
         [ "$name" = munged ] && file=$MUNGE_PID
         if running "$file"; then echo "$name: running ($(cat "$file"))"; else echo "$name: stopped"; fi
     done
-    [ -f "$CONF" ] && sinfo 2>&1 || true
+    if running "$DIR/slurmctld.pid"; then sinfo 2>&1 || true; fi
 }
 
 case "${1:-}" in
