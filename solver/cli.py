@@ -113,25 +113,45 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _ls_all(args: argparse.Namespace) -> int:
     records: list[dict[str, tp.Any]] = []
-    for xp in xps.experiments(_dora_dir()):
+    experiments = xps.experiments(_dora_dir())
+    states = _job_states(experiments)
+    for xp in experiments:
         best = xp.best()
         metric, _ = xp.best_metric()
         records.append({'sig': xp.sig, 'overrides': xps.remote.redact_overrides(xp.argv), 'epochs': len(xp.history),
                         'planned': xp.planned_epochs, 'best': {'metric': f'valid.{metric}', 'value': best[1],
                                                                'epoch': best[0]} if best else None,
-                        'state': xp.state, 'pid': xp.holder, 'size': xp.size, 'updated': xp.updated})
+                        'state': xp.state, 'pid': xp.holder, 'size': xp.size, 'updated': xp.updated,
+                        'job': _job(xp, states)})
     if args.json:
         _emit(records)
         return 0
     if not records:
         print(f"No experiment in {_dora_dir() / 'xps'}.")
         return 0
+    jobs = any(r['job'] for r in records)  # the JOB column only where Slurm ran some
     _table([[r['sig'], f"{r['epochs']}/{r['planned'] if r['planned'] is not None else '?'}",
              f"{r['best']['metric']} {r['best']['value']:.4g} (ep {r['best']['epoch']})" if r['best'] else '-',
-             r['state'] + (f" (pid {r['pid']})" if r['pid'] else ''), _size(r['size']), _age(r['updated']),
-             ' '.join(r['overrides']) or '(defaults)'] for r in records],
-           ['SIG', 'EPOCHS', 'BEST', 'STATE', 'SIZE', 'UPDATED', 'OVERRIDES'])
+             r['state'] + (f" (pid {r['pid']})" if r['pid'] else '')]
+            + ([f"{r['job']['id']} {r['job']['state']}" if r['job'] else '-'] if jobs else [])
+            + [_size(r['size']), _age(r['updated']), ' '.join(r['overrides']) or '(defaults)'] for r in records],
+           ['SIG', 'EPOCHS', 'BEST', 'STATE'] + (['JOB'] if jobs else []) + ['SIZE', 'UPDATED', 'OVERRIDES'])
     return 0
+
+
+def _job_states(experiments: list[Experiment]) -> dict[str, str]:
+    """The Slurm state of each experiment's newest job, asked once for all ({} if none has a job)."""
+    ids = [job for xp in experiments if (job := xp.job)]
+    if not ids:
+        return {}
+    from .slurm import job_states  # imports submitit and Dora's scheduler: only where jobs exist
+    return job_states(ids)
+
+
+def _job(xp: Experiment, states: dict[str, str]) -> dict[str, str] | None:
+    """{'id', 'state'} of the experiment's newest Slurm job (state '?' where Slurm has forgotten it)."""
+    job = xp.job
+    return {'id': job, 'state': states.get(job, '?')} if job else None
 
 
 def _defaults() -> dict[str, tp.Any]:
@@ -163,7 +183,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             'last_metrics': last, 'states': sorted(ckpt.state)}
     if xp:
         data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': xps.remote.redact_overrides(xp.argv),
-                     'state': xp.state, 'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs})
+                     'state': xp.state, 'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs,
+                     'job': _job(xp, _job_states([xp]))})
     if args.json:
         _emit(data)
         return 0
@@ -172,6 +193,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {xp.state}{f' (pid {xp.holder})' if xp.holder else ''}, "
               f"{len(xp.history)}/{xp.planned_epochs} epochs; dora overrides: "
               f"{' '.join(data['dora_overrides']) or '(none)'}")
+        if data['job']:
+            print(f"  slurm job {data['job']['id']}: {data['job']['state']}")
     versions = meta.pop('versions', {}) or {}
     print(f"checkpoint {ckpt.path} (intact)")
     print('  ' + ', '.join(f"{k} {v}" for k, v in meta.items()))

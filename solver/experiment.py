@@ -18,6 +18,7 @@ import difflib
 import functools
 import json
 import math
+import re
 import shutil
 import stat
 import tempfile
@@ -194,6 +195,14 @@ class Experiment:
         if planned is not None and done >= planned:
             return 'complete'
         return 'stopped' if done or self.checkpoints() else 'new'
+
+    @property
+    def job(self) -> str | None:
+        """The id of the newest Slurm job of this experiment (`dora launch`, `dora grid`), or None:
+        read from the names submitit gives its logs (`submitit/<id>_<task>_log.out`)."""
+        ids = [m.group(1) for p in (self.folder / 'submitit').glob('*_log.out')
+               if (m := re.match(r'(\d+(?:_\d+)?)_\d+_log\.out$', p.name))]
+        return max(ids, key=lambda i: [int(x) for x in i.split('_')]) if ids else None
 
     @property
     def size(self) -> int:

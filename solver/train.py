@@ -15,7 +15,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib, locations
+from . import builders, distrib, locations, preemption, slurm
 from .checkpointing.fs import UnsafeFileError
 from .checkpointing.remote import secret_in
 from .errors import UserError
@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> None:
     try:
         flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
         logger.info("Experiment %s in %s", xp.sig, xp.folder)
+        slurm.log_job()
         distrib.init(cfg)
         seed_everything(cfg.seed)
         if cfg.get('num_threads'):
@@ -48,6 +49,7 @@ def run(cfg: DictConfig) -> None:
                 builders.get_solver(cfg).run()
         else:
             builders.get_solver(cfg).run()
+        preemption.ignore_requeue_signal()
     except UserError as err:
         stop(str(err), 1)
     except KeyboardInterrupt:
@@ -141,6 +143,7 @@ def project_main(module: str, config_dir: str | Path | None = None) -> tp.Any:
         init_xp(xp)
 
     decorated.init_xp = checked_init_xp
+    slurm.install(decorated)  # dora launch / grid: CPU jobs, per-experiment requests, no sacct needed
     return decorated
 
 
