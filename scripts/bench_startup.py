@@ -3,6 +3,8 @@ of one checkpoint, against a bare `python -c pass`, side by side in one run.
 
     python scripts/bench_startup.py                 # the solver this interpreter imports
     python scripts/bench_startup.py --repeat 9
+    python scripts/bench_startup.py --before ../old-checkout   # the same commands, alternately with
+                                                               # PYTHONPATH=../old-checkout: before/after
 
 It trains one small experiment (`dora run solver=regression`) into a temporary Dora folder and
 copies it 40 times. Each command runs `--repeat` times; the best wall time and the best CPU time
@@ -47,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--repeat', type=int, default=5)
     parser.add_argument('--experiments', type=int, default=40)
+    parser.add_argument('--before', type=Path, help='a checkout to compare with, imported through PYTHONPATH '
+                        '(run this script with an interpreter whose solver is not an editable install)')
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix='bench-startup-'))
     try:
@@ -61,11 +65,22 @@ def main() -> None:
                     'solver --help': [sys.executable, '-m', 'solver.cli', '--help'],
                     f'solver ls ({args.experiments} experiments)': [sys.executable, '-m', 'solver.cli', 'ls'],
                     'solver verify FILE': [sys.executable, '-m', 'solver.cli', 'verify', str(checkpoint)]}
-        print(f"{'command':<32} {'wall (best)':>12} {'cpu (best)':>11}   heaviest imports")
+        before = {**env, 'PYTHONPATH': str(args.before.resolve())} if args.before else None
+        print(f"{'command':<32} {'wall (best)':>12} {'cpu (best)':>11}" +
+              (f" {'before wall':>12} {'cpu':>8} {'ratio':>6}" if before else '') + "   heaviest imports")
         for label, argv in commands.items():
-            runs = [timed(argv, env, work) for _ in range(args.repeat)]
+            runs, old = [], []
+            for _ in range(args.repeat):  # alternately, so that both see the same machine
+                runs.append(timed(argv, env, work))
+                if before:
+                    old.append(timed(argv, before, work))
             imports = ', '.join(heaviest_imports(argv, env, work)) if 'solver' in label else ''
-            print(f"{label:<32} {min(r[0] for r in runs):>11.3f}s {min(r[1] for r in runs):>10.3f}s   {imports}")
+            wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+            compared = ''
+            if before:
+                old_wall, old_cpu = min(r[0] for r in old), min(r[1] for r in old)
+                compared = f" {old_wall:>11.3f}s {old_cpu:>7.3f}s {cpu / old_cpu:>6.2f}"
+            print(f"{label:<32} {wall:>11.3f}s {cpu:>10.3f}s{compared}   {imports}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
