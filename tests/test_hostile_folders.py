@@ -213,14 +213,18 @@ def test_a_memo_index_far_beyond_the_pickle_is_refused_before_the_c_unpickler_fi
     assert _peak_rss() - peak < 256 << 20
 
 
-def test_a_deflate_bomb_is_refused_from_the_zip_directory_before_anything_is_inflated(tmp_path):
+def _good_records(tmp_path: Path) -> dict[str, bytes]:
+    """The zip records of a real checkpoint, by name, to rebuild a forged archive from."""
     good = tmp_path / 'good.th'
     checkpoint.write_checkpoint(good, state(), META)
     reader = torch._C.PyTorchFileReader(str(good))
+    return {name: bytes(reader.get_record(name)) for name in reader.get_all_records()}
+
+
+def test_a_deflate_bomb_is_refused_from_the_zip_directory_before_anything_is_inflated(tmp_path):
     bomb = tmp_path / 'checkpoint.th'
     with zipfile.ZipFile(bomb, 'w') as archive_file:
-        for name in reader.get_all_records():
-            data = bytes(reader.get_record(name))
+        for name, data in _good_records(tmp_path).items():
             if name == 'data.pkl':  # 256 MiB of padding after the pickle's STOP, deflated to a few hundred KiB
                 archive_file.writestr(f'archive/{name}', data + bytes(256 << 20), compress_type=zipfile.ZIP_DEFLATED)
             else:
@@ -233,10 +237,7 @@ def test_a_deflate_bomb_is_refused_from_the_zip_directory_before_anything_is_inf
 
 
 def test_zip_entries_named_with_dot_dots_or_twice_are_never_extracted_and_the_digests_hold(tmp_path):
-    good = tmp_path / 'good.th'
-    checkpoint.write_checkpoint(good, state(), META)
-    reader = torch._C.PyTorchFileReader(str(good))
-    records = {name: bytes(reader.get_record(name)) for name in reader.get_all_records()}
+    records = _good_records(tmp_path)
     forged = tmp_path / 'checkpoint.th'
     with warnings.catch_warnings(), zipfile.ZipFile(forged, 'w') as archive_file:
         warnings.simplefilter('ignore')  # "Duplicate name"
