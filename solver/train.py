@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> None:
         if cfg.get('num_threads'):
             torch.set_num_threads(cfg.num_threads)
         builders.check_config(cfg)
-        if flashy.distrib.is_rank_zero():
+        if distrib.is_rank_zero():
             with ExperimentLock(xp.folder):
                 builders.get_solver(cfg).run()
         else:
@@ -71,7 +71,8 @@ def stop(message: str, code: int) -> tp.NoReturn:
 def dora_dir_problem(folder: Path) -> str | None:
     """Why Dora could not use `folder` (a file in the way, not writable, a full disk), or None.
 
-    Checked when this module is imported, before Dora's own code would fail with a traceback.
+    Checked when the entry point is built (`project_main`), before Dora's own code would fail with a
+    traceback.
     """
     existing = folder
     while not existing.exists() and existing != existing.parent:
