@@ -22,7 +22,7 @@ __all__ = ['ConfigError', 'check_config', 'get_solver', 'solver_class', 'get_opt
 
 def known_solvers() -> list[str]:
     """Solver configs available as `solver=<name>`: the project's config/solver/ and the framework's."""
-    folders = {locations.shipped('config') / 'solver', locations.project_package() / 'config' / 'solver'}
+    folders = {locations.shipped('config') / 'solver', locations.config_dir(locations.project_package()) / 'solver'}
     return sorted({str(p.relative_to(root).with_suffix('')) for root in folders if root.is_dir()
                    for p in root.rglob('*.yaml')})
 

@@ -159,10 +159,9 @@ def _defaults() -> dict[str, tp.Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    package = locations.project_package()
-    config = package / 'config' if (package / 'config' / 'config.yaml').is_file() else locations.shipped('config')
     try:
-        with initialize_config_dir(config_dir=str(config), version_base='1.3'):
+        with initialize_config_dir(config_dir=str(locations.config_dir(locations.project_package())),
+                                   version_base='1.3'):
             container = OmegaConf.to_container(compose('config'), resolve=True)
     except Exception:  # an installed copy without config/: show the config without a comparison
         return {}

@@ -35,6 +35,13 @@ def shipped(name: str) -> Path:
     raise FileNotFoundError(f"solver.{name} is not installed: reinstall the solver package (pip install -e .)")
 
 
+def config_dir(package_dir: Path) -> Path:
+    """The folder of the primary `config.yaml` of the project whose package is `package_dir`: its
+    own `config/`, else the framework's (this repository's checkout keeps it at the root)."""
+    own = Path(package_dir) / 'config'
+    return own if (own / 'config.yaml').is_file() else shipped('config')
+
+
 def project_root(package_dir: Path) -> Path:
     """The root of the project whose package is `package_dir`: the folder above it when that holds
     a pyproject.toml (a source checkout), else the current directory (an installed package)."""

@@ -103,17 +103,17 @@ def refuse_secrets(argv: tp.Sequence[str]) -> None:
         sys.exit(1)
 
 
-def project_main(module: str, config_dir: str | Path | None = None) -> tp.Any:
+def project_main(module: str) -> tp.Any:
     """The `dora` entry point of a project: in a project's `train.py`, `main = project_main(__name__)`.
 
-    `config_dir` (default: `config/` beside `train.py`) holds the project's primary `config.yaml`;
+    The project's primary `config.yaml` is in `config/` beside `train.py` (`locations.config_dir`);
     the framework's own configs are found through Hydra's search path (`pkg://solver.config`).
     Experiments go to `outputs/` at the project's root (`solver.locations`) or $SOLVER_DORA_DIR.
     """
     refuse_secrets(sys.argv[1:])
     package = Path(str(sys.modules[module].__file__)).resolve().parent
     locations.use_project(package)
-    config = Path(config_dir) if config_dir is not None else package / 'config'
+    config = locations.config_dir(package)
 
     def main(cfg: DictConfig) -> None:
         run(cfg)
@@ -154,7 +154,7 @@ def __getattr__(name: str) -> tp.Any:
     framework's configs."""
     if name != 'main':
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()['main'] = project_main(__name__, locations.shipped('config'))
+    globals()['main'] = project_main(__name__)
     return globals()['main']
 
 
