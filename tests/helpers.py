@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,9 +42,19 @@ def dora_env(dora_dir: Path) -> dict[str, str]:
 
     One torch thread: the test models are tiny, and the suite runs on two cores. This folder is
     on the path, so that `solver_class=faulty_solver.FaultySolver` can be imported.
+    Distributed runs (`dora run -d`) get a free port of their own: Dora derives its default from
+    the signature, so two tests running one signature at once (`pytest -n 2`) would collide.
     """
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get('PYTHONPATH', '')) if p)
-    return {**os.environ, 'SOLVER_DORA_DIR': str(dora_dir), 'OMP_NUM_THREADS': '1', 'PYTHONPATH': path}
+    return {'MASTER_PORT': str(free_port()), **os.environ, 'SOLVER_DORA_DIR': str(dora_dir),
+            'OMP_NUM_THREADS': '1', 'PYTHONPATH': path}
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def run_dora(dora_dir: Path, *args: str, timeout: float = 120,

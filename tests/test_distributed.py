@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DORA, SOLVER, TORCHRUN
+from helpers import DORA, SOLVER, TORCHRUN, free_port
 from torch import nn
 
 from solver import distrib
@@ -311,8 +311,4 @@ def test_ranks_that_disagree_on_the_epoch_after_a_load_stop_naming_them(dora_too
 
 
 if __name__ == '__main__' and sys.argv[1:] == ['disagree']:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        free_port = sock.getsockname()[1]
-    mp.spawn(_disagree, args=(free_port,), nprocs=2)
+    mp.spawn(_disagree, args=(free_port(),), nprocs=2)

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import damage_a_tensor
+from helpers import damage_a_tensor, free_port
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing import manager, policy, remote
@@ -38,11 +38,6 @@ SLOW = (*REGRESSION, 'dataset.train_size=8192', 'logging.log_updates=64')
 BIG = ('solver=regression', 'model.hidden_size=2048', 'dataset.dim=1024', 'optim.updates_per_epoch=1',
        'dataset.eval_size=32', 'optim.epochs=8')
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 class MotoServer:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import DORA, FAULTY
+from helpers import DORA, FAULTY, free_port
 
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
@@ -166,11 +166,6 @@ BIG_FSDP = ('solver=regression', 'fsdp.use=true', 'model.hidden_size=2048', 'dat
             'optim.updates_per_epoch=1', 'dataset.eval_size=32', 'optim.epochs=20',
             'distributed.timeout_minutes=0.5')
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def workers_of(agent: int) -> list[int]:
