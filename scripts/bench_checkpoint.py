@@ -69,7 +69,10 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from solver.checkpointing import archive  # noqa: E402
+from solver.checkpointing import (
+    archive,  # noqa: E402
+    tree,  # noqa: E402
+)
 from solver.checkpointing import format as checkpoint  # noqa: E402
 from solver.checkpointing.fs import evict, fsync_dir  # noqa: E402
 from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
@@ -93,7 +96,7 @@ def make_state(nbytes: int) -> tuple[nn.Module, torch.optim.Optimizer, dict[str,
 
 def tensors_of(state: tp.Any) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    checkpoint._walk(state, found)
+    tree.skeleton(state, found)
     return found
 
 

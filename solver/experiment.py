@@ -31,8 +31,8 @@ import torch
 import yaml
 
 from . import lock
+from .checkpointing import blobs, manager, policy, remote, sharded, store
 from .checkpointing import format as checkpoint
-from .checkpointing import manager, policy, remote, sharded, store
 from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir, read_file
 
@@ -428,7 +428,7 @@ def check_export_target(target: Path) -> None:
     if real.name != checkpoint.LATEST and checkpoint.epoch_of(real) is None:
         return
     folder = real.parent
-    if any((folder / name).exists() for name in ('.argv.json', '.lock', store.BLOBS)) or checkpoint.candidates(folder):
+    if any((folder / name).exists() for name in ('.argv.json', '.lock', blobs.BLOBS)) or checkpoint.candidates(folder):
         raise ExperimentError(
             f"{target} is a checkpoint name inside the experiment folder {folder}: exporting there would replace "
             "its checkpoint with a best-state-only file, and the experiment could no longer resume. Write the "
@@ -555,6 +555,6 @@ def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Pat
     with lock.ExperimentLock(xp.folder):
         store.IncrementalStore(xp.folder).check_own()  # a blob folder that is a link: refused before any delete
         pruned = manager.prune(xp.folder, retention, xp.scores(), apply=apply)
-        if apply and (xp.folder / store.BLOBS).is_dir():  # [incremental] blobs no checkpoint references now
+        if apply and (xp.folder / blobs.BLOBS).is_dir():  # [incremental] blobs no checkpoint references now
             store.IncrementalStore(xp.folder).collect()
     return pruned.removed, pruned.kept

@@ -22,7 +22,7 @@ from helpers import damage_a_tensor
 from torch import nn
 
 from solver.best_state import BestState
-from solver.checkpointing import archive
+from solver.checkpointing import archive, tree
 from solver.checkpointing import format as checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def state_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
 def addresses(state: dict) -> list[int]:
     found: list[torch.Tensor] = []
-    checkpoint._walk(state, found)
+    tree.skeleton(state, found)
     return [t.data_ptr() for t in found]
 
 
@@ -197,7 +197,7 @@ def test_a_resumed_dora_run_reads_every_tensor_into_the_live_state(dora, dora_di
     (folder / 'checkpoint_2.th').unlink()
     state = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
     tensors: list[torch.Tensor] = []
-    checkpoint._walk({k: v for k, v in state.items() if k != 'optimizer'}, tensors)
+    tree.skeleton({k: v for k, v in state.items() if k != 'optimizer'}, tensors)
     code, output = dora('run', *overrides)
     assert code == 0, output
     found = re.search(r'Resumed from .*\(epoch 1, .*\)\. (\d+) tensors read straight into the live state', output)

@@ -21,8 +21,8 @@ import torch
 import xxhash
 from helpers import FAULTY, REGRESSION, SOLVER, run_xp
 
+from solver.checkpointing import blobs, store
 from solver.checkpointing import format as checkpoint
-from solver.checkpointing import store
 from solver.checkpointing.store import IncrementalStore
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 from solver.lock import ExperimentLock
@@ -42,7 +42,7 @@ def make_state(seed: int = 0) -> dict:
 
 
 def blob_names(folder: Path) -> set[str]:
-    return {p.name for p in (folder / store.BLOBS).iterdir()}
+    return {p.name for p in (folder / blobs.BLOBS).iterdir()}
 
 
 def flip_byte(path: Path, offset: int = 100) -> None:
@@ -90,8 +90,8 @@ def test_small_tensors_stay_in_the_checkpoint_file(tmp_path):
 def test_the_blob_key_is_the_xxh3_128_of_the_bytes_and_their_length():
     tensor = torch.arange(1000, dtype=torch.float32)
     expected = xxhash.xxh3_128_hexdigest(tensor.numpy().tobytes())
-    assert store.blob_key(tensor) == f'{expected}-4000'
-    assert store.blob_key(tensor.reshape(10, 100).t()) != store.blob_key(tensor)  # bytes as laid out
+    assert blobs.blob_key(tensor) == f'{expected}-4000'
+    assert blobs.blob_key(tensor.reshape(10, 100).t()) != blobs.blob_key(tensor)  # bytes as laid out
 
 
 def test_a_damaged_blob_is_named_and_the_newest_intact_checkpoint_is_used(tmp_path, caplog):
@@ -99,7 +99,7 @@ def test_a_damaged_blob_is_named_and_the_newest_intact_checkpoint_is_used(tmp_pa
     incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 1), make_state(1), dict(META, epoch=1))
     before = blob_names(tmp_path)
     incremental.write(tmp_path / checkpoint.LATEST, make_state(2), dict(META, epoch=2))
-    damaged = tmp_path / store.BLOBS / sorted(blob_names(tmp_path) - before)[0]
+    damaged = tmp_path / blobs.BLOBS / sorted(blob_names(tmp_path) - before)[0]
     flip_byte(damaged)
     with pytest.raises(checkpoint.CorruptCheckpointError, match=f'blob {damaged} does not match its digest'):
         checkpoint.read_checkpoint(tmp_path / checkpoint.LATEST)
@@ -110,7 +110,7 @@ def test_a_damaged_blob_is_named_and_the_newest_intact_checkpoint_is_used(tmp_pa
 
 def test_a_missing_blob_is_named(tmp_path):
     IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', make_state(), META)
-    blob = next((tmp_path / store.BLOBS).iterdir())
+    blob = next((tmp_path / blobs.BLOBS).iterdir())
     blob.unlink()
     with pytest.raises(checkpoint.CorruptCheckpointError, match=f'its blob {blob} is missing'):
         checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
@@ -119,7 +119,7 @@ def test_a_missing_blob_is_named(tmp_path):
 def test_a_damaged_blob_found_on_disk_is_rewritten_not_reused(tmp_path):
     state = make_state()
     IncrementalStore(tmp_path).write(tmp_path / 'checkpoint_1.th', state, META)
-    blob = next((tmp_path / store.BLOBS).iterdir())
+    blob = next((tmp_path / blobs.BLOBS).iterdir())
     flip_byte(blob)
     incremental = IncrementalStore(tmp_path)  # as in a new process
     incremental.write(tmp_path / 'checkpoint.th', state, META)
@@ -185,7 +185,7 @@ def test_collect_refuses_while_another_process_holds_the_experiment_lock(tmp_pat
                          ids=['path outside', 'not a dtype', 'size not the blob size'])
 def test_a_crafted_blob_reference_is_refused_before_anything_is_read(tmp_path, ref):
     (tmp_path / 'secret').write_bytes(bytes(16))
-    (tmp_path / 'xp' / store.BLOBS).mkdir(parents=True)
+    (tmp_path / 'xp' / blobs.BLOBS).mkdir(parents=True)
     state = {'model': {'w': torch.zeros(4)}}
     content = {'meta': META, 'state': {'model': {'w': torch.empty(0)}}, 'blobs': {'refs': [ref]}}
     checkpoint._write_file(tmp_path / 'xp' / 'checkpoint.th', content,
@@ -367,5 +367,5 @@ def test_the_command_line_rolls_back_prunes_and_exports_an_incremental_experimen
     for path in store.checkpoint_files(xp.folder):
         checkpoint.read_checkpoint(path)
     solver('export', str(xp.folder), str(tmp_path / 'model.th'))
-    shutil.rmtree(xp.folder / store.BLOBS)
+    shutil.rmtree(xp.folder / blobs.BLOBS)
     assert 'model' in checkpoint.read_checkpoint(tmp_path / 'model.th').state['best_state']['states']

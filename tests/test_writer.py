@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing import tree
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 META = {'epoch': 3, 'step': 30, 'config': {'optim': {'lr': 0.1}}}
@@ -141,7 +142,7 @@ def test_a_sync_writer_stages_nothing(tmp_path: Path):
 
 def tensors_of(state: dict) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    checkpoint._walk(state, found)
+    tree.skeleton(state, found)
     return found
 
 

@@ -39,9 +39,9 @@ import torch
 import xxhash
 
 from .. import distrib
-from ..errors import UserError
-from . import archive, policy, sharded, tree
+from . import archive, blobs, policy, sharded, tree
 from .digest import tensor_digest
+from .faults import CheckpointError, CorruptCheckpointError, DamagedIntoLiveError, UnsafeCheckpointError
 from .fs import UnsafeFileError, atomic_open, open_file
 
 logger = logging.getLogger(__name__)
@@ -50,27 +50,6 @@ FORMAT = 'solver.checkpoint'
 VERSION = 1
 LATEST = 'checkpoint.th'
 _EPOCH_RE = re.compile(r'^checkpoint_(\d+)\.th$')
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint could not be written, found or used; the message says which file and why."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The file exists but is damaged or is not a checkpoint of ours."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file would need arbitrary pickled objects (code) to load: refused."""
-
-
-class DamagedIntoLiveError(CorruptCheckpointError):
-    """A damaged file whose bytes were already read into live tensors (`read_checkpoint(into=)`):
-    `live` lists them. Only a checkpoint that verifies and replaces them all may be used next."""
-
-    def __init__(self, message: str, live: list[torch.Tensor]) -> None:
-        super().__init__(message)
-        self.live = live
 
 
 @dataclass
@@ -159,32 +138,6 @@ def candidates(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # Integrity
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
-
-
-def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
-    """The structure of `obj` with each tensor replaced by its dtype and shape (collected).
-
-    Raises TypeError for anything but tensors, plain containers and plain scalars (keys
-    included): such a value would make the file need arbitrary pickles, which loading refuses.
-    Exact types are checked, since a subclass (defaultdict, a str enum) pickles as its class.
-    """
-    def leaf(value: tp.Any, path: tree.Path, like: tp.Any) -> tp.Any:
-        kind = type(value)
-        if kind in _PLAIN:
-            return value
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-            return ('tensor', str(value.dtype), tuple(value.shape))
-        raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({value!r:.60}): "
-                        "store tensors, plain containers and plain scalars only")
-
-    def check_key(key: tp.Any) -> None:
-        if type(key) not in _PLAIN:
-            raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
-    return tree.map_leaves(obj, leaf, check_key=check_key)
-
-
 def _live_pairs(loaded: tp.Any, live: tp.Any) -> tp.Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(loaded tensor, live tensor) at the same place of two states (same keys, same lengths)."""
     if isinstance(loaded, torch.Tensor):
@@ -209,7 +162,7 @@ def digests(state: tp.Any, ready: archive.Ready | None = None, loaded: bool = Fa
     their storage (hashing a stride-0 view of 2**28 elements would allocate them all).
     """
     tensors: list[torch.Tensor] = []
-    skeleton = _walk(state, tensors)
+    skeleton = tree.skeleton(state, tensors)
     hashed = []
     for index, tensor in enumerate(tensors):
         if loaded and tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
@@ -268,8 +221,7 @@ def clean_stray_files(folder: Path) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
     sharded.clean(folder)
-    from . import store  # [incremental] (store imports this module)
-    store.clean_stray_blobs(folder)
+    blobs.clean_stray_blobs(folder)  # [incremental]
 
 
 def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -301,7 +253,7 @@ def _write_file(path: Path, content: dict[str, tp.Any],
                 digested: dict[str, tp.Any] | None = None) -> dict[str, tp.Any]:
     """Write the file; return the digests recorded in it. `digested`: those digests, when
     computed already (store.py: of the real state, not of the placeholders it writes)."""
-    _walk(content, [])  # a value that cannot be saved raises here, before any file is touched
+    tree.skeleton(content, [])  # a value that cannot be saved raises here, before any file is touched
     header = {'format': FORMAT, 'version': VERSION, **content}
     recorded: dict[str, tp.Any] = {}
 
@@ -412,9 +364,8 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
         raise _unreadable(path, err, refused) from err
     live = reading.live if reading is not None else []
     try:
-        from . import store  # [incremental] blobs in place of the placeholders
-        if store.is_incremental(payload):
-            payload = store.resolve(path, payload)
+        if blobs.is_incremental(payload):
+            payload = blobs.resolve(path, payload)
         ckpt = verify(path, payload, reading.ready if reading is not None else None)
         if reading is not None:
             reading.wait()  # every tensor was hashed, hence read: this only makes sure

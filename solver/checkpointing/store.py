@@ -37,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import math
 import os
-import re
 import threading
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
@@ -50,35 +48,16 @@ import torch
 
 from . import format as checkpoint
 from . import sharded, tree
-from .digest import flat_bytes, xxh3_128
-from .fs import fsync_dir, open_fd, open_file, read_file, unlink
+from .blobs import BLOBS, KEY, blob_key, is_incremental, read_blob
+from .digest import flat_bytes
+from .fs import fsync_dir, open_fd, read_file, unlink
 
 logger = logging.getLogger(__name__)
 
-BLOBS = 'blobs'
-_KEY = re.compile(r'^[0-9a-f]{32}-[0-9]{1,15}$')  # what a blob may be called: nothing else is read or collected
 INLINE_BYTES = 512    # smaller tensors stay in the checkpoint file: a file each would cost more
-_SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs
 
 
 _pool = ThreadPoolExecutor(4, thread_name_prefix='checkpoint-blobs')
-
-
-def blob_key(tensor: torch.Tensor) -> str:
-    """`<xxh3-128 of the bytes>-<number of bytes>`: the name of a tensor's bytes in the store."""
-    flat = flat_bytes(tensor)
-    nbytes = flat.numel() * flat.element_size()
-    return f'{xxh3_128(flat.data_ptr(), nbytes)}-{nbytes}'
-
-
-def _map_tensors(obj: tp.Any, function: tp.Callable[[torch.Tensor], tp.Any]) -> tp.Any:
-    """`obj` rebuilt with `function(tensor)` for each tensor, in `format`'s traversal order."""
-    return tree.map_leaves(obj, lambda value, path, like: function(value) if isinstance(value, torch.Tensor) else value)
-
-
-def is_incremental(payload: tp.Any) -> bool:
-    """Whether a loaded checkpoint payload keeps its tensors in a blob store."""
-    return isinstance(payload, dict) and isinstance(payload.get('blobs'), dict)
 
 
 @dataclass
@@ -114,7 +93,7 @@ class IncrementalStore:
                 f"Cannot write {path} incrementally: the state is sharded (FSDP). Set "
                 "checkpoint.incremental=false for sharded runs.")
         content = {'meta': meta, 'state': state}
-        checkpoint._walk(content, [])  # a value that cannot be saved raises before any write
+        tree.skeleton(content, [])  # a value that cannot be saved raises before any write
         digests = checkpoint.digests(content)
         stats = WriteStats()
         refs: list[tp.Any] = []
@@ -138,7 +117,7 @@ class IncrementalStore:
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
                 self.check_own()
-                skeleton = _map_tensors(content, to_ref)
+                skeleton = tree.map_tensors(content, to_ref)
                 # Written and fsynced a few at a time: the file system commits their fsyncs together.
                 list(_pool.map(lambda item: self._write_blob(*item), new.items()))
                 fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
@@ -206,7 +185,7 @@ class IncrementalStore:
                 return []
             removed = []
             for name in sorted(os.listdir(self.blobs)):
-                if _KEY.match(name) and name not in used:
+                if KEY.match(name) and name not in used:
                     unlink(self.blobs / name, inside=self.folder)  # through no link, even one made meanwhile
                     self._trusted.discard(name)
                     removed.append(name)
@@ -273,76 +252,10 @@ def referenced(folder: Path) -> set[str] | None:
 
 def _intact(blob: Path, key: str, inside: Path) -> bool:
     try:
-        _read_blob(blob, key, inside)
+        read_blob(blob, key, inside)
     except (OSError, checkpoint.CorruptCheckpointError):
         return False
     return True
-
-
-def _read_blob(blob: Path, key: str, inside: Path) -> torch.Tensor:
-    """The bytes of a blob as a uint8 tensor, checked against its key; `inside`: the folder
-    holding its store, which it is read from through no link (`fs.open_fd`)."""
-    nbytes = int(key.rpartition('-')[2])
-    with open_file(blob, inside=inside, limit=nbytes) as f:
-        if os.fstat(f.fileno()).st_size != nbytes:  # before allocating what the key says
-            raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
-        data = torch.empty(nbytes, dtype=torch.uint8)
-        size = tp.cast(tp.Any, f).readinto(data.numpy()) if nbytes else 0
-        extra = f.read(1)
-    if size != nbytes or extra:
-        raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
-    if blob_key(data) != key:
-        raise checkpoint.CorruptCheckpointError(f"blob {blob} does not match its digest")
-    return data
-
-
-def blob_folder(path: Path) -> Path | None:
-    """The blob folder of a checkpoint file: beside it, or in a folder above it."""
-    for parent in [Path(path).parent, *Path(path).parent.parents][:_SEARCH_UP + 1]:
-        if (parent / BLOBS).is_dir():
-            return parent / BLOBS
-    return None
-
-
-def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
-    """The payload of an incremental checkpoint file with its blobs read in, each checked
-    against its key; raises `CorruptCheckpointError` naming the file and the blob."""
-    refs = payload['blobs'].get('refs')
-    content = {key: payload[key] for key in ('meta', 'state') if key in payload}
-    tensors: list[torch.Tensor] = []
-    checkpoint._walk(content, tensors)
-    if not isinstance(refs, list) or len(refs) != len(tensors):
-        raise checkpoint.CorruptCheckpointError(f"{path} is damaged: its blob references do not match its state.")
-    folder = blob_folder(path)
-    if folder is None and any(ref is not None for ref in refs):
-        raise checkpoint.CorruptCheckpointError(
-            f"{path} is an incremental checkpoint and no '{BLOBS}' folder holds its tensors (looked in "
-            f"{path.parent} and above). Copy a checkpoint elsewhere with "
-            "solver.checkpointing.store.consolidate (or `solver export`), not cp.")
-    index = iter(range(len(refs)))
-
-    def fill(tensor: torch.Tensor) -> torch.Tensor:
-        ref = refs[next(index)]
-        if ref is None:
-            return tensor
-        try:
-            key, dtype_name, shape = ref
-            dtype = getattr(torch, str(dtype_name).rpartition('.')[2], None)
-            if not (isinstance(key, str) and _KEY.match(key) and isinstance(dtype, torch.dtype)
-                    and isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
-                    and math.prod(shape) * dtype.itemsize == int(key.rpartition('-')[2])):
-                raise ValueError("not a blob key, dtype and shape of matching size")
-            data = _read_blob(tp.cast(Path, folder) / key, key, tp.cast(Path, folder).parent)
-            return data.view(dtype).reshape(shape)
-        except FileNotFoundError as err:
-            raise checkpoint.CorruptCheckpointError(
-                f"{path} is damaged: its blob {tp.cast(Path, folder) / key} is missing.") from err
-        except checkpoint.CorruptCheckpointError as err:
-            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: {err}.") from err
-        except (OSError, ValueError, TypeError, RuntimeError, AttributeError) as err:
-            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: blob reference {ref!r:.120}: {err}") from err
-
-    return {**payload, **_map_tensors(content, fill)}
 
 
 def consolidate(source: Path, target: Path) -> checkpoint.Checkpoint:
@@ -356,10 +269,3 @@ def consolidate(source: Path, target: Path) -> checkpoint.Checkpoint:
     return checkpoint.read_checkpoint(Path(target))
 
 
-def clean_stray_blobs(folder: Path) -> None:
-    """Remove the temporary blob files of a process killed during a save."""
-    blobs = Path(folder) / BLOBS
-    if blobs.is_dir() and not blobs.is_symlink():  # another store's temporary files are not ours
-        for tmp in blobs.glob('.*.tmp.*'):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
