@@ -17,8 +17,8 @@ import typing as tp
 from pathlib import Path
 
 from . import locations
+from .checkpointing.lock import ExperimentLockedError
 from .errors import UserError
-from .lock import ExperimentLockedError
 
 if tp.TYPE_CHECKING:
     from . import experiment as xps

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import lock
-from .checkpointing import blobs, manager, policy, remote, sharded, store
+from .checkpointing import blobs, lock, manager, policy, remote, sharded, store
 from .checkpointing import format as checkpoint
 from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir, read_file

@@ -19,7 +19,7 @@ import torch
 from helpers import DORA, SOLVER, damage_a_tensor
 
 from solver.checkpointing import format as checkpoint
-from solver.lock import ExperimentLock
+from solver.checkpointing.lock import ExperimentLock
 
 pytestmark = pytest.mark.integration  # every test runs the installed `solver` script
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from solver.best_state import BestState, drop_keys
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing.lock import ExperimentLock, ExperimentLockedError
 from solver.ema import ModuleDictEMA
-from solver.lock import ExperimentLock, ExperimentLockedError
 from solver.rng import RNGState
 from solver.sampler import ResumableBatchSampler
 
@@ -253,7 +253,7 @@ def test_drop_keys_does_not_change_its_input():
 
 HOLD_LOCK = """
 import sys, time
-from solver.lock import ExperimentLock
+from solver.checkpointing.lock import ExperimentLock
 ExperimentLock(sys.argv[1]).__enter__()
 print('locked', flush=True)
 time.sleep(600)

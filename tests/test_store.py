@@ -23,9 +23,9 @@ from helpers import FAULTY, REGRESSION, SOLVER, run_xp
 
 from solver.checkpointing import blobs, store
 from solver.checkpointing import format as checkpoint
+from solver.checkpointing.lock import ExperimentLock
 from solver.checkpointing.store import IncrementalStore
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
-from solver.lock import ExperimentLock
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {'epoch': 1, 'step': 10}
@@ -163,7 +163,7 @@ def test_collect_refuses_while_another_process_holds_the_experiment_lock(tmp_pat
     (tmp_path / 'checkpoint.th').unlink()
     holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f"""
         import sys, time
-        from solver.lock import ExperimentLock
+        from solver.checkpointing.lock import ExperimentLock
         with ExperimentLock({str(tmp_path)!r}):
             print('locked', flush=True)
             time.sleep(60)
@@ -228,7 +228,7 @@ from solver.checkpointing import format as checkpoint
 from solver.checkpointing import manager, policy
 from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.store import IncrementalStore
-from solver.lock import ExperimentLock
+from solver.checkpointing.lock import ExperimentLock
 folder = Path(sys.argv[1])
 retention = policy.retention_from_config(CheckpointConfig(save_every=1, keep_last=2))
 rng = random.Random(int(sys.argv[2]))

@@ -23,7 +23,7 @@ against the file's 64-bit digests (`format.verify`), as for a single-file checkp
 Order. Blobs are written to temporary files, fsynced, renamed, and the folder fsynced; the
 checkpoint file, which is what makes a checkpoint exist, is written after (atomically, by
 `format`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
-folder references (the `rolled_back/` ones included), only while the experiment's lock is
+folder references (the `rolled_back/` ones included), only while the experiment lock (`lock`) is
 held and never during a save of the same store; a checkpoint file that cannot be read stops
 it (its blobs cannot be known). A kill -9 at any moment leaves at worst unreferenced blobs or
 temporary files, removed later.
@@ -35,7 +35,6 @@ Sharded (FSDP) states are refused: their shards are DCP files of their own (`sha
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -50,7 +49,8 @@ from . import format as checkpoint
 from . import sharded, tree
 from .blobs import BLOBS, KEY, blob_key, is_incremental, read_blob
 from .digest import flat_bytes
-from .fs import fsync_dir, open_fd, read_file, unlink
+from .fs import fsync_dir, unlink
+from .lock import held_or_taken
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class IncrementalStore:
         Runs only with the experiment lock held (by this process, or taken here for the time of
         the call); refuses while another process holds it. Never runs during a `write`.
         """
-        with self._mutex, _experiment_lock(self.folder):
+        with self._mutex, held_or_taken(self.folder):
             self.check_own()
             if not self.blobs.is_dir():
                 return []
@@ -196,32 +196,6 @@ class IncrementalStore:
     def nbytes(self) -> int:
         """Bytes of the blobs on disk."""
         return sum(p.stat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
-
-
-@contextlib.contextmanager
-def _experiment_lock(folder: Path) -> tp.Iterator[None]:
-    """Hold the experiment lock (`lock.ExperimentLock`) for the block: already held by this
-    process (its pid is in the lock file and the lock is taken), or taken now."""
-    from ..lock import ExperimentLock
-    lock_path = Path(folder) / '.lock'
-    with contextlib.suppress(OSError, ValueError):
-        owner = int(read_file(lock_path, 4096).split()[0])
-        if owner == os.getpid() and _locked(lock_path):
-            yield
-            return
-    with ExperimentLock(folder):
-        yield
-
-
-def _locked(lock_path: Path) -> bool:
-    fd = open_fd(lock_path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (releases the probe's lock, if it got one)
-    return False
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
