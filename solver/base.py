@@ -56,7 +56,8 @@ class StandardSolver(flashy.BaseSolver):
         self.rng = RNGState()
         # Position of the run: steps, batches drawn (steps + skipped by rollbacks), the partial epoch.
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
-        self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better)
+        self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better,
+                                         ranks=distrib.checkpoint_ranks())
         self.preemption = PreemptionHandler()
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
         self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`

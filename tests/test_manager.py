@@ -7,6 +7,7 @@ import dataclasses
 import json
 import threading
 import time
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -170,9 +171,9 @@ def test_on_durable_runs_after_the_file_is_on_disk_and_never_before(tmp_path, mo
     written = threading.Event()
     real = checkpoint.write_checkpoint
 
-    def slow_write(path: Path, state: dict, meta: dict) -> None:
+    def slow_write(path: Path, state: dict, meta: dict, **kwargs: tp.Any) -> None:
         time.sleep(0.2)  # a slow disk: the async save returns long before this
-        real(path, state, meta)
+        real(path, state, meta, **kwargs)
         written.set()
 
     monkeypatch.setattr(checkpoint, 'write_checkpoint', slow_write)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,13 @@ class SlowDisk:
         self._write = checkpoint.write_checkpoint
         monkeypatch.setattr(checkpoint, 'write_checkpoint', self)
 
-    def __call__(self, path: Path, state: dict, meta: dict) -> None:
+    def __call__(self, path: Path, state: dict, meta: dict, **kwargs: tp.Any) -> None:
         self.calls.append(path)
         self.entered.release()
         assert self.release.wait(timeout=60), "the test never released the write"
         if self.error is not None:
             raise self.error
-        self._write(path, state, meta)
+        self._write(path, state, meta, **kwargs)
 
 
 def test_an_async_save_writes_the_same_checkpoint_as_a_sync_save(tmp_path: Path, assert_same):

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .. import distrib
 from . import archive, blobs, policy, sharded, tree
 from .digest import tensor_digest
 from .faults import CheckpointError, CorruptCheckpointError, DamagedIntoLiveError, UnsafeCheckpointError
 from .fs import UnsafeFileError, atomic_open, open_file
+from .ranks import DEFAULT_RANKS, Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -229,23 +229,23 @@ def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
     return {key: payload[key] for key in ('meta', 'state', 'shards') if key in payload}
 
 
-def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any] | None:
+def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any],
+                     ranks: Ranks = DEFAULT_RANKS) -> dict[str, tp.Any] | None:
     """Write `state` and `meta` to `path` atomically, with digests of the state.
 
-    A state with DTensors is sharded: every rank must call this (a collective). Each writes its
-    shards; rank 0 then writes the file, and no rank returns before it is durable.
+    A state with DTensors is sharded: every rank of `ranks` must call this (a collective). Each
+    writes its shards; rank 0 then writes the file, and no rank returns before it is durable.
     Returns the digests recorded in the file (None for a sharded state).
     """
     if not sharded.has_dtensors(state):
         return _write_file(path, {'meta': meta, 'state': state})
-    group = distrib.checkpoint_group()
     try:
-        state, shards = sharded.save_shards(path, state)
+        state, shards = sharded.save_shards(path, state, ranks)
         if shards is not None:  # rank 0, once every rank's shards are durable: the commit point
             _write_file(path, {'meta': meta, 'state': state, 'shards': shards})
             sharded.remove_superseded(path, keep=shards['folder'])
     finally:
-        distrib.barrier(group)
+        ranks.barrier()
     return None
 
 
@@ -279,7 +279,7 @@ def _write_file(path: Path, content: dict[str, tp.Any],
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Checkpoint:
+def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None, ranks: Ranks = DEFAULT_RANKS) -> Checkpoint:
     """Load and verify a checkpoint file, safely (`weights_only`): never runs pickled code.
 
     The file is opened once and everything is read through that one descriptor: a concurrent
@@ -294,6 +294,7 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     checkpoint's tensor is a view of it (`Checkpoint.live` lists them): `load_state_dict` then
     copies nothing. The digests are checked on those bytes before this returns; if they do not
     match, `DamagedIntoLiveError` names the live tensors that now hold damaged bytes.
+    A sharded checkpoint is read by every rank of `ranks` together.
     """
     path = Path(path)
     try:
@@ -308,7 +309,7 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
         payload, ckpt = _read_payload(path, f, into)
     if 'shards' in payload:
         try:
-            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
+            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like, ranks)
         except Exception as err:  # ShardError, OSError, or whatever a crafted skeleton makes Python raise
             raise CorruptCheckpointError(f"{path} cannot be loaded: {err}") from err
     elif like is not None and sharded.has_dtensors(like):
@@ -406,10 +407,10 @@ def _damaged(err: CorruptCheckpointError, live: list[torch.Tensor]) -> CorruptCh
 
 
 def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None,
-                       into: tp.Any = None) -> Checkpoint | None:
+                       into: tp.Any = None, ranks: Ranks = DEFAULT_RANKS) -> Checkpoint | None:
     """The newest checkpoint of `folder` that verifies, reporting each damaged one on the way.
 
-    `like` and `into` as in `read_checkpoint`. A file passed over after its bytes went into the
+    `like`, `into` and `ranks` as in `read_checkpoint`. A file passed over after its bytes went into the
     live state must be replaced entirely by the one used, else this raises: the live state is
     never half of one checkpoint and half of another. With `resumable`, epoch files that hold only some states
     (`checkpoint.keep_every_states`) are passed over: they cannot resume a run. Returns None
@@ -421,7 +422,7 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
     dirty: dict[int, Path] = {}  # live tensors (by address) holding bytes of a file passed over
     for path in tried:
         try:
-            found = read_checkpoint(path, like, into)
+            found = read_checkpoint(path, like, into, ranks)
         except CheckpointError as err:  # damaged, unsafe, or gone since it was listed (pruned)
             logger.error("Skipping %s checkpoint: %s",
                          'damaged' if isinstance(err, CorruptCheckpointError) else 'unusable', err)

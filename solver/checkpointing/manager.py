@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .. import distrib
 from ..errors import SolverError
 from . import format as checkpoint
 from . import fs, policy, remote, sharded
 from .config import CheckpointConfig
 from .fs import fsync_dir
+from .ranks import DEFAULT_RANKS, Ranks
 from .store import IncrementalStore
 from .writer import CheckpointWriter, SaveMode, SaveStats
 
@@ -93,23 +93,26 @@ class CheckpointManager:
 
     `cfg` is the `checkpoint` config section (a DictConfig, a dict or a `CheckpointConfig`);
     `sig` the experiment's signature, recorded in every checkpoint and checked on resume;
-    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`).
+    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`); `ranks` the
+    ranks that save and load together (`ranks.Ranks`, from the caller: this package sets up none).
     """
 
-    def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True) -> None:
+    def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True,
+                 ranks: Ranks = DEFAULT_RANKS) -> None:
         self.folder = Path(folder)
+        self.ranks = ranks
         self.cfg = cfg = CheckpointConfig.parse(cfg)
         self.sig = sig
         self.lower_is_better = lower_is_better
         self.policies = policy.from_config(cfg, lower_is_better)
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
-                                       staging_max_mb=cfg.staging_max_mb)
+                                       staging_max_mb=cfg.staging_max_mb, ranks=ranks)
         self.writer.listeners.append(self._after_durable)
         if cfg.incremental:  # [incremental] equal tensors stored once (store.py)
             self.writer.store = IncrementalStore(self.folder)
         # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
         self.remote: remote.RemoteMirror | None = None
-        if cfg.remote and distrib.is_rank_zero():
+        if cfg.remote and ranks.is_rank_zero():
             self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
                                               self.policies.retention)
         self.rollbacks = 0
@@ -194,7 +197,7 @@ class CheckpointManager:
             if writes:
                 self._on_durable.pop()
             raise
-        distrib.barrier()
+        self.ranks.barrier()
         self._latest_saved = self._latest_saved or self.latest_path in targets
         self._last_save = time.time()
         self._save_cost = stats.blocked
@@ -210,7 +213,7 @@ class CheckpointManager:
         """Writer listener: prune by retention, hand the save to the remote mirror, then run the
         save's `on_durable`."""
         pending = self._on_durable.popleft() if self._on_durable else _Pending(None, ())
-        if distrib.is_rank_zero():
+        if self.ranks.is_rank_zero():
             self.prune(pending.scores)
             if self.remote is not None:
                 self.remote.notify(paths, pending.scores)
@@ -259,12 +262,12 @@ class CheckpointManager:
         Stray temporary files of killed saves are removed first. A checkpoint of another
         experiment (another signature in its metadata) is refused: it was copied in by hand.
         """
-        if distrib.is_rank_zero():
+        if self.ranks.is_rank_zero():
             checkpoint.clean_stray_files(self.folder)
             if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
                 self.remote.restore()
-        distrib.barrier()
-        own = checkpoint.load_newest_intact(self.folder, like=like, into=into)
+        self.ranks.barrier()
+        own = checkpoint.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
         if own is not None:
             self.check_signature(own)
         return own
@@ -303,13 +306,13 @@ class CheckpointManager:
         else:
             path = Path(value).expanduser()
         if path.is_dir():
-            newest = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into)
+            newest = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into, ranks=self.ranks)
             if newest is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
             return newest
         if path.is_file():  # a path the user typed: a link in it is theirs to follow
-            return checkpoint.read_checkpoint(path.resolve(), like, into)
+            return checkpoint.read_checkpoint(path.resolve(), like, into, self.ranks)
         raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
                           "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
 
@@ -329,7 +332,7 @@ class CheckpointManager:
         found = self.writer.staged_checkpoint(newest[0], into) if newest else None
         source = 'memory (the staged copy of the last save, verified against its digests)'
         if found is None:
-            found = checkpoint.load_newest_intact(self.folder, like=like, into=into)
+            found = checkpoint.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
             source = 'disk'
         if found is None:
             raise SolverError(f"Training diverged ({problem}) at step {step}, before any checkpoint to "

@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from .. import distrib
 from . import archive, tree
 from .fs import read_file
+from .ranks import DEFAULT_RANKS, Ranks
 
 #: the key that marks a placeholder: {MARK: name in the shard folder, 'shape': [...], 'dtype': 'float32'}
 MARK = 'solver.sharded_tensor'
@@ -90,7 +90,7 @@ def folder_prefix(path: Path) -> str:
     return f'{Path(path).name}.dcp.'
 
 
-def save_shards(path: Path, state: tp.Any) -> tuple[tp.Any, dict[str, tp.Any] | None]:
+def save_shards(path: Path, state: tp.Any, ranks: Ranks) -> tuple[tp.Any, dict[str, tp.Any] | None]:
     """Every rank: write this rank's shards into the shard folder of `path` (a collective).
 
     Returns the state with placeholders, and on rank 0 the description of the folder to store
@@ -99,7 +99,7 @@ def save_shards(path: Path, state: tp.Any) -> tuple[tp.Any, dict[str, tp.Any] | 
     """
     import torch.distributed.checkpoint as dcp
     path = Path(path)
-    group = distrib.checkpoint_group()
+    group = ranks.group
     token = [secrets.token_hex(4)]
     dist.broadcast_object_list(token, src=0, group=group)
     tmp = path.with_name(f'.{folder_prefix(path)}tmp.{token[0]}')
@@ -153,13 +153,15 @@ def file_digest(path: Path) -> str:
 
 # -- reading ----------------------------------------------------------------------------------------
 
-def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: tp.Any = None) -> tp.Any:
+def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: tp.Any = None,
+                ranks: Ranks = DEFAULT_RANKS) -> tp.Any:
     """The state of a sharded checkpoint: placeholders of `skeleton` replaced by their tensors.
 
     A tensor whose counterpart in `like` (same place in the structure) is a DTensor of the same
     shape loads as this rank's shard of it; others load whole. Raises ShardError naming the file
     when the folder holds a file it should not, or a file does not match its digest. With a
-    process group, every rank raises if any rank found a problem (they take the same decision).
+    process group (`ranks`), every rank raises if any rank found a problem (they take the same
+    decision).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -203,9 +205,9 @@ def load_shards(path: Path, skeleton: tp.Any, shards: dict[str, tp.Any], like: t
         causes = [failure[0] for failure in err.failures.values()]
         ours = [str(cause) for cause in causes if isinstance(cause, ShardError)]
         problem = ours[0] if ours else f"DCP cannot load {folder}: {causes[0] if causes else err}"
-    if distrib.world_size() > 1:
-        gathered: list[tp.Any] = [None] * distrib.world_size()
-        dist.all_gather_object(gathered, problem, group=distrib.checkpoint_group())
+    if ranks.world_size() > 1:
+        gathered: list[tp.Any] = [None] * ranks.world_size()
+        dist.all_gather_object(gathered, problem, group=ranks.group)
         problem = '; '.join(sorted({p for p in gathered if p}))
     if problem:
         raise ShardError(problem)

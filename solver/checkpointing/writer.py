@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import threading
@@ -43,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from .. import distrib
 from . import archive, sharded, tree
 from . import format as checkpoint
+from .ranks import DEFAULT_RANKS, Ranks
 
 if tp.TYPE_CHECKING:
     from .store import IncrementalStore
@@ -177,8 +178,10 @@ def background_priority() -> None:
 
 
 class CheckpointWriter:
-    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None) -> None:
+    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None,
+                 ranks: Ranks = DEFAULT_RANKS) -> None:
         self.mode = SaveMode(mode)
+        self.ranks = ranks  # who saves together (see `ranks`)
         self.staging_max_mb = staging_max_mb
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
@@ -217,10 +220,9 @@ class CheckpointWriter:
         self.staging.buffers.clear()
         return False
 
-    @staticmethod
-    def writes(state: dict[str, tp.Any]) -> bool:
+    def writes(self, state: dict[str, tp.Any]) -> bool:
         """Whether this rank writes (part of) `state`: its shards, or the whole on rank 0."""
-        return distrib.is_rank_zero() or sharded.has_dtensors(state)
+        return self.ranks.is_rank_zero() or sharded.has_dtensors(state)
 
     def save(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
              meta: dict[str, tp.Any]) -> SaveStats:
@@ -242,7 +244,8 @@ class CheckpointWriter:
 
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float, staged: bool = False) -> None:
-        write = self.store.write if self.store is not None else checkpoint.write_checkpoint  # [incremental]
+        write = (self.store.write if self.store is not None  # [incremental]
+                 else functools.partial(checkpoint.write_checkpoint, ranks=self.ranks))
         full: dict[Path, tp.Any] = {}
         for path, names in targets.items():
             if names:
