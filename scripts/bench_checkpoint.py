@@ -69,10 +69,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from solver.checkpointing import (
-    archive,  # noqa: E402
-    tree,  # noqa: E402
-)
+from solver.checkpointing import archive, directio, tree  # noqa: E402
 from solver.checkpointing import format as checkpoint  # noqa: E402
 from solver.checkpointing.fs import evict, fsync_dir  # noqa: E402
 from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
@@ -244,8 +241,8 @@ class SaveLoadBench:
         settle()
         with contextlib.ExitStack() as stack:  # our buffered save with the kernel's default write-back
             stack.enter_context(direct_io(writes=False, reads=archive.DIRECT_READS))
-            stack.callback(setattr, archive, '_sync_range', archive._sync_range)
-            archive._sync_range = None
+            stack.callback(setattr, directio, '_sync_range', directio._sync_range)
+            directio._sync_range = None
             self.add('  our sync save without flush-behind', self.ours_sync())
 
     def dcp_save(self) -> float:

@@ -14,7 +14,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solver.checkpointing import archive, digest
+from solver.checkpointing import archive, digest, unpickler
 from solver.checkpointing import format as checkpoint
 
 
@@ -66,7 +66,7 @@ def test_each_record_is_hashed_as_it_is_read(tmp_path: Path, monkeypatch, reader
     monkeypatch.setattr(archive, 'PIECE', 4096 + 64)  # records of several pieces, cut off alignment
     path, tensors = _written(tmp_path, [1, 4096, 3 * 4096 + 5, 100_000, 0, 17])
     with open(path, 'rb') as f:
-        _, records, _ = archive._unpickle(f)
+        _, records, _ = unpickler.unpickle(f)
     by_size = {t.numel(): t for t in tensors}
     reading = archive.Reading(os.open(path, os.O_RDONLY), list(records.values()), direct=direct, readers=readers)
     try:

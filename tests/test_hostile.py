@@ -522,7 +522,7 @@ def test_a_placeholder_that_does_not_match_the_metadata_is_refused_before_alloca
         checkpoint.read_checkpoint(path)
 
 
-# -- the restricted unpickler of our own reader (archive._Unpickler) -------------------------------------
+# -- the restricted unpickler of our own reader (unpickler.RestrictedUnpickler) ----------------------
 # Pickles written opcode by opcode: each names only what the unpickler allows, and misuses it.
 
 def _global(module: str, name: str) -> bytes:

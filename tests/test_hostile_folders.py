@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from test_hostile import _forged_archive, _global, _ints, _str, _tensor, forge_sharded, honest_metadata_and_data
 
 from solver import cli, validation
-from solver.checkpointing import archive, remote, store
+from solver.checkpointing import archive, remote, store, unpickler
 from solver.checkpointing import format as checkpoint
 from solver.checkpointing.fs import UnsafeFileError, open_fd, read_file, unlink
 from solver.errors import ConfigError
@@ -180,7 +180,7 @@ STRIDE_0 = _tensor((1 << 29,), (0,))
 ])
 def test_4_5_a_tensor_that_would_outgrow_its_record_is_refused_before_allocating(tmp_path, pickled, why):
     path = _forged_archive(tmp_path / 'checkpoint.th', pickled)
-    with pytest.raises(archive.Refused, match=why):
+    with pytest.raises(unpickler.Refused, match=why):
         archive.load(path)
     peak = _peak_rss()
     with pytest.raises(checkpoint.CorruptCheckpointError, match=why):  # and not given to torch for a second try

@@ -22,7 +22,7 @@ from helpers import damage_a_tensor
 from torch import nn
 
 from solver.best_state import BestState
-from solver.checkpointing import archive, tree
+from solver.checkpointing import archive, directio, tree
 from solver.checkpointing import format as checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,9 +125,9 @@ def test_a_best_state_load_copies_into_the_tensors_it_holds():
 def test_direct_io_writes_and_reads_what_buffered_io_does(tmp_path: Path, monkeypatch, size: int):
     # A bounce buffer of 3 blocks: every chunking boundary is crossed by small tensors. The
     # page-aligned tensor (as the async writer's staging buffers are) is written without a copy.
-    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
-    monkeypatch.setattr(archive, '_read_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
-    aligned = archive.aligned_empty((size // 4, 2), torch.int16)
+    monkeypatch.setattr(archive, '_write_bounces', [directio.Bounce(3 * directio.DIRECT_ALIGN) for _ in range(2)])
+    monkeypatch.setattr(archive, '_read_bounces', [directio.Bounce(3 * directio.DIRECT_ALIGN) for _ in range(2)])
+    aligned = directio.aligned_empty((size // 4, 2), torch.int16)
     aligned.copy_(torch.randint(-999, 999, aligned.shape, dtype=torch.int16))
     state = {'a': torch.randint(0, 255, (size,), dtype=torch.uint8), 'b': torch.randn(7, 3), 'c': [1, 'x'],
              'aligned': aligned}
@@ -226,9 +226,9 @@ def _direct_pwrite_failing(monkeypatch, errno_code: int, after: int) -> list[int
 @pytest.mark.parametrize('after', [0, 1, 3])
 def test_a_direct_write_refused_midway_goes_on_buffered_and_the_file_is_whole(tmp_path: Path, monkeypatch,
                                                                                after: int):
-    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(2 * archive.DIRECT_ALIGN) for _ in range(2)])
+    monkeypatch.setattr(archive, '_write_bounces', [directio.Bounce(2 * directio.DIRECT_ALIGN) for _ in range(2)])
     tried = _direct_pwrite_failing(monkeypatch, errno.EINVAL, after)
-    aligned = archive.aligned_empty((5000,), torch.float32)
+    aligned = directio.aligned_empty((5000,), torch.float32)
     aligned.copy_(torch.randn(5000))
     state = {'a': torch.randn(10_000), 'aligned': aligned, 'b': torch.arange(3)}
     with open(tmp_path / 'a.th', 'wb') as f:
@@ -238,7 +238,7 @@ def test_a_direct_write_refused_midway_goes_on_buffered_and_the_file_is_whole(tm
 
 
 def test_a_failing_direct_write_on_the_writing_thread_raises_and_leaves_no_thread(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(2 * archive.DIRECT_ALIGN) for _ in range(2)])
+    monkeypatch.setattr(archive, '_write_bounces', [directio.Bounce(2 * directio.DIRECT_ALIGN) for _ in range(2)])
     _direct_pwrite_failing(monkeypatch, errno.ENOSPC, 2)
     threads = threading.active_count()
     with open(tmp_path / 'a.th', 'wb') as f, pytest.raises(OSError, match='No space'):

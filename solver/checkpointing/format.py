@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import archive, blobs, policy, sharded, tree
+from . import archive, blobs, policy, sharded, tree, unpickler
 from .digest import tensor_digest
 from .faults import CheckpointError, CorruptCheckpointError, DamagedIntoLiveError, UnsafeCheckpointError
 from .fs import UnsafeFileError, atomic_open, open_file
@@ -323,11 +323,11 @@ def read_unverified(path: Path) -> tp.Any:
     every file of a folder is (`fs.open_fd`); raises `CheckpointError` naming the file."""
     try:
         with open_file(Path(path)) as f:  # torch maps what the descriptor names, not the path
-            archive.check_records(f)
+            unpickler.check_records(f)
             return torch.load(f'/proc/self/fd/{f.fileno()}', map_location='cpu', weights_only=True, mmap=True)
     except CheckpointError:
         raise
-    except archive.Refused as err:
+    except unpickler.Refused as err:
         raise CorruptCheckpointError(f"{path} is damaged or forged, refused: {err}.") from err
     except Exception as err:  # damaged, foreign, unsafe: whatever torch raises
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -349,11 +349,11 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
     reading: archive.Reading | None = None
     refused: Exception | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
-        archive.check_records(f)  # before either unpickler inflates anything
+        unpickler.check_records(f)  # before either unpickler inflates anything
         targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
         f.seek(0)
         payload, reading = archive.load(f, targets)
-    except archive.Refused as err:  # a tensor changed after it was built, too large a view: no second try
+    except unpickler.Refused as err:  # a tensor changed after it was built, too large a view: no second try
         raise CorruptCheckpointError(f"{path} is damaged or forged, refused: {err}.") from err
     except Exception as err:  # anything unusual (damage, other globals): torch.load below loads or names it
         refused = err
@@ -389,7 +389,7 @@ def _unreadable(path: Path, err: Exception, ours: Exception | None) -> Checkpoin
     tried): a global of arbitrary code is refused as such, never called damage, and torch's
     advice to retry with weights_only=False is never repeated."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    name = str(ours) if isinstance(ours, archive.Forbidden) else next(
+    name = str(ours) if isinstance(ours, unpickler.Forbidden) else next(
         (line for line in lines if 'unsupported global' in line.lower()), None)
     if name is not None:
         return UnsafeCheckpointError(

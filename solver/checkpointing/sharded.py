@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from . import archive, tree
+from . import tree, unpickler
 from .fs import read_file
 from .ranks import DEFAULT_RANKS, Ranks
 
@@ -305,7 +305,7 @@ def parse_metadata(data: bytes, source: Path, files: tp.Collection[str] | None =
     only tensors stored in `files` (if given), untransformed: nothing DCP would load by pickle."""
     from torch.distributed.checkpoint import filesystem, metadata
     try:
-        archive.check_memo(data)  # the C unpickler would fill a memo as large as an index the file names
+        unpickler.check_memo(data)  # the C unpickler would fill a memo as large as an index the file names
         found = _MetadataUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, KeyError, TypeError,
             ValueError, IndexError, RuntimeError) as err:
@@ -390,13 +390,13 @@ def _verified_reader_class() -> type:
                         raise ShardError(f"{path} is shorter than its metadata says")
                     try:
                         record = io.BytesIO(data[info.offset:info.offset + info.length])
-                        archive.check_records(record)  # no deflate bomb
+                        unpickler.check_records(record)  # no deflate bomb
                         tensor = torch.load(record, map_location='cpu', weights_only=True)
                     except Exception as err:  # the digest matched: written so, maybe to run code
                         lines = [line.strip() for line in str(err).splitlines()]
                         why = next((line for line in lines if 'unsupported global' in line.lower()), None) or next(
                             (line.partition(':')[2].strip() for line in lines if line.startswith('WeightsUnpickler')),
-                            str(err) if isinstance(err, archive.Refused) else type(err).__name__)
+                            str(err) if isinstance(err, unpickler.Refused) else type(err).__name__)
                         raise ShardError(f"{path} holds a record that is not a plain tensor, refused "
                                          f"({why})") from err
                     if not isinstance(tensor, torch.Tensor):

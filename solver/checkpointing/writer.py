@@ -8,7 +8,7 @@ In `ASYNC` mode the caller pays only for copying the state's tensors into CPU st
 that are allocated once and reused (`prepare` touches them before training starts, so the first
 save is not the slow one), in one `torch._foreach_copy_`; a background thread then hashes and
 writes the files, atomically as in `checkpoint.write_checkpoint`. The buffers are page-aligned
-(`archive.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
+(`directio.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
 page cache, so the background write competes with training for little more than the hashing.
 At most one save is in flight: the next `save` waits for it.
 An error of a background save is raised by the next `save`, `wait` or `close`, never lost, and
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from . import archive, sharded, tree
+from . import directio, sharded, tree
 from . import format as checkpoint
 from .ranks import DEFAULT_RANKS, Ranks
 
@@ -115,7 +115,7 @@ class StagingBuffers:
                 if buffer.shape != obj.shape or buffer.dtype != obj.dtype or (on_gpu and not buffer.is_pinned()):
                     buffer = self.buffers[index] = (  # page-aligned: see archive; pinned for a GPU's copies
                         torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True) if on_gpu
-                        else archive.aligned_empty(obj.shape, obj.dtype))
+                        else directio.aligned_empty(obj.shape, obj.dtype))
                 index += 1
                 if on_gpu:
                     gpu.append((buffer, obj.detach()))
