@@ -353,9 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except xps.checkpoint.CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `solver ls | head`
         return 0
 

@@ -30,8 +30,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpointing import blobs, lock, manager, policy, remote, sharded, store
-from .checkpointing import format as checkpoint
+from .checkpointing import (
+    blobs,
+    envelope,
+    faults,
+    listing,
+    lock,
+    manager,
+    naming,
+    policy,
+    recovery,
+    remote,
+    sharded,
+    store,
+)
 from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir, read_file
 
@@ -40,7 +52,7 @@ DTYPES = {'float32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float1
 RECORD_BYTES = 64 << 20  # the most read of a JSON or YAML file of Dora or Hydra: a larger one is not theirs
 
 
-class ExperimentError(checkpoint.CheckpointError):
+class ExperimentError(faults.CheckpointError):
     """A user asked for something this experiment or file cannot give; the message says why."""
 
 
@@ -128,7 +140,7 @@ def _size(path: Path) -> int:
     return sum(info.st_size for p in paths if stat.S_ISREG((info := p.lstat()).st_mode))
 
 
-read_meta = checkpoint.read_meta  # listing: metadata without the tensors, {} if unreadable
+read_meta = listing.read_meta  # listing: metadata without the tensors, {} if unreadable
 
 
 class Experiment:
@@ -215,7 +227,7 @@ class Experiment:
 
     def checkpoints(self) -> list[CheckpointFile]:
         """The checkpoint files, oldest epoch first, the latest file last."""
-        paths = list(reversed(checkpoint.candidates(self.folder)))
+        paths = list(reversed(naming.candidates(self.folder)))
         found = []
         for path in paths:
             info = path.lstat()
@@ -247,16 +259,16 @@ class Experiment:
         return [stages['valid'].get(name) if isinstance(stages.get('valid'), dict) else None
                 for stages in self.history]
 
-    def newest(self) -> checkpoint.Checkpoint:
+    def newest(self) -> envelope.Checkpoint:
         """The newest intact checkpoint (verified), or an error saying there is none."""
         return load(self.folder)
 
 
-def load(target: Path) -> checkpoint.Checkpoint:
+def load(target: Path) -> envelope.Checkpoint:
     """A verified checkpoint: the file, or the newest intact one of an experiment folder."""
     try:
-        return checkpoint.load_source(target)
-    except checkpoint.CheckpointError as err:
+        return recovery.load_source(target)
+    except faults.CheckpointError as err:
         raise ExperimentError(str(err)) from None
 
 
@@ -265,13 +277,13 @@ def verify(target: Experiment | Path) -> list[tuple[Path, str | None]]:
     paths = [target] if isinstance(target, Path) else [c.path for c in target.checkpoints()]
     if not paths:
         raise ExperimentError(f"{tp.cast(Experiment, target).folder} holds no checkpoint "
-                              f"({checkpoint.LATEST} or checkpoint_<epoch>.th).")
+                              f"({naming.LATEST} or checkpoint_<epoch>.th).")
     results: list[tuple[Path, str | None]] = []
     for path in paths:
         try:
-            checkpoint.read_checkpoint(path)
+            envelope.read_checkpoint(path)
             results.append((path, None))
-        except checkpoint.CheckpointError as err:
+        except faults.CheckpointError as err:
             results.append((path, str(err)))
     return results
 
@@ -373,7 +385,7 @@ def diff(a: dict[str, tp.Any], b: dict[str, tp.Any], states: list[str] | None = 
 # ---------------------------------------------------------------------------------------------
 # Export
 
-def export(source: checkpoint.Checkpoint, target: Path, which: str = 'best', fmt: str = 'th',
+def export(source: envelope.Checkpoint, target: Path, which: str = 'best', fmt: str = 'th',
            dtype: str = 'float32') -> dict[str, tp.Any]:
     """Write the best (or latest) model states of a checkpoint alone, to share or fine-tune from.
 
@@ -403,7 +415,7 @@ def export(source: checkpoint.Checkpoint, target: Path, which: str = 'best', fmt
     check_export_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == 'th':
-        checkpoint.write_checkpoint(target, {'best_state': {'metric': best.get('metric'), 'states': states}},
+        envelope.write_checkpoint(target, {'best_state': {'metric': best.get('metric'), 'states': states}},
                                     {**source.meta, **provenance})
     elif fmt == 'safetensors':
         from safetensors.torch import save
@@ -424,10 +436,10 @@ def check_export_target(target: Path) -> None:
     through a link or not): the best-state-only file would replace it, without the experiment's
     lock, and the experiment could no longer resume from it."""
     real = Path(target).resolve()
-    if real.name != checkpoint.LATEST and checkpoint.epoch_of(real) is None:
+    if real.name != naming.LATEST and naming.epoch_of(real) is None:
         return
     folder = real.parent
-    if any((folder / name).exists() for name in ('.argv.json', '.lock', blobs.BLOBS)) or checkpoint.candidates(folder):
+    if any((folder / name).exists() for name in ('.argv.json', '.lock', blobs.BLOBS)) or naming.candidates(folder):
         raise ExperimentError(
             f"{target} is a checkpoint name inside the experiment folder {folder}: exporting there would replace "
             "its checkpoint with a best-state-only file, and the experiment could no longer resume. Write the "
@@ -476,8 +488,8 @@ def rollback(xp: Experiment, to: str) -> Rollback:
         files = xp.checkpoints()
         chosen = _return_point(xp, files, epoch)
         try:
-            source = checkpoint.read_checkpoint(chosen.path)
-        except checkpoint.CheckpointError as err:
+            source = envelope.read_checkpoint(chosen.path)
+        except faults.CheckpointError as err:
             raise ExperimentError(f"Cannot roll back to epoch {epoch}: {err}") from None
         history = xp.history
         dest = xp.folder / ROLLED_BACK / time.strftime('%Y%m%d-%H%M%S')
@@ -533,9 +545,9 @@ def _return_point(xp: Experiment, files: list[CheckpointFile], epoch: int) -> Ch
 
 def _after(file: CheckpointFile, epoch: int) -> bool:
     """Whether a checkpoint belongs to the branch after the end of `epoch` (or cannot be placed)."""
-    if file.path.name == checkpoint.LATEST:
+    if file.path.name == naming.LATEST:
         return not (file.resumable_at_epoch_end and file.epoch == epoch)
-    match = checkpoint.epoch_of(file.path)
+    match = naming.epoch_of(file.path)
     return match is None or match > epoch
 
 

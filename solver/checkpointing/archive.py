@@ -157,7 +157,7 @@ class Reading:
     `PIECE` bytes; each piece is hashed (xxh3-64, `digest.Stream`) right after it is read, while
     it is still in the CPU's cache, so hashing costs no second trip through memory. Reads and
     hashes run without the GIL. `ready(storage)` waits for one storage's bytes and gives their
-    digest, so that a caller checking digests (`format.verify`) follows right behind the read.
+    digest, so that a caller checking digests (`envelope.verify`) follows right behind the read.
     `live` lists the live tensors that the records are read into (see `load`): once reading
     starts, their old contents are gone.
     """

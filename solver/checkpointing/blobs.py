@@ -3,7 +3,7 @@
 `store.IncrementalStore` writes blobs (`<xp>/blobs/<key>`) and collects them; this module is the
 read side the file format needs: `resolve` gives a loaded payload its tensors back, each read
 through no link and checked against its key (`<xxh3-128 hex>-<nbytes>`), so that a reader of
-checkpoints (`format`) depends on the blobs, and nothing here on the format.
+checkpoints (`envelope`) depends on the blobs, and nothing here on the envelope.
 """
 
 from __future__ import annotations

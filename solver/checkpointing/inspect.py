@@ -8,7 +8,8 @@ import typing as tp
 
 import torch
 
-from .format import CheckpointError, load_source
+from .faults import CheckpointError
+from .recovery import load_source
 
 
 def describe(obj: tp.Any, indent: str = '', depth: int = 3) -> list[str]:

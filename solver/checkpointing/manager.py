@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SolverError
-from . import format as checkpoint
-from . import fs, policy, remote, sharded
+from . import envelope, faults, fs, listing, naming, policy, recovery, remote, sharded
 from .config import CheckpointConfig
 from .fs import fsync_dir
 from .ranks import DEFAULT_RANKS, Ranks
@@ -56,9 +55,9 @@ class Pruned:
 def prune(folder: Path, retention: policy.Retention, history: tp.Sequence[float | None] = (),
           apply: bool = True) -> Pruned:
     """Ask `retention` which epoch checkpoints of `folder` stay, each ranked by the metric it
-    records (else by `history`: `format.epoch_files`), and delete the others (with `apply`).
+    records (else by `history`: `listing.epoch_files`), and delete the others (with `apply`).
     The run after each save and `solver prune` both prune through here."""
-    found = checkpoint.epoch_files(folder, history)
+    found = listing.epoch_files(folder, history)
     decision = retention.decide(found.values())
     removed = [path for path, file in found.items() if file.epoch in decision.removed]
     if apply:
@@ -77,7 +76,7 @@ def remove_checkpoint(path: Path) -> None:
     sharded.remove_superseded(path)
 
 
-def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
+def find_pretrained(name: str, folder: Path) -> envelope.Checkpoint:
     """`<folder>/<name>.th` (written by `solver export`), verified. `folder` is the project's
     pretrained folder (`solver.locations.pretrained_dir`: $SOLVER_PRETRAINED_DIR or pretrained/)."""
     path = folder / f'{name}.th'
@@ -85,7 +84,7 @@ def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
         known = sorted(p.stem for p in folder.glob('*.th')) if folder.exists() else []
         raise SolverError(f"No pretrained model '{name}': looked for {path} (SOLVER_PRETRAINED_DIR sets the "
                           f"folder). Known names: {known or 'none'}.")
-    return checkpoint.read_checkpoint(path.resolve())  # a link the user made there is followed (not a FIFO)
+    return envelope.read_checkpoint(path.resolve())  # a link the user made there is followed (not a FIFO)
 
 
 class CheckpointManager:
@@ -124,7 +123,7 @@ class CheckpointManager:
 
     @property
     def latest_path(self) -> Path:
-        return self.folder / checkpoint.LATEST
+        return self.folder / naming.LATEST
 
     def describe(self) -> str:
         """One line on what is saved when, what is kept, and the rollback policy, for the log."""
@@ -173,7 +172,7 @@ class CheckpointManager:
             targets[self.latest_path] = None
         if ctx.epoch_end and self.policies.epoch_file.should_save(ctx):
             names = None if self.policies.full_file.should_save(ctx) else self.cfg.keep_every_states
-            targets[checkpoint.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
+            targets[naming.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
         return targets
 
     def save(self, state: dict[str, tp.Any], targets: Targets, meta: dict[str, tp.Any],
@@ -190,7 +189,7 @@ class CheckpointManager:
         if writes:
             self._on_durable.append(_Pending(on_durable, scores))
         meta = dict(meta, sig=self.sig, versions=versions())
-        meta.setdefault('metric', checkpoint.history_metric(scores, int(meta.get('epoch') or 0)))
+        meta.setdefault('metric', listing.history_metric(scores, int(meta.get('epoch') or 0)))
         try:
             stats = self.writer.save(state, targets, meta)
         except BaseException:
@@ -222,7 +221,7 @@ class CheckpointManager:
 
     def prune(self, history: tp.Sequence[float | None] = ()) -> list[Path]:
         """Delete the epoch checkpoints retention does not keep; return them. `history`: the
-        scores of the epochs, for files that do not record their metric (`format.epoch_files`)."""
+        scores of the epochs, for files that do not record their metric (`listing.epoch_files`)."""
         removed = prune(self.folder, self.policies.retention, history).removed
         for path in removed:
             logger.info("Removed old checkpoint %s (kept: %s)", path.name, self.policies.retention.why())
@@ -235,7 +234,7 @@ class CheckpointManager:
         this rank's own error names the file and the cause; the others say where to look."""
         if on_any_rank:
             self.writer.raise_if_failed()
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 "A background checkpoint save failed on another rank (its log names the file and the "
                 "cause); stopping. The previous checkpoint is intact.")
 
@@ -255,7 +254,7 @@ class CheckpointManager:
 
     # -- loading -----------------------------------------------------------------------------------
 
-    def restore(self, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint | None:
+    def restore(self, like: tp.Any = None, into: tp.Any = None) -> envelope.Checkpoint | None:
         """This experiment's newest intact checkpoint (None if it has none); `into` as in
         `read_checkpoint`: the live state the tensors are read straight into (issue 16).
 
@@ -263,30 +262,30 @@ class CheckpointManager:
         experiment (another signature in its metadata) is refused: it was copied in by hand.
         """
         if self.ranks.is_rank_zero():
-            checkpoint.clean_stray_files(self.folder)
+            recovery.clean_stray_files(self.folder)
             if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
                 self.remote.restore()
         self.ranks.barrier()
-        own = checkpoint.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
+        own = recovery.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
         if own is not None:
             self.check_signature(own)
         return own
 
-    def check_signature(self, ckpt: checkpoint.Checkpoint) -> None:
+    def check_signature(self, ckpt: envelope.Checkpoint) -> None:
         other = ckpt.meta.get('sig')
         if other is None:  # a file of ours always holds its experiment's signature
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"{ckpt.path} holds no experiment signature (meta.sig), so it was not saved by this "
                 f"experiment {self.sig}: it was copied here, or forged. Move it out of {self.folder}; to "
                 f"start from it, use continue_from=<path of the file>.")
         if other != self.sig:
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"{ckpt.path} belongs to experiment {other}, not to this experiment {self.sig}: it "
                 f"was copied or moved here. Move it out of {self.folder}; to start from it, use "
                 f"continue_from=//sig/{other} (or continue_from=<path of the file>).")
 
-    def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], checkpoint.Checkpoint],
-                              into: tp.Any = None) -> checkpoint.Checkpoint:
+    def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], envelope.Checkpoint],
+                              into: tp.Any = None) -> envelope.Checkpoint:
         """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
         local or an fsspec URL (fetched into a temporary folder, then read as the local form);
         `into` as in `read_checkpoint`."""
@@ -306,17 +305,17 @@ class CheckpointManager:
         else:
             path = Path(value).expanduser()
         if path.is_dir():
-            newest = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into, ranks=self.ranks)
+            newest = recovery.load_newest_intact(path, resumable=False, like=like, into=into, ranks=self.ranks)
             if newest is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
-                                  f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
+                                  f"(tried {naming.LATEST} and checkpoint_<epoch>.th).")
             return newest
         if path.is_file():  # a path the user typed: a link in it is theirs to follow
-            return checkpoint.read_checkpoint(path.resolve(), like, into, self.ranks)
+            return envelope.read_checkpoint(path.resolve(), like, into, self.ranks)
         raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
                           "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
 
-    def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint:
+    def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> envelope.Checkpoint:
         """The checkpoint to reload after a divergence at `step`, within `rollback.max_rollbacks`;
         `into` as in `read_checkpoint`."""
         self.rollbacks += 1
@@ -328,11 +327,11 @@ class CheckpointManager:
         self.writer.wait()
         begin = time.perf_counter()
         # [rollback from memory] the async writer's staged copy, when it is of the newest file
-        newest = checkpoint.candidates(self.folder)[:1]
+        newest = naming.candidates(self.folder)[:1]
         found = self.writer.staged_checkpoint(newest[0], into) if newest else None
         source = 'memory (the staged copy of the last save, verified against its digests)'
         if found is None:
-            found = checkpoint.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
+            found = recovery.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
             source = 'disk'
         if found is None:
             raise SolverError(f"Training diverged ({problem}) at step {step}, before any checkpoint to "

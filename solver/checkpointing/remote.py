@@ -14,7 +14,7 @@ does not appear together. So each file goes to a temporary key `.<name>.tmp.<tok
 moved to its final key, and the file that names a checkpoint (`checkpoint.th`) is moved last,
 after every byte it references (its shard folder). The checkpoint file is the commit point: it
 holds the xxh3 digests of everything it covers, shard files included, and a download is loaded
-only once `format.read_checkpoint` has verified them. A kill at any moment leaves the previous
+only once `envelope.read_checkpoint` has verified them. A kill at any moment leaves the previous
 remote checkpoint intact beside stray temporary keys, which the next mirror removes; superseded
 shard folders, and the epoch files retention does not keep, are deleted only after the new commit.
 
@@ -49,8 +49,7 @@ from pathlib import Path
 
 import torch
 
-from . import format as checkpoint
-from . import policy
+from . import envelope, faults, listing, naming, policy
 from .fs import fsync_dir
 from .writer import background_priority
 
@@ -63,7 +62,7 @@ _SHARDS_RE = re.compile(r'^(.+)\.dcp\.[^/]+$')
 _STAGING = '.remote-fetch.'
 
 
-class RemoteError(checkpoint.CheckpointError):
+class RemoteError(faults.CheckpointError):
     """The remote store could not be reached or holds nothing usable; the message names the URL."""
 
 
@@ -138,7 +137,7 @@ def _retrying(what: str, function: tp.Callable[[], tp.Any], attempts: int = 4) -
     for attempt in range(1, attempts + 1):
         try:
             return function()
-        except (FileNotFoundError, checkpoint.CheckpointError):
+        except (FileNotFoundError, faults.CheckpointError):
             raise
         except Exception as err:  # the storage libraries raise their own types (botocore...)
             if attempt == attempts:
@@ -165,10 +164,10 @@ def _listing(fs: tp.Any, root: str) -> dict[str, str]:
 
 
 def _candidates(names: tp.Iterable[str]) -> list[str]:
-    """Checkpoint names, the one to try first first: as `format.candidates` orders local files."""
+    """Checkpoint names, the one to try first first: as `naming.candidates` orders local files."""
     names = set(names)
-    epochs = sorted((e, n) for n in names if (e := checkpoint.epoch_of(n)) is not None)
-    return ([checkpoint.LATEST] if checkpoint.LATEST in names else []) + [n for _, n in reversed(epochs)]
+    epochs = sorted((e, n) for n in names if (e := naming.epoch_of(n)) is not None)
+    return ([naming.LATEST] if naming.LATEST in names else []) + [n for _, n in reversed(epochs)]
 
 
 def _inode(path: Path) -> int | None:
@@ -182,7 +181,7 @@ def _inode(path: Path) -> int | None:
 def named_shard_folder(path: Path) -> str | None:
     """The shard folder a checkpoint file names (sharded checkpoints), read without loading its
     tensors (weights-only, memory-mapped); None if it names none or cannot be read (the full
-    verification of `format.read_checkpoint` then reports why)."""
+    verification of `envelope.read_checkpoint` then reports why)."""
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         folder = payload.get('shards', {}).get('folder') if isinstance(payload, dict) else None
@@ -208,7 +207,7 @@ def _download(fs: tp.Any, root: str, name: str, target: Path) -> Path:
     return path
 
 
-def download_newest_intact(url: str, folder: Path, resumable: bool = True) -> checkpoint.Checkpoint | None:
+def download_newest_intact(url: str, folder: Path, resumable: bool = True) -> envelope.Checkpoint | None:
     """Download the newest remote checkpoint of `url` that verifies into `folder`; its Checkpoint.
 
     Candidates are tried as locally (latest, then epoch files from the newest); a damaged or
@@ -231,8 +230,8 @@ def download_newest_intact(url: str, folder: Path, resumable: bool = True) -> ch
             try:
                 path = _retrying(f"Downloading {redact(url)}/{name}",
                                  functools.partial(_download, fs, root, name, staging))
-                found = checkpoint.read_checkpoint(path)
-            except (FileNotFoundError, checkpoint.CorruptCheckpointError) as err:
+                found = envelope.read_checkpoint(path)
+            except (FileNotFoundError, faults.CorruptCheckpointError) as err:
                 logger.error("Skipping damaged remote checkpoint %s/%s: %s", redact(url), name, err)
                 errors.append(f"{name}: {err}")
                 continue
@@ -273,7 +272,7 @@ def fetch_source(url: str, cache_dir: Path) -> Path:
     found = download_newest_intact(url, cache_dir, resumable=False)
     if found is None:
         raise RemoteError(f"{redact(url)} is neither a checkpoint file nor a folder holding "
-                          f"{checkpoint.LATEST} or checkpoint_<epoch>.th.")
+                          f"{naming.LATEST} or checkpoint_<epoch>.th.")
     logger.info("Downloaded %s/%s (epoch %s) into %s.", redact(url), found.path.name, found.meta.get('epoch'),
                 cache_dir)
     return cache_dir
@@ -342,9 +341,9 @@ class RemoteMirror:
             self._pending = True
             self._cond.notify_all()
 
-    def restore(self) -> checkpoint.Checkpoint | None:
+    def restore(self) -> envelope.Checkpoint | None:
         """If the local folder holds no checkpoint, fetch the newest intact remote one into it."""
-        if checkpoint.candidates(self.folder):
+        if naming.candidates(self.folder):
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         begin = time.perf_counter()
@@ -439,7 +438,7 @@ class RemoteMirror:
             self._clean_stray_keys()
             self._cleaned = True
         remote = _listing(self.fs, self.root)
-        local = [path.name for path in reversed(checkpoint.candidates(self.folder))]  # checkpoint.th last
+        local = [path.name for path in reversed(naming.candidates(self.folder))]  # checkpoint.th last
         dropped = self._not_kept(set(remote) | set(local))
         for name in (set(dirty) - set(local)) | (set(dirty) & dropped):
             self._done(name, dirty)  # pruned or replaced locally since, or not kept remotely: no upload
@@ -521,9 +520,9 @@ class RemoteMirror:
             return set()
         with self._cond:
             history = self._history
-        local = {path.name: file for path, file in checkpoint.epoch_files(self.folder, history).items()}
-        named = {epoch: name for name in names if (epoch := checkpoint.epoch_of(name)) is not None}
-        files = [local.get(name) or policy.EpochFile(epoch, checkpoint.history_metric(history, epoch))
+        local = {path.name: file for path, file in listing.epoch_files(self.folder, history).items()}
+        named = {epoch: name for name in names if (epoch := naming.epoch_of(name)) is not None}
+        files = [local.get(name) or policy.EpochFile(epoch, listing.history_metric(history, epoch))
                  for epoch, name in named.items()]
         return {named[epoch] for epoch in self.retention.decide(files).removed}
 

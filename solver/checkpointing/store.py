@@ -18,11 +18,11 @@ one likely among ~4e9 blobs of one size, 128 bits among ~1e19. Comparing bytes i
 read every reused blob back at every save; a blob found on disk that this process did not
 write is read and checked once, though (`_trusted`), so a damaged blob is rewritten, not
 reused. Reading checks each blob against its key (naming the blob) and then the whole state
-against the file's 64-bit digests (`format.verify`), as for a single-file checkpoint.
+against the file's 64-bit digests (`envelope.verify`), as for a single-file checkpoint.
 
 Order. Blobs are written to temporary files, fsynced, renamed, and the folder fsynced; the
 checkpoint file, which is what makes a checkpoint exist, is written after (atomically, by
-`format`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
+`envelope`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
 folder references (the `rolled_back/` ones included), only while the experiment lock (`lock`) is
 held and never during a save of the same store; a checkpoint file that cannot be read stops
 it (its blobs cannot be known). A kill -9 at any moment leaves at worst unreferenced blobs or
@@ -45,8 +45,7 @@ from pathlib import Path
 
 import torch
 
-from . import format as checkpoint
-from . import sharded, tree
+from . import envelope, faults, sharded, tree
 from .blobs import BLOBS, KEY, blob_key, is_incremental, read_blob
 from .digest import flat_bytes
 from .fs import fsync_dir, unlink
@@ -85,16 +84,16 @@ class IncrementalStore:
     def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any]:
         """Write the checkpoint `path` of `state` and `meta`: new blobs first, the file last.
 
-        Returns the digests recorded in the file, like `format.write_checkpoint`; what was
+        Returns the digests recorded in the file, like `envelope.write_checkpoint`; what was
         written and reused is in `last`.
         """
         if sharded.has_dtensors(state):
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"Cannot write {path} incrementally: the state is sharded (FSDP). Set "
                 "checkpoint.incremental=false for sharded runs.")
         content = {'meta': meta, 'state': state}
         tree.skeleton(content, [])  # a value that cannot be saved raises before any write
-        digests = checkpoint.digests(content)
+        digests = envelope.digests(content)
         stats = WriteStats()
         refs: list[tp.Any] = []
         new: dict[str, torch.Tensor] = {}
@@ -122,11 +121,11 @@ class IncrementalStore:
                 list(_pool.map(lambda item: self._write_blob(*item), new.items()))
                 fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
             except OSError as err:
-                raise checkpoint.CheckpointError(
+                raise faults.CheckpointError(
                     f"Could not write checkpoint {path}: storing its tensors in {self.blobs} failed: "
                     f"{err.strerror or err}. The previous checkpoint is untouched; free disk space or "
                     "fix permissions, then rerun to resume.") from err
-            checkpoint._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs}}, digested=digests)
+            envelope._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs}}, digested=digests)
         self.last = stats
         return digests
 
@@ -134,7 +133,7 @@ class IncrementalStore:
         """Refuse a blob folder that is a link: it would be another store (another experiment's,
         whose blobs a collection here would delete)."""
         if self.blobs.is_symlink():
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"{self.blobs} is a symbolic link (to {os.readlink(self.blobs)}): refused, since writing or "
                 "collecting blobs there would change another store. Replace it with a folder of its own "
                 "(copy the blobs in, or `solver export` each checkpoint).")
@@ -205,7 +204,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def _refs(path: Path) -> list[str]:
     """The blob keys a checkpoint file names (read without its tensors' bytes)."""
-    payload = checkpoint.read_unverified(path)
+    payload = envelope.read_unverified(path)
     if not is_incremental(payload):
         return []
     return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
@@ -227,19 +226,19 @@ def referenced(folder: Path) -> set[str] | None:
 def _intact(blob: Path, key: str, inside: Path) -> bool:
     try:
         read_blob(blob, key, inside)
-    except (OSError, checkpoint.CorruptCheckpointError):
+    except (OSError, faults.CorruptCheckpointError):
         return False
     return True
 
 
-def consolidate(source: Path, target: Path) -> checkpoint.Checkpoint:
+def consolidate(source: Path, target: Path) -> envelope.Checkpoint:
     """Write checkpoint `source` (incremental or not) as one self-contained file `target`.
 
     What `solver export` and copies to other machines use: the result needs no blob folder.
     """
-    ckpt = checkpoint.read_checkpoint(Path(source))
+    ckpt = envelope.read_checkpoint(Path(source))
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_checkpoint(Path(target), ckpt.state, ckpt.meta)
-    return checkpoint.read_checkpoint(Path(target))
+    envelope.write_checkpoint(Path(target), ckpt.state, ckpt.meta)
+    return envelope.read_checkpoint(Path(target))
 
 

@@ -7,7 +7,7 @@
 In `ASYNC` mode the caller pays only for copying the state's tensors into CPU staging buffers
 that are allocated once and reused (`prepare` touches them before training starts, so the first
 save is not the slow one), in one `torch._foreach_copy_`; a background thread then hashes and
-writes the files, atomically as in `checkpoint.write_checkpoint`. The buffers are page-aligned
+writes the files, atomically as in `envelope.write_checkpoint`. The buffers are page-aligned
 (`directio.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
 page cache, so the background write competes with training for little more than the hashing.
 At most one save is in flight: the next `save` waits for it.
@@ -22,7 +22,7 @@ host memory grows by at most one tensor. A state within the bound is staged as b
 
 In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
 (the others return at once), a sharded one (DTensors, FSDP2) by every rank, each its shards
-(`checkpoint.write_checkpoint`); staging then copies only this rank's shards.
+(`envelope.write_checkpoint`); staging then copies only this rank's shards.
 
 Listeners run after a save is durable on a thread of their own, so a slow upload or evaluation
 never stalls training or the next save; their errors are logged.
@@ -44,8 +44,7 @@ from pathlib import Path
 
 import torch
 
-from . import directio, sharded, tree
-from . import format as checkpoint
+from . import directio, envelope, faults, sharded, tree
 from .ranks import DEFAULT_RANKS, Ranks
 
 if tp.TYPE_CHECKING:
@@ -245,7 +244,7 @@ class CheckpointWriter:
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float, staged: bool = False) -> None:
         write = (self.store.write if self.store is not None  # [incremental]
-                 else functools.partial(checkpoint.write_checkpoint, ranks=self.ranks))
+                 else functools.partial(envelope.write_checkpoint, ranks=self.ranks))
         full: dict[Path, tp.Any] = {}
         for path, names in targets.items():
             if names:
@@ -262,13 +261,13 @@ class CheckpointWriter:
         for listener in self.listeners:
             self._notify.submit(self._call, listener, list(targets))
 
-    def staged_checkpoint(self, path: Path, into: tp.Any = None) -> checkpoint.Checkpoint | None:
+    def staged_checkpoint(self, path: Path, into: tp.Any = None) -> envelope.Checkpoint | None:
         """[rollback from memory] Checkpoint `path` from the staging buffers instead of the disk:
         a copy of the last save's state, if `path` is one of its full files, still the file that
         save wrote (same inode, size and time), and the staged bytes match the digests recorded
         in it (the memory copy is intact). None otherwise; call `wait()` first.
 
-        `into` as in `format.read_checkpoint`: tensors that fit are copied straight into the live
+        `into` as in `envelope.read_checkpoint`: tensors that fit are copied straight into the live
         tensors (one memcpy, and `load_state_dict` then copies nothing); the others are cloned.
         """
         staged = self.staged
@@ -280,7 +279,7 @@ class CheckpointWriter:
                 return None
         except OSError:
             return None
-        if recorded != checkpoint.digests({'meta': staged.meta, 'state': staged.state}):
+        if recorded != envelope.digests({'meta': staged.meta, 'state': staged.state}):
             logger.warning("The staged copy of %s does not match its digests: not used.", path)
             return None
         live: list[torch.Tensor] = []
@@ -294,7 +293,7 @@ class CheckpointWriter:
                 return live[-1]
             return value.detach().clone()  # never the buffers themselves: the next save reuses them
         state = tree.map_leaves(staged.state, place, like=into)
-        return checkpoint.Checkpoint(path=Path(path), state=state, meta=dict(staged.meta), live=live)
+        return envelope.Checkpoint(path=Path(path), state=state, meta=dict(staged.meta), live=live)
 
     @staticmethod
     def _call(listener: Listener, paths: list[Path]) -> None:
@@ -328,11 +327,11 @@ class CheckpointWriter:
         if pending is None:
             return
         error = pending.exception()
-        if error is None or isinstance(error, checkpoint.CheckpointError):
+        if error is None or isinstance(error, faults.CheckpointError):
             pending.result()
             return
         names = ', '.join(str(p) for p in self._pending_paths)
-        raise checkpoint.CheckpointError(
+        raise faults.CheckpointError(
             f"Could not write checkpoint {names}: {type(error).__name__}: {error}. The previous "
             "checkpoint is untouched; rerun to resume from it.") from error
 

@@ -1,4 +1,4 @@
-"""Checkpoint files: names, atomic writes, integrity, safe loading, what retention reads and deletes.
+"""The checkpoint envelope: one file's header and digests, written atomically, read and verified safely.
 
 A checkpoint is one torch archive (what `torch.save` writes; we write it at disk speed with
 `archive.save`) read back with `weights_only=True`: a plain dict of tensors and Python
@@ -21,15 +21,14 @@ file records (`'shards'`, covered by the digests). Reading gives the tensors bac
 like the matching tensor of the live state passed as `like` (this rank's shard, or whole).
 
 The layer knows no solver: it saves and loads dicts. See `base.StandardSolver` for what goes in.
+Names of the files: `naming`; a folder's epoch files and their metrics: `listing`; the newest
+intact checkpoint after damage: `recovery`; the errors: `faults`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-import re
 import typing as tp
 import zipfile
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import archive, blobs, policy, sharded, tree, unpickler
+from . import archive, blobs, sharded, tree, unpickler
 from .digest import tensor_digest
 from .faults import CheckpointError, CorruptCheckpointError, DamagedIntoLiveError, UnsafeCheckpointError
 from .fs import UnsafeFileError, atomic_open, open_file
@@ -48,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 'solver.checkpoint'
 VERSION = 1
-LATEST = 'checkpoint.th'
-_EPOCH_RE = re.compile(r'^checkpoint_(\d+)\.th$')
 
 
 @dataclass
@@ -60,79 +57,6 @@ class Checkpoint:
     state: dict[str, tp.Any]
     meta: dict[str, tp.Any]
     live: list[torch.Tensor] = field(default_factory=list)  # tensors of `into` read in place
-
-
-def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
-    return Path(folder) / f'checkpoint_{epoch}.th'
-
-
-def epoch_of(path: str | Path) -> int | None:
-    """The epoch in a `checkpoint_<epoch>.th` name (a path or a bare name), else None."""
-    match = _EPOCH_RE.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """The `checkpoint_<epoch>.th` files of a folder, oldest first."""
-    return sorted((epoch, path) for path in Path(folder).glob('checkpoint_*.th')
-                  if (epoch := epoch_of(path)) is not None)
-
-
-def read_meta(path: Path) -> dict[str, tp.Any]:
-    """The metadata of a checkpoint file without reading its tensors (mmap), or {} if unreadable.
-
-    Not verified (`read_checkpoint` verifies): for listing, and for ranking by `meta['metric']`.
-    """
-    try:
-        payload = read_unverified(path)
-    except CheckpointError:  # damaged, foreign, unsafe, a link or a pipe: listed without metadata
-        return {}
-    meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def epoch_files(folder: Path, history: tp.Sequence[float | None] = ()) -> dict[Path, policy.EpochFile]:
-    """The epoch checkpoints of a folder (oldest first), each with the metric retention ranks it
-    by: the one its metadata holds (`meta['metric']`, recorded by every save), else, for a file
-    written before the metric was recorded (or unreadable), its epoch's score in `history`."""
-    found = {}
-    for epoch, path in epoch_checkpoints(folder):
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:  # pruned meanwhile
-            continue
-        recorded, metric = _recorded_metric(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        found[path] = policy.EpochFile(epoch, metric if recorded else history_metric(history, epoch))
-    return found
-
-
-@functools.lru_cache(maxsize=4096)
-def _recorded_metric(path: str, *identity: int) -> tuple[bool, float | None]:
-    """Whether the file records its metric, and the metric; read once per file (its inode, time
-    and size name it: a file saved again is read again), not at every prune of a long run."""
-    meta = read_meta(Path(path))
-    return 'metric' in meta, _metric(meta.get('metric'))
-
-
-def history_metric(history: tp.Sequence[float | None], epoch: int) -> float | None:
-    """The score of `epoch` (1-based) in a history of scores, None if it has none."""
-    return _metric(history[epoch - 1]) if 0 < epoch <= len(history) else None
-
-
-def _metric(value: tp.Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def candidates(folder: Path) -> list[Path]:
-    """Checkpoint files of an experiment folder, the one to try first first.
-
-    The latest file comes first, then epoch checkpoints from the newest: if the latest is damaged,
-    the newest intact epoch checkpoint is the next best place to resume from.
-    """
-    folder = Path(folder)
-    found = [folder / LATEST] if (folder / LATEST).exists() else []
-    found += [path for _, path in reversed(epoch_checkpoints(folder))]
-    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,15 +137,6 @@ def verify(path: Path, payload: tp.Any, ready: archive.Ready | None = None) -> C
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-def clean_stray_files(folder: Path) -> None:
-    """Remove temporary files left by a process killed in the middle of a save."""
-    for tmp in Path(folder).glob('.checkpoint*.tmp.*'):
-        if tmp.is_file():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    sharded.clean(folder)
-    blobs.clean_stray_blobs(folder)  # [incremental]
 
 
 def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -406,59 +321,3 @@ def _damaged(err: CorruptCheckpointError, live: list[torch.Tensor]) -> CorruptCh
     return DamagedIntoLiveError(str(err), live) if live else err
 
 
-def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None,
-                       into: tp.Any = None, ranks: Ranks = DEFAULT_RANKS) -> Checkpoint | None:
-    """The newest checkpoint of `folder` that verifies, reporting each damaged one on the way.
-
-    `like`, `into` and `ranks` as in `read_checkpoint`. A file passed over after its bytes went into the
-    live state must be replaced entirely by the one used, else this raises: the live state is
-    never half of one checkpoint and half of another. With `resumable`, epoch files that hold only some states
-    (`checkpoint.keep_every_states`) are passed over: they cannot resume a run. Returns None
-    when the folder has no checkpoint at all. Raises when checkpoints exist but none is usable:
-    a damaged experiment never silently restarts from scratch.
-    """
-    tried = candidates(folder)
-    errors = []
-    dirty: dict[int, Path] = {}  # live tensors (by address) holding bytes of a file passed over
-    for path in tried:
-        try:
-            found = read_checkpoint(path, like, into, ranks)
-        except CheckpointError as err:  # damaged, unsafe, or gone since it was listed (pruned)
-            logger.error("Skipping %s checkpoint: %s",
-                         'damaged' if isinstance(err, CorruptCheckpointError) else 'unusable', err)
-            errors.append(str(err))
-            dirty.update({t.data_ptr(): path for t in getattr(err, 'live', [])})
-            continue
-        if resumable and found.meta.get('partial'):
-            message = (f"{path} holds only {found.meta['partial']} (checkpoint.keep_every_states): "
-                       "it cannot resume a run.")
-            logger.warning("Skipping %s", message)
-            errors.append(message)
-            dirty.update({t.data_ptr(): path for t in found.live})
-            continue
-        left = set(dirty) - {t.data_ptr() for t in found.live}
-        if left:
-            raise CheckpointError(
-                f"{len(left)} live tensors were read from {sorted(set(dirty.values()))}, which was passed "
-                f"over, and {path} does not replace them: stopping rather than training on a mixed "
-                f"state. Rerun: a fresh process resumes from {path}.")
-        return found
-    if tried:
-        raise CorruptCheckpointError(
-            f"No checkpoint of {folder} can resume the run, refusing to start over silently:\n  "
-            + "\n  ".join(errors)
-            + "\nIf a run is saving into this folder right now, retry once it is done. Otherwise keep "
-            "them for inspection (`python -m solver.checkpointing.inspect FILE`) and move them "
-            "into a subfolder to train from scratch; delete nothing you have not inspected.")
-    return None
-
-
-def load_source(path: Path) -> Checkpoint:
-    """A checkpoint file, or the newest intact checkpoint of an experiment folder."""
-    path = Path(path)
-    if path.is_dir():
-        found = load_newest_intact(path, resumable=False)
-        if found is None:
-            raise CheckpointError(f"{path} holds no checkpoint ({LATEST} or checkpoint_<epoch>.th).")
-        return found
-    return read_checkpoint(path)
