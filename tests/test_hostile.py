@@ -248,7 +248,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_inspect_refuses_a_forged_shard_folder_in_one_line(tmp_path: Path, attack):
     marker = tmp_path / 'pwned'
     path = attack(tmp_path / 'checkpoint.th', marker)
-    proc = run(sys.executable, '-m', 'solver.checkpointing.inspect', str(path))
+    proc = run(sys.executable, '-m', 'solver.checkpointing.examine', str(path))
     assert proc.returncode == 1 and 'refused' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     assert not marker.exists()
 

@@ -70,7 +70,7 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
             f"No checkpoint of {folder} can resume the run, refusing to start over silently:\n  "
             + "\n  ".join(errors)
             + "\nIf a run is saving into this folder right now, retry once it is done. Otherwise keep "
-            "them for inspection (`python -m solver.checkpointing.inspect FILE`) and move them "
+            "them for inspection (`python -m solver.checkpointing.examine FILE`) and move them "
             "into a subfolder to train from scratch; delete nothing you have not inspected.")
     return None
 

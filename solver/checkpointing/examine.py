@@ -1,4 +1,4 @@
-"""Verify a checkpoint and print what it holds: `python -m solver.checkpointing.inspect FILE_OR_XP_FOLDER`."""
+"""Verify a checkpoint and print what it holds: `python -m solver.checkpointing.examine FILE_OR_XP_FOLDER`."""
 
 from __future__ import annotations
 
