@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import difflib
 import functools
 import json
 import math
@@ -69,32 +68,25 @@ def resolve(target: str, dora_dir: Path) -> Experiment | Path:
     """An experiment (a folder, or a signature or unique prefix of one in `dora_dir`) or a file
     (a path, or `<sig>/<file>`).
 
-    An unknown name raises an error listing the signatures that look like it. An fsspec URL
+    The names of `checkpointing.naming` (its one grammar). An unknown name raises an error
+    listing the signatures that look like it. An fsspec URL
     (`s3://bucket/runs/<sig>` or a checkpoint file's URL) is fetched into a temporary folder
     removed at exit (`remote.fetch_source`), then read as its local form.
     """
-    if remote.is_url(target):
-        cache = Path(tempfile.mkdtemp(prefix='solver-remote-'))
-        atexit.register(shutil.rmtree, cache, True)
-        local = remote.fetch_source(target, cache)
-        return local if local.is_file() else Experiment(local)
-    path = Path(target).expanduser()
-    if path.is_file():  # a path the user typed: a link in it is theirs to follow
-        return path.resolve()
-    if path.is_dir():
-        return Experiment(path)
-    sig, slash, name = target.partition('/')
-    if slash and name and not path.is_absolute():  # <sig>/checkpoint_3.th
-        found = resolve(sig, dora_dir)
-        if isinstance(found, Experiment) and (found.folder / name).is_file():
-            return found.folder / name
-    sigs = [xp.sig for xp in experiments(dora_dir)]
-    prefixed = [s for s in sigs if s.startswith(target)]
-    if target in sigs or len(prefixed) == 1:  # a unique prefix is enough, as with git
-        return Experiment(Path(dora_dir) / 'xps' / (target if target in sigs else prefixed[0]))
-    near = prefixed or difflib.get_close_matches(target, sigs, n=5, cutoff=0.5)
-    hint = f" Near: {', '.join(near)}." if near else f" Known: {len(sigs)} experiment(s) (`solver ls`)."
-    raise ExperimentError(f"'{target}' is neither a file, a folder nor a signature in {Path(dora_dir) / 'xps'}.{hint}")
+    try:
+        name = naming.parse(target)
+        if name.form is naming.Form.URL:
+            cache = Path(tempfile.mkdtemp(prefix='solver-remote-'))
+            atexit.register(shutil.rmtree, cache, True)
+            local = remote.fetch_source(target, cache)
+            return local if local.is_file() else Experiment(local)
+        if name.form is naming.Form.PRETRAINED:
+            raise naming.NamingError(f"'{target}' names a pretrained model: give the file "
+                                     "(pretrained/<NAME>.th) or an experiment.")
+        found = naming.locate(name, Path(dora_dir) / 'xps')
+    except naming.NamingError as err:
+        raise ExperimentError(str(err)) from None
+    return found if found.is_file() else Experiment(found)
 
 
 def as_experiment(target: Experiment | Path) -> Experiment:

@@ -231,6 +231,18 @@ def test_continue_from_a_folder_takes_its_newest_checkpoint(tmp_path):
     assert found.meta['epoch'] == 2 and found.meta['sig'] == 'other99'
 
 
+def test_continue_from_reads_every_name_the_command_line_reads(tmp_path):
+    """One grammar (naming.py): a signature prefix and <sig>/<file> name the same checkpoints as //sig/."""
+    other = manager(tmp_path / 'xps' / 'other99', sig='other99')
+    for epoch in (1, 2):
+        save_epoch(other, epoch, [1.0] * epoch)
+    other.close()
+    mine = manager(tmp_path / 'xps' / 'mine42')
+    assert mine.resolve_continue_from('oth', None, lambda n: None).meta['epoch'] == 2
+    assert mine.resolve_continue_from('other99/checkpoint.th', None, lambda n: None).meta['epoch'] == 2
+    assert mine.resolve_continue_from('//sig/other99/checkpoint.th', None, lambda n: None).meta['epoch'] == 2
+
+
 def test_rollback_gives_the_newest_checkpoint_then_refuses_past_max_rollbacks(tmp_path):
     m = manager(tmp_path)
     with pytest.raises(SolverError, match='before any checkpoint'):

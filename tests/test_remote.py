@@ -148,7 +148,7 @@ def test_urls_with_credentials_are_refused_and_logs_show_urls_without_them():
         remote.check_url('s3://key:secret@bucket/runs')
     with pytest.raises(remote.RemoteError, match='not a URL'):
         remote.check_url('/local/path')
-    assert remote.is_url('s3://b/x') and remote.is_url('gs://b') and not remote.is_url('//sig/abc')
+    assert naming.is_url('s3://b/x') and naming.is_url('gs://b') and not naming.is_url('//sig/abc')
 
 
 @pytest.mark.integration

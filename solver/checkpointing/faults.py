@@ -6,9 +6,12 @@ the file and says what to do.
 
 from __future__ import annotations
 
-import torch
+import typing as tp
 
 from ..errors import UserError
+
+if tp.TYPE_CHECKING:
+    import torch
 
 
 class CheckpointError(UserError, RuntimeError):

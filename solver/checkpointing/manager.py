@@ -286,34 +286,31 @@ class CheckpointManager:
 
     def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], envelope.Checkpoint],
                               into: tp.Any = None) -> envelope.Checkpoint:
-        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
-        local or an fsspec URL (fetched into a temporary folder, then read as the local form);
-        `into` as in `read_checkpoint`."""
-        if remote.is_url(value):
-            with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
-                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained,
-                                                  into)
-        if value.startswith('//pretrained/'):
-            found = pretrained(value[len('//pretrained/'):])
-            found.state = sharded.place_like(found.state, like)  # into shards, if sharded
-            return found
-        if value.startswith('//sig/'):
-            sig = value[len('//sig/'):]
-            path = self.folder.parent / sig
-            if not path.is_dir():
-                raise SolverError(f"continue_from={value}: no experiment '{sig}' in {path.parent}.")
-        else:
-            path = Path(value).expanduser()
+        """A checkpoint named as `naming.parse` reads names (`//sig/SIG`, a signature or prefix in
+        this experiment's Dora folder, `//pretrained/NAME` through `pretrained(NAME)`, a file or an
+        XP folder, local or an fsspec URL fetched into a temporary folder, then read as the local
+        form); `into` as in `read_checkpoint`."""
+        try:
+            name = naming.parse(value)
+            if name.form is naming.Form.URL:
+                with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
+                    return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained,
+                                                      into)
+            if name.form is naming.Form.PRETRAINED:
+                found = pretrained(name.value)
+                found.state = sharded.place_like(found.state, like)  # into shards, if sharded
+                return found
+            path = naming.locate(name, self.folder.parent)
+        except naming.NamingError as err:
+            raise SolverError(f"continue_from={value}: {err} Use //sig/<SIG>, //pretrained/<NAME>, a signature, "
+                              "a path or a URL.") from None
         if path.is_dir():
             newest = recovery.load_newest_intact(path, resumable=False, like=like, into=into, ranks=self.ranks)
             if newest is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
                                   f"(tried {naming.LATEST} and checkpoint_<epoch>.th).")
             return newest
-        if path.is_file():  # a path the user typed: a link in it is theirs to follow
-            return envelope.read_checkpoint(path.resolve(), like, into, self.ranks)
-        raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
-                          "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
+        return envelope.read_checkpoint(path, like, into, self.ranks)
 
     def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> envelope.Checkpoint:
         """The checkpoint to reload after a divergence at `step`, within `rollback.max_rollbacks`;

@@ -66,11 +66,6 @@ class RemoteError(faults.CheckpointError):
     """The remote store could not be reached or holds nothing usable; the message names the URL."""
 
 
-def is_url(value: str) -> bool:
-    """Whether `value` is an fsspec URL (`s3://...`, `gs://...`, `file://...`), not a local path."""
-    return bool(re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', value))
-
-
 def redact(url: str) -> str:
     """The URL without user info or query string: what may be logged."""
     parts = urllib.parse.urlsplit(url)
@@ -80,7 +75,7 @@ def redact(url: str) -> str:
 
 def check_url(url: str, key: str = 'checkpoint.remote') -> str:
     """The URL, refused if it carries credentials (they would land in logs, configs, history)."""
-    if not is_url(url):
+    if not naming.is_url(url):
         raise RemoteError(f"{key}={url!r} is not a URL: expected e.g. s3://bucket/runs.")
     parts = urllib.parse.urlsplit(url)
     if '@' in parts.netloc or parts.query:
@@ -95,7 +90,7 @@ def _url_override(arg: str) -> tuple[str, str] | None:
     """(key, URL) of a `key=URL` override (the URL unquoted), else None."""
     key, equals, value = str(arg).partition('=')
     value = value.strip('\'"')
-    return (key, value) if equals and is_url(value) else None
+    return (key, value) if equals and naming.is_url(value) else None
 
 
 def secret_in(argv: tp.Sequence[str]) -> str | None:
