@@ -141,7 +141,7 @@ MIXED = dict(save_every=1, keep_best=2, keep_every=4)    # latest-N + best-k + e
 
 
 def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_the_history(tmp_path):
-    from solver import experiment
+    from solver import edit, experiment
     run = manager(tmp_path / 'run', keep_last=2, **MIXED)
     for epoch in range(1, len(WAVY) + 1):
         save_epoch(run, epoch, WAVY[:epoch])
@@ -158,7 +158,7 @@ def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_t
     (tmp_path / 'all' / '.hydra' / 'config.yaml').write_text(OmegaConf.to_yaml(recorded))
     misleading = [{'valid': {'loss': -float(epoch)}} for epoch in range(1, len(WAVY) + 1)]  # not what ranks
     (tmp_path / 'all' / 'history.json').write_text(json.dumps(misleading))
-    removed, kept = experiment.prune(experiment.Experiment(tmp_path / 'all'), keep_last=2, apply=True)
+    removed, kept = edit.prune(experiment.Experiment(tmp_path / 'all'), keep_last=2, apply=True)
     assert names(tmp_path / 'all') == kept_by_the_run
     assert kept[tmp_path / 'all' / 'checkpoint_6.th'] == 'among the best 2 (checkpoint.keep_best)'
     assert kept[tmp_path / 'all' / 'checkpoint_4.th'] == 'a multiple of 4 epochs'
