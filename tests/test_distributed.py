@@ -27,7 +27,7 @@ from helpers import DORA, SOLVER, TORCHRUN
 from torch import nn
 
 from solver import distrib
-from solver.checkpointing import envelope, faults, recovery, sharded
+from solver.checkpointing import dcp_reader, envelope, faults, recovery, sharded
 
 TRAINED = ('solver=regression', 'checkpoint.save_every=1')
 FSDP = (*TRAINED, 'fsdp.use=true')
@@ -236,8 +236,8 @@ def test_dcp_metadata_that_would_run_code_is_refused(fsdp, tmp_path):
     folder = tmp_path / 'shards'
     folder.mkdir()
     (folder / '.metadata').write_bytes(b'cos\nsystem\n(S"true"\ntR.')  # os.system('true')
-    with pytest.raises(sharded.ShardError, match='not allowed'):
-        sharded.check_metadata(folder / '.metadata')
+    with pytest.raises(dcp_reader.ShardError, match='not allowed'):
+        dcp_reader.check_metadata(folder / '.metadata')
 
 
 # -- processes dying, ranks disagreeing ---------------------------------------------------------------

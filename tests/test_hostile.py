@@ -30,7 +30,7 @@ import torch
 import xxhash
 from helpers import SOLVER
 
-from solver.checkpointing import archive, envelope, faults, sharded
+from solver.checkpointing import archive, dcp_reader, envelope, faults, sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -440,7 +440,7 @@ def test_dcp_tensor_data_file_holding_a_pickle_payload_is_refused(tmp_path: Path
     marker = tmp_path / 'pwned'
     metadata_bytes, _ = honest_metadata_and_data()
     payload = torch_payload(marker)
-    metadata = sharded.parse_metadata(metadata_bytes, Path('.metadata'))
+    metadata = dcp_reader.parse_metadata(metadata_bytes, Path('.metadata'))
     metadata.storage_data = {MetadataIndex('model.w', (0, 0)): _StorageInfo('__0_0.distcp', 0, len(payload))}
     metadata.storage_meta = None
     path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': pickle.dumps(metadata), '__0_0.distcp': payload})
