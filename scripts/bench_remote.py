@@ -31,11 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tests'))
 
-from solver.checkpointing import (  # noqa: E402
-    envelope,
-    naming,
-    remote,  # noqa: E402
-)
+from solver.checkpointing import envelope, fetch, naming, remote  # noqa: E402
 
 BUCKET = 'bench'
 
@@ -83,7 +79,7 @@ def throughput(size_mib: int, work: Path) -> None:
     fresh = work / 'fresh'
     fresh.mkdir()
     begin = time.perf_counter()
-    found = remote.download_newest_intact(f's3://{BUCKET}/mirror', fresh)
+    found = fetch.download_newest_intact(f's3://{BUCKET}/mirror', fresh)
     ours_get = time.perf_counter() - begin
     assert found is not None and (fresh / naming.LATEST).read_bytes() == path.read_bytes()
 

@@ -23,6 +23,7 @@ from .errors import UserError
 if tp.TYPE_CHECKING:
     from . import compare, edit, export
     from . import experiment as xps
+    from .checkpointing import objectstore
     from .experiment import Experiment
 else:
     class _Lazy:
@@ -37,7 +38,8 @@ else:
             import importlib
             return getattr(importlib.import_module(f'{__package__}.{self._name}'), name)
 
-    xps, compare, edit, export = (_Lazy(name) for name in ('experiment', 'compare', 'edit', 'export'))
+    xps, compare, edit, export, objectstore = (
+        _Lazy(name) for name in ('experiment', 'compare', 'edit', 'export', 'checkpointing.objectstore'))
 
 EXAMPLES = {
     'ls': "solver ls                  # every experiment\n  solver ls 8f56f142 --verify  # its checkpoints",
@@ -123,7 +125,7 @@ def _ls_all(args: argparse.Namespace) -> int:
     for xp in experiments:
         best = xp.best()
         metric, _ = xp.best_metric()
-        records.append({'sig': xp.sig, 'overrides': xps.remote.redact_overrides(xp.argv), 'epochs': len(xp.history),
+        records.append({'sig': xp.sig, 'overrides': objectstore.redact_overrides(xp.argv), 'epochs': len(xp.history),
                         'planned': xp.planned_epochs, 'best': {'metric': f'valid.{metric}', 'value': best[1],
                                                                'epoch': best[0]} if best else None,
                         'state': xp.state, 'pid': xp.holder, 'size': xp.size, 'updated': xp.updated,
@@ -183,10 +185,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     for stages in history:
         last.update(stages)
     data: dict[str, tp.Any] = {'checkpoint': str(ckpt.path), 'meta': meta,
-            'config_overrides': xps.remote.redact_overrides(xps.overrides(ckpt.meta.get('config') or {}, _defaults())),
+            'config_overrides': objectstore.redact_overrides(xps.overrides(ckpt.meta.get('config') or {}, _defaults())),
             'last_metrics': last, 'states': sorted(ckpt.state)}
     if xp:
-        data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': xps.remote.redact_overrides(xp.argv),
+        data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': objectstore.redact_overrides(xp.argv),
                      'state': xp.state, 'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs,
                      'job': _job(xp, _job_states([xp]))})
     if args.json:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpointing import envelope, faults, listing, lock, naming, policy, recovery, remote, sharded
+from .checkpointing import envelope, faults, fetch, listing, lock, naming, policy, recovery, sharded
 from .checkpointing.fs import read_file
 
 ROLLED_BACK = 'rolled_back'
@@ -51,14 +51,14 @@ def resolve(target: str, dora_dir: Path) -> Experiment | Path:
     The names of `checkpointing.naming` (its one grammar). An unknown name raises an error
     listing the signatures that look like it. An fsspec URL
     (`s3://bucket/runs/<sig>` or a checkpoint file's URL) is fetched into a temporary folder
-    removed at exit (`remote.fetch_source`), then read as its local form.
+    removed at exit (`fetch.fetch_source`), then read as its local form.
     """
     try:
         name = naming.parse(target)
         if name.form is naming.Form.URL:
             cache = Path(tempfile.mkdtemp(prefix='solver-remote-'))
             atexit.register(shutil.rmtree, cache, True)
-            local = remote.fetch_source(target, cache)
+            local = fetch.fetch_source(target, cache)
             return local if local.is_file() else Experiment(local)
         if name.form is naming.Form.PRETRAINED:
             raise naming.NamingError(f"'{target}' names a pretrained model: give the file "

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from . import builders, distrib, locations, preemption, slurm
 from .checkpointing.fs import UnsafeFileError
 from .checkpointing.lock import ExperimentLock
-from .checkpointing.remote import secret_in
+from .checkpointing.objectstore import secret_in
 from .errors import UserError
 from .preflight import FolderNotWritableError, check_entries, check_writable
 

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from test_hostile import _forged_archive, _global, _ints, _str, _tensor, forge_sharded, honest_metadata_and_data
 
 from solver import cli, validation
-from solver.checkpointing import archive, envelope, faults, naming, recovery, remote, store, unpickler
+from solver.checkpointing import archive, envelope, faults, naming, objectstore, recovery, remote, store, unpickler
 from solver.checkpointing.fs import UnsafeFileError, open_fd, read_file, unlink
 from solver.errors import ConfigError
 
@@ -256,7 +256,7 @@ def test_zip_entries_named_with_dot_dots_or_twice_are_never_extracted_and_the_di
 
 def test_a_local_mirror_that_is_the_experiment_folder_is_refused(tmp_path):
     for url in (f'file://{tmp_path}', f'file://{tmp_path}/sub', f'file://{tmp_path.parent}'):
-        with pytest.raises(remote.RemoteError, match='is the experiment folder'):
+        with pytest.raises(objectstore.RemoteError, match='is the experiment folder'):
             remote.RemoteMirror(url, tmp_path)
 
 
@@ -359,11 +359,11 @@ def test_7_a_value_no_checkpoint_holds_is_a_checkpoint_error_and_the_next_file_i
 # -- 8. credentials in a URL ---------------------------------------------------------------------------------
 
 def test_8_overrides_with_credentials_are_found_and_redacted():
-    assert remote.secret_in(['solver=regression', 'checkpoint.remote=s3://KEY:SECRET@bucket/runs']) \
+    assert objectstore.secret_in(['solver=regression', 'checkpoint.remote=s3://KEY:SECRET@bucket/runs']) \
         == 'checkpoint.remote=s3://bucket/runs'
-    assert remote.secret_in(['continue_from="s3://bucket/x.th?X-Amz-Signature=SECRET"']) == 'continue_from=s3://bucket/x.th'
-    assert remote.secret_in(['checkpoint.remote=s3://bucket/runs', 'a=b@c']) is None
-    assert remote.redact_overrides(['checkpoint.remote=s3://KEY:SECRET@bucket/runs', 'a=1']) \
+    assert objectstore.secret_in(['continue_from="s3://bucket/x.th?X-Amz-Signature=SECRET"']) == 'continue_from=s3://bucket/x.th'
+    assert objectstore.secret_in(['checkpoint.remote=s3://bucket/runs', 'a=b@c']) is None
+    assert objectstore.redact_overrides(['checkpoint.remote=s3://KEY:SECRET@bucket/runs', 'a=1']) \
         == ['checkpoint.remote=s3://bucket/runs', 'a=1']
 
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import damage_a_tensor
 
-from solver.checkpointing import envelope, manager, naming, policy, recovery, remote
+from solver.checkpointing import envelope, fetch, manager, naming, objectstore, policy, recovery, remote
 from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.manager import CheckpointManager
 
@@ -143,11 +143,11 @@ def write(folder: Path, name: str, epoch: int) -> Path:
 
 
 def test_urls_with_credentials_are_refused_and_logs_show_urls_without_them():
-    assert remote.redact('s3://key:secret@bucket/runs?token=x') == 's3://bucket/runs'
-    with pytest.raises(remote.RemoteError, match='environment variables'):
-        remote.check_url('s3://key:secret@bucket/runs')
-    with pytest.raises(remote.RemoteError, match='not a URL'):
-        remote.check_url('/local/path')
+    assert objectstore.redact('s3://key:secret@bucket/runs?token=x') == 's3://bucket/runs'
+    with pytest.raises(objectstore.RemoteError, match='environment variables'):
+        objectstore.check_url('s3://key:secret@bucket/runs')
+    with pytest.raises(objectstore.RemoteError, match='not a URL'):
+        objectstore.check_url('/local/path')
     assert naming.is_url('s3://b/x') and naming.is_url('gs://b') and not naming.is_url('//sig/abc')
 
 
@@ -264,7 +264,7 @@ def test_saves_while_an_upload_is_in_flight_coalesce_into_the_newest(s3, tmp_pat
         mirror.notify([write(folder, naming.LATEST, epoch)])
     assert mirror.close() == []
     assert len(mirror.uploaded) < 5  # not one upload per save: the newest file is what matters
-    fetched = remote.download_newest_intact(f's3://{BUCKET}/unit-coalesce', tmp_path / 'fresh')
+    fetched = fetch.download_newest_intact(f's3://{BUCKET}/unit-coalesce', tmp_path / 'fresh')
     assert fetched is not None and fetched.meta['epoch'] == 5
 
 
@@ -286,7 +286,7 @@ def test_damaged_remote_checkpoint_is_skipped_for_the_next_older(s3, tmp_path, c
     fs.pipe_file(f'{BUCKET}/unit-damaged/checkpoint_2.th', damaged.read_bytes())
     target = tmp_path / 'fresh'
     target.mkdir()
-    found = remote.download_newest_intact(url, target)
+    found = fetch.download_newest_intact(url, target)
     assert found is not None and found.meta['epoch'] == 1 and found.path == target / 'checkpoint_1.th'
     assert sorted(p.name for p in target.iterdir()) == ['checkpoint_1.th']  # nothing damaged lands
     assert caplog.text.count('Skipping damaged remote checkpoint') == 2
@@ -300,12 +300,12 @@ def test_fetch_source_gives_a_local_file_or_folder_for_a_url(s3, tmp_path):
     mirror = remote.RemoteMirror(url, folder, max_backoff=1)
     mirror.notify([write(folder, 'checkpoint_1.th', 1), write(folder, naming.LATEST, 1)])
     assert mirror.close() == []
-    path = remote.fetch_source(f'{url}/checkpoint_1.th', tmp_path / 'cache1')
+    path = fetch.fetch_source(f'{url}/checkpoint_1.th', tmp_path / 'cache1')
     assert path == tmp_path / 'cache1' / 'checkpoint_1.th' and envelope.read_checkpoint(path).meta['epoch'] == 1
-    path = remote.fetch_source(url, tmp_path / 'cache2')
+    path = fetch.fetch_source(url, tmp_path / 'cache2')
     assert path == tmp_path / 'cache2' and recovery.load_source(path).path.name == naming.LATEST
-    with pytest.raises(remote.RemoteError, match='neither a checkpoint file'):
-        remote.fetch_source(f's3://{BUCKET}/nothing-here', tmp_path / 'cache3')
+    with pytest.raises(objectstore.RemoteError, match='neither a checkpoint file'):
+        fetch.fetch_source(f's3://{BUCKET}/nothing-here', tmp_path / 'cache3')
 
 
 @pytest.mark.integration
@@ -445,7 +445,7 @@ def test_kill_9_during_uploads_then_resume_on_an_empty_folder(s3, dora_tools, tm
     left = remote_names(prefix)
     assert 'checkpoint.th' in left
     # Whatever the kill left, the final key resolves to a complete, verified checkpoint.
-    fetched = remote.download_newest_intact(f's3://{BUCKET}/{prefix}', tmp_path / 'check')
+    fetched = fetch.download_newest_intact(f's3://{BUCKET}/{prefix}', tmp_path / 'check')
     assert fetched is not None and fetched.meta['epoch'] >= 1
     assert f'(epoch {fetched.meta["epoch"]}' in killed_output  # a save the first machine made durable
     code, output = dora_tools.run(tmp_path / 'machine2', 'run', *overrides, timeout=300)
@@ -463,12 +463,12 @@ def test_sharded_checkpoint_uploads_its_shards_before_the_file_that_names_them(s
     code, output = dora_tools.run(tmp_path / 'dora', 'run', '-d', '--ddp_workers', '2', *overrides, timeout=300)
     assert code == 0, output
     folder = dora_tools.folder(tmp_path / 'dora', *overrides)
-    shards = remote.named_shard_folder(folder / naming.LATEST)
+    shards = objectstore.named_shard_folder(folder / naming.LATEST)
     assert shards is not None
     files = sorted(f'{shards}/{p.name}' for p in (folder / shards).iterdir())
     order = uploaded_order(output)
     commit = len(order) - 1 - order[::-1].index(naming.LATEST)
     assert set(files) <= set(order[:commit])  # every shard of the newest commit before it
     assert remote_names(f'sharded/{folder.name}') == sorted([naming.LATEST, *files])  # superseded: gone
-    fetched = remote.download_newest_intact(f's3://{BUCKET}/sharded/{folder.name}', tmp_path / 'fresh')
+    fetched = fetch.download_newest_intact(f's3://{BUCKET}/sharded/{folder.name}', tmp_path / 'fresh')
     assert fetched is not None and fetched.meta['epoch'] == 3  # shards downloaded and verified

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SolverError
-from . import envelope, faults, fs, listing, naming, policy, recovery, remote, sharded
+from . import envelope, faults, fetch, fs, listing, naming, objectstore, policy, recovery, remote, sharded
 from .config import CheckpointConfig
 from .fs import fsync_dir
 from .ranks import DEFAULT_RANKS, Ranks
@@ -112,7 +112,7 @@ class CheckpointManager:
         # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
         self.remote: remote.RemoteMirror | None = None
         if cfg.remote and ranks.is_rank_zero():
-            self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
+            self.remote = remote.RemoteMirror(f"{objectstore.check_url(str(cfg.remote))}/{sig}", self.folder,
                                               self.policies.retention)
         self.rollbacks = 0
         self._started = self._last_save = time.time()
@@ -294,7 +294,7 @@ class CheckpointManager:
             name = naming.parse(value)
             if name.form is naming.Form.URL:
                 with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
-                    return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained,
+                    return self.resolve_continue_from(str(fetch.fetch_source(value, Path(tmp))), like, pretrained,
                                                       into)
             if name.form is naming.Form.PRETRAINED:
                 found = pretrained(name.value)
