@@ -196,7 +196,7 @@ class CheckpointManager:
             if writes:
                 self._on_durable.pop()
             raise
-        self.ranks.barrier()
+        self.ranks.training_barrier()
         self._latest_saved = self._latest_saved or self.latest_path in targets
         self._last_save = time.time()
         self._save_cost = stats.blocked
@@ -265,7 +265,7 @@ class CheckpointManager:
             recovery.clean_stray_files(self.folder)
             if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
                 self.remote.restore()
-        self.ranks.barrier()
+        self.ranks.training_barrier()
         own = recovery.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
         if own is not None:
             self.check_signature(own)

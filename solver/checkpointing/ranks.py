@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Ranks:
-    """A process group seen from this process: who it is, how many there are, and a barrier."""
+    """A process group seen from this process: who it is, how many there are, and barriers."""
 
     group: dist.ProcessGroup | None = None  # None: the default group
 
@@ -30,8 +30,16 @@ class Ranks:
         return self.rank() == 0
 
     def barrier(self) -> None:
+        """Every rank of the checkpoint group: the collectives of a save, on the saving thread."""
         if self.world_size() > 1:
             dist.barrier(group=self.group)
+
+    def training_barrier(self) -> None:
+        """Every rank, on the default group: for the training thread, never on `group`, whose
+        collectives a save in the background may be running at that very moment (two threads'
+        collectives interleaved on one group deadlock)."""
+        if self.world_size() > 1:
+            dist.barrier()
 
 
 DEFAULT_RANKS = Ranks()  # the default group, or this process alone
