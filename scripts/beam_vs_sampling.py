@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from solver.checkpointing.format import read_checkpoint
+from solver.checkpointing.envelope import read_checkpoint
 from solver.drums import data, groove
 from solver.drums.model import DrumRNN, beam_search
 from solver.drums.solver import KICK, resolve_path

@@ -69,8 +69,12 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from solver.checkpointing import archive  # noqa: E402
-from solver.checkpointing import format as checkpoint  # noqa: E402
+from solver.checkpointing import (  # noqa: E402
+    archive,
+    directio,
+    envelope,  # noqa: E402
+    tree,
+)
 from solver.checkpointing.fs import evict, fsync_dir  # noqa: E402
 from solver.checkpointing.writer import CheckpointWriter, SaveMode  # noqa: E402
 from solver.drums.model import NUM_EVENTS, DrumRNN  # noqa: E402
@@ -93,7 +97,7 @@ def make_state(nbytes: int) -> tuple[nn.Module, torch.optim.Optimizer, dict[str,
 
 def tensors_of(state: tp.Any) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    checkpoint._walk(state, found)
+    tree.skeleton(state, found)
     return found
 
 
@@ -160,7 +164,7 @@ class SaveLoadBench:
         self.read_buffer = torch.ones(self.nbytes + 16 * MiB, dtype=torch.uint8)
         self.times: dict[str, list[float]] = {}
         self.cache: dict[str, list[float]] = {}  # page-cache growth during each run, MiB
-        checkpoint.write_checkpoint(self.ours, self.state, META)  # a previous checkpoint to replace
+        envelope.write_checkpoint(self.ours, self.state, META)  # a previous checkpoint to replace
         self.writer = CheckpointWriter(SaveMode.ASYNC)
         self.writer.prepare(self.state)  # as StandardSolver.run does before the first epoch
         self.first_async: tuple[float, float] | None = None  # blocked, memcpy right before it
@@ -214,7 +218,7 @@ class SaveLoadBench:
     # -- saves ---------------------------------------------------------------------------------
 
     def ours_sync(self) -> float:
-        return timed(lambda: checkpoint.write_checkpoint(self.ours, self.state, META))
+        return timed(lambda: envelope.write_checkpoint(self.ours, self.state, META))
 
     def ours_async(self) -> tuple[float, float]:
         begin, cpu = time.perf_counter(), process_cpu()
@@ -235,14 +239,14 @@ class SaveLoadBench:
 
     def breakdown(self) -> None:
         """Where a synchronous save's time goes: digests, torch.save's CRC32, flush-behind."""
-        self.add('  digests (xxh3) alone', timed(lambda: checkpoint.digests(self.state)))
+        self.add('  digests (xxh3) alone', timed(lambda: envelope.digests(self.state)))
         settle()
         self.add('  torch.save without CRC32 + fsync', self.torch_save(crc32=False))
         settle()
         with contextlib.ExitStack() as stack:  # our buffered save with the kernel's default write-back
             stack.enter_context(direct_io(writes=False, reads=archive.DIRECT_READS))
-            stack.callback(setattr, archive, '_sync_range', archive._sync_range)
-            archive._sync_range = None
+            stack.callback(setattr, directio, '_sync_range', directio._sync_range)
+            directio._sync_range = None
             self.add('  our sync save without flush-behind', self.ours_sync())
 
     def dcp_save(self) -> float:
@@ -263,7 +267,7 @@ class SaveLoadBench:
 
     def load_into_model(self, into_live: bool = False) -> None:
         """A resume: read the checkpoint (into the live tensors, or fresh ones), load_state_dict."""
-        ckpt = checkpoint.read_checkpoint(self.ours, into=self.state if into_live else None)
+        ckpt = envelope.read_checkpoint(self.ours, into=self.state if into_live else None)
         self.model.load_state_dict(ckpt.state['model'])
         self.optimizer.load_state_dict(ckpt.state['optimizer'])
         self.state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict()}
@@ -280,7 +284,7 @@ class SaveLoadBench:
             ('disk read into fresh memory', lambda: self.disk_read(self.ours, fresh=True)),
             ('our load into the live state', lambda: self.load_into_model(into_live=True)),
             ('our load into the live state, O_DIRECT', self.load_direct),
-            ('our load (fresh tensors)', lambda: checkpoint.read_checkpoint(self.ours)),
+            ('our load (fresh tensors)', lambda: envelope.read_checkpoint(self.ours)),
             ('torch.load(weights_only)', lambda: torch.load(self.ours, weights_only=True)),
             ('our load (fresh) + load_state_dict', self.load_into_model),
         ]
@@ -425,7 +429,7 @@ def train_overhead(args: argparse.Namespace, folder: Path) -> None:
 
     nbytes = sum(t.numel() * t.element_size() for t in tensors_of(state()))
     path = folder / 'train.th'
-    sync_save = statistics.median(timed(lambda: checkpoint.write_checkpoint(path, state(), META)) for _ in range(3))
+    sync_save = statistics.median(timed(lambda: envelope.write_checkpoint(path, state(), META)) for _ in range(3))
     step()  # the first steps touch fresh memory
     step_time = statistics.median(timed(step) for _ in range(3))
     steps = args.steps or max(2, math.ceil(20 * sync_save / step_time))

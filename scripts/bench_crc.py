@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from solver.checkpointing.format import tensor_digest  # noqa: E402
+from solver.checkpointing.digest import tensor_digest  # noqa: E402
 
 
 def implementations(tensor: torch.Tensor) -> dict[str, tp.Callable[[], object]]:

@@ -7,8 +7,8 @@ the same state, at several world sizes (CPU, gloo), with the peak memory of ever
 The state is an FSDP2-sharded stack of linear layers and its Adam optimizer (3 x --mb). Per
 world size, in one run of fresh processes:
 
-- sharded save:      `checkpoint.write_checkpoint` of the DTensor state (shards + file, digests)
-- sharded load:      `checkpoint.read_checkpoint(like=state)`: each rank reads its shards
+- sharded save:      `envelope.write_checkpoint` of the DTensor state (shards + file, digests)
+- sharded load:      `envelope.read_checkpoint(like=state)`: each rank reads its shards
 - consolidated save: full state gathered on rank 0 (`get_state_dict(full_state_dict=True,
                      cpu_offload=True)`), written by rank 0 with `write_checkpoint`
 - consolidated load: every rank reads the whole file and keeps its shards (`like=state`)
@@ -40,7 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from solver import distrib  # noqa: E402
-from solver.checkpointing import format as checkpoint  # noqa: E402
+from solver.checkpointing import envelope  # noqa: E402
 
 PHASES = ('sharded save', 'sharded load', 'consolidated save', 'consolidated load')
 
@@ -99,13 +99,13 @@ def worker(rank: int, world: int, port: int, mb: int, repeat: int, folder: str, 
         model_state, optim_state = get_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            checkpoint.write_checkpoint(full_path, {'model': model_state, 'optimizer': optim_state}, meta)
+            envelope.write_checkpoint(full_path, {'model': model_state, 'optimizer': optim_state}, meta)
 
     run = {
-        'sharded save': lambda: checkpoint.write_checkpoint(sharded_path, state, meta),
-        'sharded load': lambda: checkpoint.read_checkpoint(sharded_path, like=state),
+        'sharded save': lambda: envelope.write_checkpoint(sharded_path, state, meta),
+        'sharded load': lambda: envelope.read_checkpoint(sharded_path, like=state),
         'consolidated save': consolidated_save,
-        'consolidated load': lambda: checkpoint.read_checkpoint(full_path, like=state),
+        'consolidated load': lambda: envelope.read_checkpoint(full_path, like=state),
     }
     results = {}
     for name in phases:

@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tests'))
 
-from solver.checkpointing import format as checkpoint  # noqa: E402
-from solver.checkpointing import remote  # noqa: E402
+from solver.checkpointing import envelope, fetch, naming, remote  # noqa: E402
 
 BUCKET = 'bench'
 
@@ -56,8 +55,8 @@ def throughput(size_mib: int, work: Path) -> None:
     folder = work / 'xp'
     folder.mkdir()
     tensors = {f't{i}': torch.randn(size_mib * 2**20 // 4 // 64) for i in range(64)}
-    path = folder / checkpoint.LATEST
-    checkpoint.write_checkpoint(path, {'model': tensors}, {'epoch': 1})
+    path = folder / naming.LATEST
+    envelope.write_checkpoint(path, {'model': tensors}, {'epoch': 1})
     size = path.stat().st_size / 2**20
 
     fs.ls(BUCKET)  # a connection made, as the mirror's first save makes one
@@ -80,9 +79,9 @@ def throughput(size_mib: int, work: Path) -> None:
     fresh = work / 'fresh'
     fresh.mkdir()
     begin = time.perf_counter()
-    found = remote.download_newest_intact(f's3://{BUCKET}/mirror', fresh)
+    found = fetch.download_newest_intact(f's3://{BUCKET}/mirror', fresh)
     ours_get = time.perf_counter() - begin
-    assert found is not None and (fresh / checkpoint.LATEST).read_bytes() == path.read_bytes()
+    assert found is not None and (fresh / naming.LATEST).read_bytes() == path.read_bytes()
 
     print(f"checkpoint of {size:.0f} MiB, moto server on loopback; one run each")
     print(f"{'':34} {'time':>8} {'MiB/s':>8} {'plain / ours':>13}")

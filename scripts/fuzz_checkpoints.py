@@ -48,8 +48,7 @@ from pathlib import Path
 import torch
 
 from solver import cli
-from solver.checkpointing import format as checkpoint
-from solver.checkpointing import sharded, store
+from solver.checkpointing import envelope, faults, naming, recovery, sharded, store
 
 MEMORY_BOUND = 512 << 20   # peak resident bytes a case may add: the seeds are a few hundred KiB
 ADDRESS_SLACK = 2 << 30    # RLIMIT_AS above the child's start: the safety net under the bound
@@ -80,9 +79,9 @@ def make_seeds(root: Path) -> dict[str, Path]:
     seeds = {name: root / name for name in ('single', 'incremental', 'sharded')}
     for folder in seeds.values():
         folder.mkdir(parents=True)
-    checkpoint.write_checkpoint(seeds['single'] / checkpoint.LATEST, state, meta)
-    store.IncrementalStore(seeds['incremental']).write(seeds['incremental'] / checkpoint.LATEST, state, meta)
-    _write_sharded(seeds['sharded'] / checkpoint.LATEST, state, meta)
+    envelope.write_checkpoint(seeds['single'] / naming.LATEST, state, meta)
+    store.IncrementalStore(seeds['incremental']).write(seeds['incremental'] / naming.LATEST, state, meta)
+    _write_sharded(seeds['sharded'] / naming.LATEST, state, meta)
     return seeds
 
 
@@ -101,7 +100,7 @@ def _write_sharded(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]
                                         'dtype': str(value.dtype).rpartition('.')[2]}
                                   for key, value in state['model'].items()})
     files = {p.name: sharded.file_digest(p) for p in folder.iterdir()}
-    checkpoint._write_file(path, {'meta': meta, 'state': skeleton,
+    envelope._write_file(path, {'meta': meta, 'state': skeleton,
                                   'shards': {'folder': folder.name, 'files': files, 'world_size': 1}})
 
 
@@ -148,7 +147,7 @@ OPCODES = b'()]}aesuRbQhqjJKMNXtcp0012\x85\x86\x87\x88\x89\x93\x94'
 def mutate(rng: random.Random, folder: Path) -> dict[str, tp.Any]:
     """Mutate one file of `folder` in place; what was done (for the report and a replay)."""
     files = sorted(p for p in folder.rglob('*') if p.is_file())
-    archive_file = folder / checkpoint.LATEST
+    archive_file = folder / naming.LATEST
     kind = rng.choice(KINDS)
     if kind in ('swap_records', 'opcode', 'integer'):
         target = archive_file
@@ -213,7 +212,7 @@ def recompute_digests(path: Path) -> bool:
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
         recorded = payload['digests']
-        actual = checkpoint.digests(checkpoint._covered(payload))
+        actual = envelope.digests(envelope._covered(payload))
     except Exception:
         return False
     records = _records(path)
@@ -284,7 +283,7 @@ def _address_space() -> int:
 
 def check(folder: Path, case: dict[str, tp.Any], expected: tuple[tp.Any, tp.Any]) -> dict[str, tp.Any]:
     """Read the mutated folder three ways; the outcome, and the rule it broke (if any)."""
-    path = folder / checkpoint.LATEST
+    path = folder / naming.LATEST
     reference = expected
     if case.get('recomputed'):
         try:
@@ -294,8 +293,8 @@ def check(folder: Path, case: dict[str, tp.Any], expected: tuple[tp.Any, tp.Any]
             reference = None
     outcome: dict[str, tp.Any] = {}
     try:
-        ckpt = checkpoint.read_checkpoint(path)
-    except checkpoint.CheckpointError as err:
+        ckpt = envelope.read_checkpoint(path)
+    except faults.CheckpointError as err:
         message = str(err)
         outcome['outcome'] = f"refused: {type(err).__name__}"
         outcome['message'] = message[:300]
@@ -322,8 +321,8 @@ def check(folder: Path, case: dict[str, tp.Any], expected: tuple[tp.Any, tp.Any]
     if 'Traceback' in printed or code not in (0, 1) or (code == 0) != (outcome['outcome'] == 'loaded'):
         outcome.setdefault('broke', f"solver verify exited {code}: {printed[-300:]}")
     try:
-        checkpoint.load_newest_intact(folder)
-    except checkpoint.CheckpointError:
+        recovery.load_newest_intact(folder)
+    except faults.CheckpointError:
         pass
     except BaseException as err:
         outcome.setdefault('broke', f"load_newest_intact raised {type(err).__name__}: {str(err)[:200]}")

@@ -21,8 +21,7 @@ from torch import nn
 
 from . import builders, distrib, locations
 from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
-from .checkpointing import format as checkpoint
-from .checkpointing import sharded
+from .checkpointing import envelope, sharded
 from .checkpointing.manager import CheckpointManager, find_pretrained
 from .divergence import LossWatch
 from .ema import ModuleDictEMA
@@ -56,7 +55,8 @@ class StandardSolver(flashy.BaseSolver):
         self.rng = RNGState()
         # Position of the run: steps, batches drawn (steps + skipped by rollbacks), the partial epoch.
         self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
-        self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better)
+        self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better,
+                                         ranks=distrib.checkpoint_ranks())
         self.preemption = PreemptionHandler()
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
         self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`
@@ -98,7 +98,7 @@ class StandardSolver(flashy.BaseSolver):
         describe_modules({name: module for name in self.stateful.sources
                           if isinstance(module := self.registered(name), nn.Module)})
 
-    def load_from_pretrained(self, name: str) -> checkpoint.Checkpoint:
+    def load_from_pretrained(self, name: str) -> envelope.Checkpoint:
         """The checkpoint for `continue_from=//pretrained/NAME`: `<pretrained dir>/<name>.th`
         (`manager.find_pretrained`). Tasks with other sources of weights override this."""
         return find_pretrained(name, locations.pretrained_dir())
@@ -380,7 +380,7 @@ class StandardSolver(flashy.BaseSolver):
         """The state with fresh optimizers' per-parameter states made (see `stateful.full_state`)."""
         return full_state(self.state_dict, [self.registered(name) for name in self.stateful.sources])
 
-    def load_best_state_from(self, source: checkpoint.Checkpoint) -> None:
+    def load_best_state_from(self, source: envelope.Checkpoint) -> None:
         """Fine-tune start: take only the source's best state; optimizer, EMA... start fresh."""
         ignored = list(self.cfg.checkpoint.ignore_state_keys or [])
         names = take_best_state(self.best_state, source.state, source.path, ignored, self.registered)

@@ -17,22 +17,29 @@ import typing as tp
 from pathlib import Path
 
 from . import locations
+from .checkpointing.lock import ExperimentLockedError
 from .errors import UserError
-from .lock import ExperimentLockedError
 
 if tp.TYPE_CHECKING:
+    from . import compare, edit, export
     from . import experiment as xps
+    from .checkpointing import objectstore
     from .experiment import Experiment
 else:
-    class _Experiments:
-        """`solver.experiment`, imported on first use: it needs torch, which `solver --help` and
-        `solver new` do not (the command line starts in a fraction of the time)."""
+    class _Lazy:
+        """A module of this package imported on first use: the experiment modules need torch,
+        which `solver --help` and `solver new` do not (the command line starts in a fraction of
+        the time)."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
 
         def __getattr__(self, name: str) -> tp.Any:
-            from . import experiment
-            return getattr(experiment, name)
+            import importlib
+            return getattr(importlib.import_module(f'{__package__}.{self._name}'), name)
 
-    xps = _Experiments()
+    xps, compare, edit, export, objectstore = (
+        _Lazy(name) for name in ('experiment', 'compare', 'edit', 'export', 'checkpointing.objectstore'))
 
 EXAMPLES = {
     'ls': "solver ls                  # every experiment\n  solver ls 8f56f142 --verify  # its checkpoints",
@@ -45,7 +52,7 @@ EXAMPLES = {
     'prune': "solver prune 8f56f142 --keep-last 2        # dry run; add --yes to delete",
     'new': "solver new my_task --dir ~/code   # then: cd ~/code/my_task && pip install -e . && dora run solver=my_task",
 }
-DTYPES = ('float32', 'bf16', 'fp16')  # experiment.DTYPES' names, here so that --help needs no torch
+DTYPES = ('float32', 'bf16', 'fp16')  # export.DTYPES' names, here so that --help needs no torch
 
 
 def _dora_dir() -> Path:
@@ -118,7 +125,7 @@ def _ls_all(args: argparse.Namespace) -> int:
     for xp in experiments:
         best = xp.best()
         metric, _ = xp.best_metric()
-        records.append({'sig': xp.sig, 'overrides': xps.remote.redact_overrides(xp.argv), 'epochs': len(xp.history),
+        records.append({'sig': xp.sig, 'overrides': objectstore.redact_overrides(xp.argv), 'epochs': len(xp.history),
                         'planned': xp.planned_epochs, 'best': {'metric': f'valid.{metric}', 'value': best[1],
                                                                'epoch': best[0]} if best else None,
                         'state': xp.state, 'pid': xp.holder, 'size': xp.size, 'updated': xp.updated,
@@ -178,10 +185,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     for stages in history:
         last.update(stages)
     data: dict[str, tp.Any] = {'checkpoint': str(ckpt.path), 'meta': meta,
-            'config_overrides': xps.remote.redact_overrides(xps.overrides(ckpt.meta.get('config') or {}, _defaults())),
+            'config_overrides': objectstore.redact_overrides(xps.overrides(ckpt.meta.get('config') or {}, _defaults())),
             'last_metrics': last, 'states': sorted(ckpt.state)}
     if xp:
-        data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': xps.remote.redact_overrides(xp.argv),
+        data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': objectstore.redact_overrides(xp.argv),
                      'state': xp.state, 'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs,
                      'job': _job(xp, _job_states([xp]))})
     if args.json:
@@ -229,7 +236,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     a, b = (xps.load(t if isinstance(t, Path) else t.folder) for t in (_target(args.a), _target(args.b)))
     states = [s for s in args.states.split(',') if s] if args.states else None
-    found = xps.diff(a.state, b.state, states)
+    found = compare.diff(a.state, b.state, states)
     counts = {status: sum(d.status == status for d in found)
               for status in ('equal', 'differs', 'mismatch', 'only_a', 'only_b')}
     summary = (f"{len(found)} entries: {counts['equal']} equal, {counts['differs']} differ, "
@@ -254,7 +261,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     target = _target(args.source)
     ckpt = xps.load(target if isinstance(target, Path) else target.folder)
-    provenance = xps.export(ckpt, Path(args.target), 'latest' if args.latest else 'best', args.format, args.dtype)
+    provenance = export.export(ckpt, Path(args.target), 'latest' if args.latest else 'best', args.format, args.dtype)
     print(f"wrote {args.target}: {provenance['exported']} state of {provenance['exported_from']} "
           f"(sig {provenance['sig']}, epoch {provenance['epoch']}), {args.format}, {args.dtype}")
     return 0
@@ -262,7 +269,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     xp = xps.as_experiment(_target(args.target))
-    done = xps.rollback(xp, args.to)
+    done = edit.rollback(xp, args.to)
     print(f"{xp.sig} rolled back to the end of epoch {done.epoch} ({done.checkpoint.name}); "
           f"the next `dora run` goes on from epoch {done.epoch + 1}.")
     if done.moved_to:
@@ -272,7 +279,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     xp = xps.as_experiment(_target(args.target))
-    removed, kept = xps.prune(xp, args.keep_last, apply=args.yes)
+    removed, kept = edit.prune(xp, args.keep_last, apply=args.yes)
     for path, why in kept.items():
         print(f"keep    {path.name} ({why})")
     for path in removed:
@@ -320,15 +327,15 @@ def parser() -> argparse.ArgumentParser:
     diff.add_argument('--all', action='store_true', help='also list the equal entries')
     for cmd in (ls, show, verify, diff):
         cmd.add_argument('--json', action='store_true', help='print JSON for scripts')
-    export = command('export', cmd_export, 'write the best (or latest) model alone, as .th or .safetensors')
-    export.add_argument('source', help=target)
-    export.add_argument('target', help='file to write')
-    which = export.add_mutually_exclusive_group()
+    export_cmd = command('export', cmd_export, 'write the best (or latest) model alone, as .th or .safetensors')
+    export_cmd.add_argument('source', help=target)
+    export_cmd.add_argument('target', help='file to write')
+    which = export_cmd.add_mutually_exclusive_group()
     which.add_argument('--best', action='store_true', help='the best state (default)')
     which.add_argument('--latest', action='store_true', help='the live state of the checkpoint')
-    export.add_argument('--format', choices=['th', 'safetensors'], default='th')
-    export.add_argument('--dtype', choices=DTYPES, default='float32',
-                        help='floating-point tensors are cast to this')
+    export_cmd.add_argument('--format', choices=['th', 'safetensors'], default='th')
+    export_cmd.add_argument('--dtype', choices=DTYPES, default='float32',
+                            help='floating-point tensors are cast to this')
     rollback = command('rollback', cmd_rollback, 'return an experiment to a kept point; later files move aside')
     rollback.add_argument('target', help='experiment folder or signature')
     rollback.add_argument('--to', required=True, help='epoch:N or best')
@@ -351,9 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except xps.checkpoint.CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `solver ls | head`

@@ -8,6 +8,7 @@ submitit launcher (read by `dora.distrib`). We build no launcher and no collecti
     init(cfg)                      join the process group (nccl on GPUs, gloo on CPU)
     wrap_model(module, cfg)        DistributedDataParallel, or FSDP2 `fully_shard` (fsdp.use)
     average_metrics / sum_metrics  metrics across ranks
+    checkpoint_ranks()             the group checkpoint collectives run on, handed to the manager
     any_rank(flag, ...)            decisions every rank must take together (save now, roll back)
     check_agreement(values)        after a load: ranks agree on epoch and step, or an error names them
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpointing.ranks import Ranks
 from .errors import UserError
 
 if tp.TYPE_CHECKING:
@@ -88,9 +90,9 @@ def init(cfg: DictConfig) -> None:
                 cfg.distributed.timeout_minutes)
 
 
-def checkpoint_group() -> dist.ProcessGroup | None:
-    """The process group for checkpoint collectives (None: the default group)."""
-    return _checkpoint_group
+def checkpoint_ranks() -> Ranks:
+    """The ranks and process group for checkpoint collectives, for the `CheckpointManager`."""
+    return Ranks(_checkpoint_group)
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 
 from . import builders, distrib, locations, preemption, slurm
 from .checkpointing.fs import UnsafeFileError
-from .checkpointing.remote import secret_in
+from .checkpointing.lock import ExperimentLock
+from .checkpointing.objectstore import secret_in
 from .errors import UserError
-from .lock import ExperimentLock, FolderNotWritableError, check_entries, check_writable
+from .preflight import FolderNotWritableError, check_entries, check_writable
 
 logger = logging.getLogger(__name__)
 DORA_DIR_ENV = locations.DORA_DIR_ENV

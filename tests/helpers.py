@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -204,8 +204,8 @@ def assert_same(actual: tp.Any, expected: tp.Any, ordered: bool = True, where: s
 def assert_same_run(folder: Path, reference: Path) -> None:
     """`folder` ended where `reference` did: every state of the latest checkpoint (model,
     optimizer, best state, RNG, data position) bit-identical, the same metrics in the history."""
-    actual = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
-    expected = checkpoint.read_checkpoint(reference / 'checkpoint.th').state
+    actual = envelope.read_checkpoint(folder / 'checkpoint.th').state
+    expected = envelope.read_checkpoint(reference / 'checkpoint.th').state
     assert without_durations(history(folder)) == without_durations(history(reference))
     assert without_durations(actual.pop('history')) == without_durations(expected.pop('history'))
     actual.pop('xp.sig'), expected.pop('xp.sig')  # the experiments' names differ with their configs

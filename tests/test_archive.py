@@ -13,8 +13,7 @@ import pytest
 import torch
 import xxhash
 
-from solver.checkpointing import archive
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import archive, digest, envelope
 
 
 def awkward_state() -> dict:
@@ -57,9 +56,9 @@ def test_the_tensor_records_come_before_the_pickle(tmp_path: Path):
 def test_complete_adds_what_depends_on_the_bytes(tmp_path: Path):
     state = awkward_state()
     save(tmp_path / 'a.th', {'state': state},
-         complete=lambda obj: {**obj, 'digests': checkpoint.digests(obj['state'])})
+         complete=lambda obj: {**obj, 'digests': envelope.digests(obj['state'])})
     loaded = torch.load(tmp_path / 'a.th', weights_only=True)
-    assert loaded['digests'] == checkpoint.digests(state) == checkpoint.digests(loaded['state'])
+    assert loaded['digests'] == envelope.digests(state) == envelope.digests(loaded['state'])
 
 
 def test_complete_may_not_add_tensors(tmp_path: Path):
@@ -115,4 +114,4 @@ def test_digests_without_the_gil_equal_xxhash(tmp_path: Path):
         if isinstance(tensor, torch.Tensor):
             flat = tensor.reshape(-1).contiguous()
             data = flat.view(torch.uint8).numpy() if flat.numel() else b''
-            assert checkpoint.tensor_digest(tensor) == xxhash.xxh3_64_hexdigest(data)
+            assert digest.tensor_digest(tensor) == xxhash.xxh3_64_hexdigest(data)

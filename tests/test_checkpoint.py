@@ -1,5 +1,5 @@
-"""Checkpoint files (solver/checkpointing/format.py): round trip, integrity, safe loading, atomic writes,
-keep policy."""
+"""Checkpoint files (checkpointing/envelope.py, naming.py, recovery.py): round trip, integrity, safe loading,
+atomic writes, keep policy."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-from solver.checkpointing import format as checkpoint
-from solver.checkpointing import manager, policy
+from solver.checkpointing import envelope, faults, fs, manager, naming, policy, recovery
 from solver.checkpointing.config import CheckpointConfig
-from solver.checkpointing.format import CorruptCheckpointError, UnsafeCheckpointError
+from solver.checkpointing.faults import CorruptCheckpointError, UnsafeCheckpointError
 
 
 def small_state() -> dict:
@@ -59,7 +58,7 @@ def replace_once(path: Path, old: bytes, new: bytes) -> None:
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     path = tmp_path / 'checkpoint.th'
-    checkpoint.write_checkpoint(path, small_state(), small_meta())
+    envelope.write_checkpoint(path, small_state(), small_meta())
     return path
 
 
@@ -84,7 +83,7 @@ class Color(enum.Enum):
 # -- round trip -------------------------------------------------------------------------------
 
 def test_round_trip_gives_back_state_and_metadata(saved: Path, assert_same):
-    loaded = checkpoint.read_checkpoint(saved)
+    loaded = envelope.read_checkpoint(saved)
     assert loaded.path == saved
     assert_same(loaded.state, small_state())
     assert loaded.meta == small_meta()
@@ -92,7 +91,7 @@ def test_round_trip_gives_back_state_and_metadata(saved: Path, assert_same):
 
 def test_the_file_loads_with_plain_torch_load_weights_only(saved: Path):
     payload = torch.load(saved, weights_only=True)
-    assert payload['format'] == checkpoint.FORMAT and payload['version'] == checkpoint.VERSION
+    assert payload['format'] == envelope.FORMAT and payload['version'] == envelope.VERSION
 
 
 # -- integrity --------------------------------------------------------------------------------
@@ -102,20 +101,20 @@ def test_a_flipped_byte_in_tensor_data_is_detected_by_the_digests(saved: Path):
     data[tensor_bytes_offset(saved) + 17] ^= 0x01
     saved.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match='damaged') as err:
-        checkpoint.read_checkpoint(saved)
+        envelope.read_checkpoint(saved)
     assert str(saved) in str(err.value)
 
 
 def test_a_flipped_byte_in_the_metadata_is_detected(saved: Path):
     replace_once(saved, b'abcdef12', b'abcdeg12')
     with pytest.raises(CorruptCheckpointError, match='damaged'):
-        checkpoint.read_checkpoint(saved)
+        envelope.read_checkpoint(saved)
 
 
 def test_a_damaged_state_key_is_reported_as_a_damaged_checkpoint(saved: Path):
     replace_once(saved, b'\x05\x00\x00\x00state', b'\x05\x00\x00\x00stbte')
     with pytest.raises(CorruptCheckpointError, match=str(saved)):
-        checkpoint.read_checkpoint(saved)
+        envelope.read_checkpoint(saved)
 
 
 @pytest.mark.parametrize('keep', [0.1, 0.5, 0.99, 30], ids=['10%', '50%', '99%', 'header only'])
@@ -123,7 +122,7 @@ def test_a_truncated_file_is_reported_as_damaged(saved: Path, keep: float):
     data = saved.read_bytes()
     saved.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
     with pytest.raises(CorruptCheckpointError) as err:
-        checkpoint.read_checkpoint(saved)
+        envelope.read_checkpoint(saved)
     assert str(saved) in str(err.value)
 
 
@@ -131,21 +130,21 @@ def test_an_empty_file_is_reported_as_empty(tmp_path: Path):
     path = tmp_path / 'checkpoint.th'
     path.touch()
     with pytest.raises(CorruptCheckpointError, match='empty') as err:
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
     assert str(path) in str(err.value)
 
 
 def test_a_missing_file_is_a_checkpoint_error_naming_it(tmp_path: Path):
     path = tmp_path / 'nothing.th'
-    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CheckpointError, match=str(path)):
+        envelope.read_checkpoint(path)
 
 
 def test_a_text_file_is_not_taken_for_a_checkpoint(tmp_path: Path):
     path = tmp_path / 'notes.th'
     path.write_text('not a checkpoint at all\n' * 10)
     with pytest.raises(CorruptCheckpointError, match='not a torch zip archive') as err:
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
     assert str(path) in str(err.value)
 
 
@@ -153,7 +152,7 @@ def test_a_safetensors_file_is_not_taken_for_a_checkpoint(tmp_path: Path):
     path = tmp_path / 'model.safetensors'
     save_file({'weight': torch.ones(4, 4)}, str(path))
     with pytest.raises(CorruptCheckpointError, match='not a torch zip archive') as err:
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
     assert str(path) in str(err.value)
 
 
@@ -161,16 +160,16 @@ def test_a_plain_torch_state_dict_is_not_a_solver_checkpoint(tmp_path: Path):
     path = tmp_path / 'weights.th'
     torch.save(nn.Linear(3, 2).state_dict(), path)
     with pytest.raises(CorruptCheckpointError, match='not a solver checkpoint') as err:
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
     assert str(path) in str(err.value)
 
 
 def test_another_format_version_is_refused_naming_both_versions(tmp_path: Path, saved: Path):
     payload = torch.load(saved, weights_only=True)
-    payload['version'] = checkpoint.VERSION + 1
+    payload['version'] = envelope.VERSION + 1
     torch.save(payload, saved)
-    with pytest.raises(CorruptCheckpointError, match=f'version {checkpoint.VERSION + 1}'):
-        checkpoint.read_checkpoint(saved)
+    with pytest.raises(CorruptCheckpointError, match=f'version {envelope.VERSION + 1}'):
+        envelope.read_checkpoint(saved)
 
 
 # -- safe loading -----------------------------------------------------------------------------
@@ -185,9 +184,9 @@ def test_the_malicious_fixture_really_runs_code_when_loaded_unsafely(tmp_path: P
 def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path: Path):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'checkpoint.th'
-    torch.save({'format': checkpoint.FORMAT, 'version': checkpoint.VERSION, 'state': RunsCode(marker)}, path)
+    torch.save({'format': envelope.FORMAT, 'version': envelope.VERSION, 'state': RunsCode(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match='refused: needs arbitrary Python objects') as err:
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
     assert str(path) in str(err.value)
     assert not marker.exists()
 
@@ -196,13 +195,13 @@ def test_the_refusal_names_the_code_the_pickle_asked_for(tmp_path: Path):
     path = tmp_path / 'checkpoint.th'
     torch.save({'state': RunsCode(tmp_path / 'pwned')}, path)
     with pytest.raises(UnsafeCheckpointError, match='posix.system'):
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
 
 
 def test_a_damaged_pickle_opcode_is_reported_as_damage_not_as_unsafe(saved: Path):
     replace_once(saved, b'\x80\x02}', b'\x80\x02\xfe')  # the payload dict's opcode -> no such opcode
     with pytest.raises(CorruptCheckpointError, match='damaged'):
-        checkpoint.read_checkpoint(saved)
+        envelope.read_checkpoint(saved)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -221,14 +220,14 @@ def test_what_loading_would_refuse_is_refused_at_save_time_leaving_the_old_file(
         saved: Path, state: dict, meta: dict):
     before = saved.read_bytes()
     with pytest.raises(TypeError):
-        checkpoint.write_checkpoint(saved, {**small_state(), **state}, {**small_meta(), **meta})
+        envelope.write_checkpoint(saved, {**small_state(), **state}, {**small_meta(), **meta})
     assert saved.read_bytes() == before
     assert os.listdir(saved.parent) == [saved.name]
 
 
 def test_an_error_inside_atomic_open_leaves_the_old_file_and_no_temporary(saved: Path):
     before = saved.read_bytes()
-    with pytest.raises(RuntimeError, match='disk on fire'), checkpoint.atomic_open(saved) as f:
+    with pytest.raises(RuntimeError, match='disk on fire'), fs.atomic_open(saved) as f:
         f.write(b'half a checkpoint')
         raise RuntimeError('disk on fire')
     assert saved.read_bytes() == before
@@ -236,7 +235,7 @@ def test_an_error_inside_atomic_open_leaves_the_old_file_and_no_temporary(saved:
 
 
 def test_a_completed_atomic_open_replaces_the_file(saved: Path):
-    with checkpoint.atomic_open(saved) as f:
+    with fs.atomic_open(saved) as f:
         f.write(b'new')
     assert saved.read_bytes() == b'new'
     assert os.listdir(saved.parent) == [saved.name]
@@ -247,7 +246,7 @@ def test_clean_stray_files_removes_only_temporaries_of_saves(tmp_path: Path):
     stray = ['.checkpoint.th.tmp.123', '.checkpoint_3.th.tmp.4567']
     for name in keep + stray:
         (tmp_path / name).write_bytes(b'x')
-    checkpoint.clean_stray_files(tmp_path)
+    recovery.clean_stray_files(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
@@ -255,22 +254,22 @@ def test_clean_stray_files_removes_only_temporaries_of_saves(tmp_path: Path):
 
 def write_epochs(folder: Path, *epochs: int) -> None:
     for epoch in epochs:
-        checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(folder, epoch),
+        envelope.write_checkpoint(naming.epoch_checkpoint_path(folder, epoch),
                                     {'epoch': torch.tensor(epoch)}, {'epoch': epoch})
 
 
 def test_load_newest_intact_prefers_the_latest_file(tmp_path: Path):
     write_epochs(tmp_path, 1, 2)
-    checkpoint.write_checkpoint(tmp_path / 'checkpoint.th', {'epoch': torch.tensor(3)}, {'epoch': 3})
-    assert checkpoint.load_newest_intact(tmp_path).path == tmp_path / 'checkpoint.th'
+    envelope.write_checkpoint(tmp_path / 'checkpoint.th', {'epoch': torch.tensor(3)}, {'epoch': 3})
+    assert recovery.load_newest_intact(tmp_path).path == tmp_path / 'checkpoint.th'
 
 
 def test_load_newest_intact_falls_back_to_the_newest_intact_epoch_file(tmp_path: Path, caplog):
     write_epochs(tmp_path, 1, 2, 10)
     damaged = tmp_path / 'checkpoint.th'
     damaged.write_bytes(b'\0' * 100)
-    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.format'):
-        found = checkpoint.load_newest_intact(tmp_path)
+    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.recovery'):
+        found = recovery.load_newest_intact(tmp_path)
     assert found.path == tmp_path / 'checkpoint_10.th' and found.meta['epoch'] == 10
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and str(damaged) in errors[0]
@@ -280,8 +279,8 @@ def test_load_newest_intact_skips_every_damaged_file(tmp_path: Path, caplog):
     write_epochs(tmp_path, 1, 2)
     (tmp_path / 'checkpoint.th').write_bytes(b'')
     (tmp_path / 'checkpoint_2.th').write_bytes(b'garbage')
-    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.format'):
-        assert checkpoint.load_newest_intact(tmp_path).path == tmp_path / 'checkpoint_1.th'
+    with caplog.at_level(logging.ERROR, logger='solver.checkpointing.recovery'):
+        assert recovery.load_newest_intact(tmp_path).path == tmp_path / 'checkpoint_1.th'
     logged = '\n'.join(r.getMessage() for r in caplog.records)
     assert 'checkpoint.th' in logged and 'checkpoint_2.th' in logged
 
@@ -290,13 +289,13 @@ def test_load_newest_intact_raises_when_every_checkpoint_is_damaged(tmp_path: Pa
     (tmp_path / 'checkpoint.th').write_bytes(b'')
     (tmp_path / 'checkpoint_1.th').write_bytes(b'garbage')
     with pytest.raises(CorruptCheckpointError, match='refusing to start over') as err:
-        checkpoint.load_newest_intact(tmp_path)
+        recovery.load_newest_intact(tmp_path)
     assert 'checkpoint.th' in str(err.value) and 'checkpoint_1.th' in str(err.value)
 
 
 def test_load_newest_intact_returns_none_for_a_folder_without_checkpoints(tmp_path: Path):
     (tmp_path / 'history.json').write_text('[]')
-    assert checkpoint.load_newest_intact(tmp_path) is None
+    assert recovery.load_newest_intact(tmp_path) is None
 
 
 # -- retention on files (the one decision: `policy.Retention`, applied by `manager.prune`) --------
@@ -320,7 +319,7 @@ def test_prune_without_keep_last_deletes_nothing(tmp_path: Path):
 
 def test_prune_leaves_the_latest_checkpoint_alone(tmp_path: Path):
     write_epochs(tmp_path, 1, 2)
-    checkpoint.write_checkpoint(tmp_path / 'checkpoint.th', {}, {})
+    envelope.write_checkpoint(tmp_path / 'checkpoint.th', {}, {})
     manager.prune(tmp_path, keep_last(1))
     assert sorted(os.listdir(tmp_path)) == ['checkpoint.th', 'checkpoint_2.th']
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from helpers import DORA, SOLVER, damage_a_tensor
 
-from solver.checkpointing import format as checkpoint
-from solver.lock import ExperimentLock
+from solver.checkpointing import envelope
+from solver.checkpointing.lock import ExperimentLock
 
 pytestmark = pytest.mark.integration  # every test runs the installed `solver` script
 
@@ -172,7 +172,7 @@ def test_diff_of_a_checkpoint_with_itself_is_identical(solver, xp):
 
 @pytest.mark.integration
 def test_diff_of_two_epochs_gives_the_largest_differences_of_each_tensor(solver, xp):
-    a, b = (checkpoint.read_checkpoint(xp.folder / f'checkpoint_{n}.th').state['model'] for n in (1, 2))
+    a, b = (envelope.read_checkpoint(xp.folder / f'checkpoint_{n}.th').state['model'] for n in (1, 2))
     result = solver(xp.dora_dir, 'diff', str(xp.folder / 'checkpoint_1.th'), str(xp.folder / 'checkpoint_2.th'),
                     '--states', 'model', '--json')
     assert result.code == 1
@@ -186,9 +186,9 @@ def test_diff_of_two_epochs_gives_the_largest_differences_of_each_tensor(solver,
 
 def test_diff_names_shape_and_dtype_mismatches_and_entries_on_one_side(solver, tmp_path):
     meta = {'epoch': 1, 'step': 1}
-    checkpoint.write_checkpoint(tmp_path / 'a.th', {'model': {'w': torch.zeros(2, 3), 'b': torch.zeros(3),
+    envelope.write_checkpoint(tmp_path / 'a.th', {'model': {'w': torch.zeros(2, 3), 'b': torch.zeros(3),
                                                               'gone': torch.ones(1)}}, meta)
-    checkpoint.write_checkpoint(tmp_path / 'b.th', {'model': {'w': torch.zeros(3, 2), 'b': torch.zeros(3).half(),
+    envelope.write_checkpoint(tmp_path / 'b.th', {'model': {'w': torch.zeros(3, 2), 'b': torch.zeros(3).half(),
                                                               'new': torch.ones(1)}}, meta)
     result = solver(tmp_path, 'diff', str(tmp_path / 'a.th'), str(tmp_path / 'b.th'), '--json')
     statuses = {e['name']: e['status'] for e in json.loads(result.out)['entries']}
@@ -221,7 +221,7 @@ def test_export_safetensors_is_readable_by_safetensors_alone_with_config_and_pro
                           text=True, timeout=60)  # -I: no PYTHONPATH, so no way to import this project
     assert proc.returncode == 0, proc.stderr
     read = json.loads(proc.stdout)
-    best = checkpoint.read_checkpoint(xp.folder / 'checkpoint.th').state['best_state']['states']['model']
+    best = envelope.read_checkpoint(xp.folder / 'checkpoint.th').state['best_state']['states']['model']
     assert set(read['tensors']) == {f'model.{key}' for key in best}
     for key, value in best.items():
         dtype, total = read['tensors'][f'model.{key}']
@@ -236,8 +236,8 @@ def test_export_th_is_what_continue_from_pretrained_reads(solver, xp, dora_tools
     pretrained = tmp_path / 'pretrained'
     result = solver(xp.dora_dir, 'export', xp.sig, str(pretrained / 'reg.th'), '--latest')
     assert result.code == 0 and 'latest state' in result.out, result.err
-    latest = checkpoint.read_checkpoint(xp.folder / 'checkpoint.th').state['model']
-    exported = checkpoint.read_checkpoint(pretrained / 'reg.th')
+    latest = envelope.read_checkpoint(xp.folder / 'checkpoint.th').state['model']
+    exported = envelope.read_checkpoint(pretrained / 'reg.th')
     assert set(exported.state) == {'best_state'}
     assert all(torch.equal(exported.state['best_state']['states']['model'][k], v) for k, v in latest.items())
     dora_dir = tmp_path / 'dora'
@@ -247,7 +247,7 @@ def test_export_th_is_what_continue_from_pretrained_reads(solver, xp, dora_tools
     assert proc.returncode == 0, proc.stdout + proc.stderr
     folder = dora_tools.folder(dora_dir, 'solver=regression', 'continue_from=//pretrained/reg', 'optim.epochs=1',
                                'optim.lr=0')
-    model = checkpoint.read_checkpoint(folder / 'checkpoint.th').state['model']
+    model = envelope.read_checkpoint(folder / 'checkpoint.th').state['model']
     assert all(torch.equal(model[k], v) for k, v in latest.items())
 
 
@@ -255,7 +255,7 @@ def test_export_th_is_what_continue_from_pretrained_reads(solver, xp, dora_tools
 
 @pytest.mark.integration
 def test_rollback_then_rerun_finishes_bit_identical_to_the_original_run(solver, copy, dora_tools):
-    original = checkpoint.read_checkpoint(copy.folder / 'checkpoint.th')
+    original = envelope.read_checkpoint(copy.folder / 'checkpoint.th')
     history = json.loads((copy.folder / 'history.json').read_text())
     result = solver(copy.dora_dir, 'rollback', copy.sig, '--to', 'epoch:1')
     assert result.code == 0 and 'rolled back to the end of epoch 1' in result.out, result.err
@@ -270,7 +270,7 @@ def test_rollback_then_rerun_finishes_bit_identical_to_the_original_run(solver, 
 
     code, output = dora_tools.run(copy.dora_dir, 'run', *RUN)
     assert code == 0 and 'Resumed from' in output and 'checkpoint_1.th' in output, output
-    final = checkpoint.read_checkpoint(copy.folder / 'checkpoint.th')
+    final = envelope.read_checkpoint(copy.folder / 'checkpoint.th')
     states = [name for name in original.state if name != 'history']  # history holds durations
     same = solver(copy.dora_dir, 'diff', str(moved / 'checkpoint.th'), copy.sig, '--states', ','.join(states))
     assert same.code == 0, same.out
@@ -322,9 +322,9 @@ def test_prune_is_a_dry_run_unless_yes_and_never_removes_the_newest(solver, copy
 
 def rewrite_meta(path: Path, **changes: tp.Any) -> None:
     """Rewrite a checkpoint file with its metadata changed (None: the key removed), digests and all."""
-    found = checkpoint.read_checkpoint(path)
+    found = envelope.read_checkpoint(path)
     meta = {key: value for key, value in {**found.meta, **changes}.items() if value is not None}
-    checkpoint.write_checkpoint(path, found.state, meta)
+    envelope.write_checkpoint(path, found.state, meta)
 
 
 @pytest.mark.integration

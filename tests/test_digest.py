@@ -14,8 +14,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solver.checkpointing import archive, digest
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import archive, digest, envelope, faults, unpickler
 
 
 @pytest.fixture(params=['ctypes', 'python-xxhash'])
@@ -66,7 +65,7 @@ def test_each_record_is_hashed_as_it_is_read(tmp_path: Path, monkeypatch, reader
     monkeypatch.setattr(archive, 'PIECE', 4096 + 64)  # records of several pieces, cut off alignment
     path, tensors = _written(tmp_path, [1, 4096, 3 * 4096 + 5, 100_000, 0, 17])
     with open(path, 'rb') as f:
-        _, records, _ = archive._unpickle(f)
+        _, records, _ = unpickler.unpickle(f)
     by_size = {t.numel(): t for t in tensors}
     reading = archive.Reading(os.open(path, os.O_RDONLY), list(records.values()), direct=direct, readers=readers)
     try:
@@ -82,15 +81,15 @@ def test_each_record_is_hashed_as_it_is_read(tmp_path: Path, monkeypatch, reader
 def test_a_flipped_byte_in_any_record_is_caught_by_the_streamed_digests(tmp_path: Path):
     state = {'a': torch.randn(300_000), 'b': torch.randn(5, 5), 'c': torch.arange(7)}
     path = tmp_path / 'c.th'
-    checkpoint.write_checkpoint(path, state, {'epoch': 1})
+    envelope.write_checkpoint(path, state, {'epoch': 1})
     live = {k: torch.zeros_like(v) for k, v in state.items()}
-    ckpt = checkpoint.read_checkpoint(path, into=live)
+    ckpt = envelope.read_checkpoint(path, into=live)
     assert all(torch.equal(live[k], state[k]) for k in state) and len(ckpt.live) == 3
     data = bytearray(path.read_bytes())
     needle = state['a'][200_000:200_004].numpy().tobytes()
     data[data.index(needle) + 1] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(checkpoint.DamagedIntoLiveError, match='1 of 3 tensors'):
-        checkpoint.read_checkpoint(path, into={k: torch.zeros_like(v) for k, v in state.items()})
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='1 of 3 tensors'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.DamagedIntoLiveError, match='1 of 3 tensors'):
+        envelope.read_checkpoint(path, into={k: torch.zeros_like(v) for k, v in state.items()})
+    with pytest.raises(faults.CorruptCheckpointError, match='1 of 3 tensors'):
+        envelope.read_checkpoint(path)

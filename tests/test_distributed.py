@@ -27,8 +27,7 @@ from helpers import DORA, SOLVER, TORCHRUN, free_port
 from torch import nn
 
 from solver import distrib
-from solver.checkpointing import format as checkpoint
-from solver.checkpointing import sharded
+from solver.checkpointing import dcp_reader, envelope, faults, recovery, sharded
 
 TRAINED = ('solver=regression', 'checkpoint.save_every=1')
 FSDP = (*TRAINED, 'fsdp.use=true')
@@ -68,7 +67,7 @@ def cut_back_to_epoch_1(source: SimpleNamespace, tmp_path: Path) -> SimpleNamesp
 def plain_model(folder: Path) -> nn.Module:
     """The regression model of an experiment, loaded in this (single, undistributed) process."""
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-    model.load_state_dict(checkpoint.read_checkpoint(folder / 'checkpoint.th').state['model'])
+    model.load_state_dict(envelope.read_checkpoint(folder / 'checkpoint.th').state['model'])
     return model
 
 
@@ -116,7 +115,7 @@ def test_ddp_run_lives_in_the_folder_of_the_single_process_signature(ddp, dora_t
 @pytest.mark.integration
 def test_ddp_writes_one_consolidated_checkpoint_without_module_prefixes(ddp):
     assert not list(ddp.folder.glob('*.dcp.*'))
-    state = checkpoint.read_checkpoint(ddp.folder / 'checkpoint.th').state
+    state = envelope.read_checkpoint(ddp.folder / 'checkpoint.th').state
     assert set(state['model']) == {'0.weight', '0.bias', '2.weight', '2.bias'}
     assert set(state['best_state']['states']['model']) == set(state['model'])
 
@@ -170,7 +169,7 @@ def test_fsdp_training_matches_ddp_training(fsdp, ddp):
 
 @pytest.mark.integration
 def test_a_sharded_checkpoint_loads_whole_in_one_process(fsdp, ddp):
-    ckpt = checkpoint.read_checkpoint(fsdp.folder / 'checkpoint.th')
+    ckpt = envelope.read_checkpoint(fsdp.folder / 'checkpoint.th')
     assert ckpt.state['optimizer']['state'][0]['exp_avg'].shape == (32, 8)
     assert_close_weights(fsdp.folder, ddp.folder)
 
@@ -199,8 +198,8 @@ def test_continue_from_a_sharded_experiment_fine_tunes_in_one_process(fsdp, dora
     xp = run_xp(dora_tools, fsdp.dora_dir, 'solver=regression', f'continue_from=//sig/{fsdp.folder.name}',
                 'optim.lr=0', 'optim.epochs=1')
     assert f"Continuing from the best state of {fsdp.folder / 'checkpoint.th'}" in xp.output
-    source = checkpoint.read_checkpoint(fsdp.folder / 'checkpoint.th').state['best_state']['states']['model']
-    model = checkpoint.read_checkpoint(xp.folder / 'checkpoint.th').state['model']
+    source = envelope.read_checkpoint(fsdp.folder / 'checkpoint.th').state['best_state']['states']['model']
+    model = envelope.read_checkpoint(xp.folder / 'checkpoint.th').state['model']
     assert all(torch.equal(model[key], source[key]) for key in source)
 
 
@@ -215,7 +214,7 @@ def test_export_of_a_sharded_experiment_is_one_consolidated_file(fsdp, dora_tool
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(target, weights_only=True)
     assert 'shards' not in exported and set(exported['state']) == {'best_state'}
-    best = checkpoint.read_checkpoint(fsdp.folder / 'checkpoint.th').state['best_state']['states']['model']
+    best = envelope.read_checkpoint(fsdp.folder / 'checkpoint.th').state['best_state']['states']['model']
     assert all(torch.equal(exported['state']['best_state']['states']['model'][k], v) for k, v in best.items())
 
 
@@ -227,9 +226,9 @@ def test_a_damaged_shard_file_is_named_and_the_previous_checkpoint_used(fsdp, tm
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='__1_0.distcp does not match its digest'):
-        checkpoint.read_checkpoint(folder / 'checkpoint.th')
-    assert checkpoint.load_newest_intact(folder).path == folder / 'checkpoint_3.th'
+    with pytest.raises(faults.CorruptCheckpointError, match='__1_0.distcp does not match its digest'):
+        envelope.read_checkpoint(folder / 'checkpoint.th')
+    assert recovery.load_newest_intact(folder).path == folder / 'checkpoint_3.th'
 
 
 @pytest.mark.integration
@@ -237,8 +236,8 @@ def test_dcp_metadata_that_would_run_code_is_refused(fsdp, tmp_path):
     folder = tmp_path / 'shards'
     folder.mkdir()
     (folder / '.metadata').write_bytes(b'cos\nsystem\n(S"true"\ntR.')  # os.system('true')
-    with pytest.raises(sharded.ShardError, match='not allowed'):
-        sharded.check_metadata(folder / '.metadata')
+    with pytest.raises(dcp_reader.ShardError, match='not allowed'):
+        dcp_reader.check_metadata(folder / '.metadata')
 
 
 # -- processes dying, ranks disagreeing ---------------------------------------------------------------
@@ -278,9 +277,9 @@ def test_kill_of_one_rank_during_a_sharded_save_leaves_the_previous_checkpoint(d
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    latest = checkpoint.read_checkpoint(folder / 'checkpoint.th')  # verified: every shard file
+    latest = envelope.read_checkpoint(folder / 'checkpoint.th')  # verified: every shard file
     assert latest.meta['epoch'] >= 1 and latest.state['model']['0.weight'].shape == (2048, 1024)
-    checkpoint.clean_stray_files(folder)
+    recovery.clean_stray_files(folder)
     assert not list(folder.glob('.*.tmp.*'))
     assert len(list(folder.glob('checkpoint.th.dcp.*'))) == 1
 

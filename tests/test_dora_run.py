@@ -30,7 +30,7 @@ from helpers import (
     xp_folder,
 )
 
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope
 
 pytestmark = pytest.mark.integration
 TRAINED = (*REGRESSION, 'checkpoint.save_every=1')  # 3 epochs, checkpoint_<epoch>.th for each
@@ -51,13 +51,13 @@ def trained(dora_tools, tmp_path_factory) -> SimpleNamespace:
 
 def test_train_writes_a_checkpoint_and_one_history_entry_per_epoch(trained):
     assert len(history(trained.folder)) == 3
-    latest = checkpoint.read_checkpoint(trained.folder / 'checkpoint.th')
+    latest = envelope.read_checkpoint(trained.folder / 'checkpoint.th')
     assert latest.meta['epoch'] == 3 and latest.meta['sig'] == trained.folder.name
     assert latest.state['history'] == history(trained.folder)
 
 
 def test_save_every_writes_an_epoch_checkpoint_each_epoch(trained):
-    assert [checkpoint.read_checkpoint(trained.folder / f'checkpoint_{e}.th').meta['epoch'] for e in (1, 2, 3)] \
+    assert [envelope.read_checkpoint(trained.folder / f'checkpoint_{e}.th').meta['epoch'] for e in (1, 2, 3)] \
         == [1, 2, 3]
 
 
@@ -119,8 +119,8 @@ def test_continue_from_sig_says_it_took_the_best_state_of_the_source(continued, 
 
 
 def test_continue_from_sig_starts_from_the_source_best_weights(continued, trained):
-    source = checkpoint.read_checkpoint(trained.folder / 'checkpoint.th').state['best_state']['states']['model']
-    model = checkpoint.read_checkpoint(continued.folder / 'checkpoint.th').state['model']
+    source = envelope.read_checkpoint(trained.folder / 'checkpoint.th').state['best_state']['states']['model']
+    model = envelope.read_checkpoint(continued.folder / 'checkpoint.th').state['model']
     assert source.keys() == model.keys()
     assert all(torch.equal(model[key], source[key]) for key in source)
 
@@ -173,9 +173,9 @@ def test_keep_last_leaves_only_the_newest_epoch_checkpoints(kept):
 
 
 def test_keep_every_states_limits_epoch_checkpoints_to_those_states(kept):
-    epoch = checkpoint.read_checkpoint(kept.folder / 'checkpoint_4.th')
+    epoch = envelope.read_checkpoint(kept.folder / 'checkpoint_4.th')
     assert set(epoch.state) == {'best_state'}
-    assert {'model', 'optimizer', 'best_state'} <= set(checkpoint.read_checkpoint(kept.folder / 'checkpoint.th').state)
+    assert {'model', 'optimizer', 'best_state'} <= set(envelope.read_checkpoint(kept.folder / 'checkpoint.th').state)
 
 
 def test_a_damaged_latest_checkpoint_with_partial_epoch_files_names_keep_every_states(
@@ -216,7 +216,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(dora, dora_tools, dora_dir,
     folder = dora_tools.folder(dora_dir, *REGRESSION)
     folder.mkdir(parents=True)
     marker = tmp_path / 'pwned'
-    torch.save({'format': checkpoint.FORMAT, 'version': checkpoint.VERSION, 'state': RunsCode(marker)},
+    torch.save({'format': envelope.FORMAT, 'version': envelope.VERSION, 'state': RunsCode(marker)},
                folder / 'checkpoint.th')
     code, output = dora('run', *REGRESSION)
     assert code != 0
@@ -263,7 +263,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement_and_says
     entries = history(stopped.folder)
     assert len(entries) == 3 and 'early_stop' not in entries[1]
     assert entries[-1]['early_stop']['epochs_without_improvement'] == 2
-    assert checkpoint.read_checkpoint(stopped.folder / 'checkpoint.th').meta['epoch'] == 3
+    assert envelope.read_checkpoint(stopped.folder / 'checkpoint.th').meta['epoch'] == 3
 
 
 def test_a_rerun_of_an_early_stopped_experiment_says_it_is_complete_and_trains_nothing(stopped, tmp_path):
@@ -326,7 +326,7 @@ def training(dora_dir):
 
 def assert_latest_checkpoint_is_intact(folder: Path) -> None:
     if (folder / 'checkpoint.th').exists():
-        checkpoint.read_checkpoint(folder / 'checkpoint.th')
+        envelope.read_checkpoint(folder / 'checkpoint.th')
 
 
 def test_a_second_run_of_a_running_experiment_is_refused_naming_the_pid(dora, training):
@@ -344,7 +344,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_complet
     run.wait_for(latest.exists, 'first checkpoint')
     run.wait_for(temporary.exists, 'second save')
     run.kill()
-    assert checkpoint.read_checkpoint(latest).meta['epoch'] >= 1  # 1, unless the save won the race
+    assert envelope.read_checkpoint(latest).meta['epoch'] >= 1  # 1, unless the save won the race
     code, output = dora('run', *BIG)
     assert code == 0, output
     assert 'Resumed from' in output and len(history(run.folder)) == 3

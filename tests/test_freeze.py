@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from solver import builders
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope
 
 
 def model() -> nn.Module:
@@ -52,7 +52,7 @@ def test_a_run_with_frozen_layers_trains_only_the_others_and_logs_the_counts(dor
     code, output = dora('run', *overrides)
     assert code == 0, output
     assert "optim.freeze=['0']: 288 parameters frozen, 33 trainable" in output
-    state = checkpoint.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th').state
+    state = envelope.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th').state
     assert len(state['optimizer']['state']) == 2  # Adam moments for 2.weight and 2.bias only
     torch.manual_seed(2036)  # the run's seed: the frozen layer is still its initial value
     assert torch.equal(state['model']['0.weight'], nn.Linear(8, 32).weight.detach())

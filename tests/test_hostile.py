@@ -30,8 +30,7 @@ import torch
 import xxhash
 from helpers import SOLVER
 
-from solver.checkpointing import archive, sharded
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import archive, dcp_reader, envelope, faults, sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +68,7 @@ def forge_sharded(path: Path, files: dict[str, bytes], listed: tp.Collection[str
     placeholder = {sharded.MARK: 'model.w', 'shape': [3, 4], 'dtype': 'float32'}
     state = {'model': {'w': placeholder}} if state is None else state
     shards = {'folder': folder.name, 'files': {name: digest(files[name]) for name in listed}, 'world_size': 1}
-    checkpoint._write_file(path, {'meta': {'epoch': 1}, 'state': state, 'shards': shards})
+    envelope._write_file(path, {'meta': {'epoch': 1}, 'state': state, 'shards': shards})
     return path
 
 
@@ -139,27 +138,27 @@ def test_dcp_own_reader_runs_the_payload_of_a_forged_folder(tmp_path: Path, atta
 def test_a_forged_shard_folder_is_refused_and_runs_nothing(tmp_path: Path, attack):
     marker = tmp_path / 'pwned'
     path = attack(tmp_path / 'checkpoint.th', marker)
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='refused'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match='refused'):
+        envelope.read_checkpoint(path)
     assert not marker.exists()
 
 
 def test_a_listed_rank_local_metadata_is_never_read(tmp_path: Path):
     marker = tmp_path / 'pwned'
     path = rank_local_fallback(tmp_path / 'checkpoint.th', marker, listed_payload=True)
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='not a DCP Metadata'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match='not a DCP Metadata'):
+        envelope.read_checkpoint(path)
     assert not marker.exists()
 
 
 def test_an_unlisted_file_in_an_honest_shard_folder_is_refused_naming_it(tmp_path: Path):
     metadata, data = honest_metadata_and_data()
     path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': metadata, '__0_0.distcp': data})
-    assert checkpoint.read_checkpoint(path).state['model']['w'].sum() == 66
+    assert envelope.read_checkpoint(path).state['model']['w'].sum() == 66
     folder = next(tmp_path.glob('checkpoint.th.dcp.*'))
     (folder / '__0.metadata').write_bytes(pickle.dumps(RunsCode(tmp_path / 'pwned')))
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=r'does not list \(__0.metadata\)'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match=r'does not list \(__0.metadata\)'):
+        envelope.read_checkpoint(path)
     assert not (tmp_path / 'pwned').exists()
 
 
@@ -212,7 +211,7 @@ def test_each_shard_file_is_read_once_so_a_swap_after_the_check_changes_nothing(
     folder = next(tmp_path.glob('checkpoint.th.dcp.*'))
     zeros = honest_metadata_and_data()[1].replace(torch.arange(12.).numpy().tobytes(), bytes(48))
     with OpenWatch(folder, {'.metadata': pickle.dumps(RunsCode(marker)), '__0_0.distcp': zeros}) as watch:
-        ckpt = checkpoint.read_checkpoint(path)
+        ckpt = envelope.read_checkpoint(path)
     assert watch.opens == {'.metadata': 1, '__0_0.distcp': 1}
     assert torch.equal(ckpt.state['model']['w'], torch.arange(12.).reshape(3, 4))
     assert not marker.exists()
@@ -223,10 +222,10 @@ def test_a_real_sharded_save_lists_every_file_of_its_folder_and_loads(tmp_path: 
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor, Shard
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope, faults
 dist.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0, world_size=1)
 w = distribute_tensor(torch.arange(12.).reshape(3, 4), init_device_mesh('cpu', (1,)), [Shard(0)])
-checkpoint.write_checkpoint('{tmp_path}/checkpoint.th', {{'model': {{'w': w}}}}, {{'epoch': 1}})
+envelope.write_checkpoint('{tmp_path}/checkpoint.th', {{'model': {{'w': w}}}}, {{'epoch': 1}})
 dist.destroy_process_group()
 """
     proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -234,7 +233,7 @@ dist.destroy_process_group()
     payload = torch.load(tmp_path / 'checkpoint.th', weights_only=True)
     folder = tmp_path / payload['shards']['folder']
     assert set(payload['shards']['files']) == {p.name for p in folder.iterdir()} == {'.metadata', '__0_0.distcp'}
-    ckpt = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    ckpt = envelope.read_checkpoint(tmp_path / 'checkpoint.th')
     assert torch.equal(ckpt.state['model']['w'], torch.arange(12.).reshape(3, 4))
 
 
@@ -249,7 +248,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_inspect_refuses_a_forged_shard_folder_in_one_line(tmp_path: Path, attack):
     marker = tmp_path / 'pwned'
     path = attack(tmp_path / 'checkpoint.th', marker)
-    proc = run(sys.executable, '-m', 'solver.checkpointing.inspect', str(path))
+    proc = run(sys.executable, '-m', 'solver.checkpointing.examine', str(path))
     assert proc.returncode == 1 and 'refused' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     assert not marker.exists()
 
@@ -286,7 +285,7 @@ def test_a_checkpoint_replaced_atomically_while_read_is_the_old_or_the_new_never
     for epoch in (1, 2):
         torch.manual_seed(epoch)
         source = tmp_path / f'v{epoch}.th'
-        checkpoint.write_checkpoint(source, {'model': {'w': torch.randn(256, 256)}, 'tag': epoch}, {'epoch': epoch})
+        envelope.write_checkpoint(source, {'model': {'w': torch.randn(256, 256)}, 'tag': epoch}, {'epoch': epoch})
         versions.append(source.read_bytes())
     target = tmp_path / 'checkpoint.th'
     target.write_bytes(versions[0])
@@ -303,7 +302,7 @@ def test_a_checkpoint_replaced_atomically_while_read_is_the_old_or_the_new_never
     thread = threading.Thread(target=replace_forever)
     thread.start()
     try:
-        seen = [checkpoint.read_checkpoint(target) for _ in range(400)]
+        seen = [envelope.read_checkpoint(target) for _ in range(400)]
     finally:
         stop.set()
         thread.join()
@@ -397,7 +396,7 @@ def test_ctrl_c_stops_in_one_line_with_130_and_the_checkpoint_intact(dora_tools,
         code, output = run.finish()
     line = one_line_failure(code, output, expected=130)
     assert 'Interrupted (Ctrl-C)' in line and str(run.folder) in line
-    checkpoint.read_checkpoint(run.folder / 'checkpoint.th')
+    envelope.read_checkpoint(run.folder / 'checkpoint.th')
     assert not list(run.folder.glob('.checkpoint*.tmp.*'))
 
 
@@ -429,9 +428,9 @@ def test_a_failed_async_save_stops_training_at_the_next_step_naming_the_file(dor
 def test_torch_archive_a_checkpoint_pickle_that_would_run_code_is_refused(tmp_path: Path):
     path = tmp_path / 'checkpoint.th'
     marker = tmp_path / 'pwned'
-    torch.save({'format': checkpoint.FORMAT, 'version': checkpoint.VERSION, 'state': RunsCode(marker)}, path)
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match='refused: needs arbitrary Python objects'):
-        checkpoint.read_checkpoint(path)
+    torch.save({'format': envelope.FORMAT, 'version': envelope.VERSION, 'state': RunsCode(marker)}, path)
+    with pytest.raises(faults.UnsafeCheckpointError, match='refused: needs arbitrary Python objects'):
+        envelope.read_checkpoint(path)
     assert not marker.exists()
 
 
@@ -441,12 +440,12 @@ def test_dcp_tensor_data_file_holding_a_pickle_payload_is_refused(tmp_path: Path
     marker = tmp_path / 'pwned'
     metadata_bytes, _ = honest_metadata_and_data()
     payload = torch_payload(marker)
-    metadata = sharded.parse_metadata(metadata_bytes, Path('.metadata'))
+    metadata = dcp_reader.parse_metadata(metadata_bytes, Path('.metadata'))
     metadata.storage_data = {MetadataIndex('model.w', (0, 0)): _StorageInfo('__0_0.distcp', 0, len(payload))}
     metadata.storage_meta = None
     path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': pickle.dumps(metadata), '__0_0.distcp': payload})
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='cannot be read|refused'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match='cannot be read|refused'):
+        envelope.read_checkpoint(path)
     assert not marker.exists()
 
 
@@ -457,8 +456,8 @@ def test_safetensors_file_with_a_crafted_header_is_not_taken_for_a_checkpoint(tm
     header = json.dumps({'__metadata__': {'payload': pickle.dumps(RunsCode(marker)).hex()}}).encode()
     path = tmp_path / 'model.safetensors'
     path.write_bytes(struct.pack('<Q', len(header)) + header)
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='not a torch zip archive'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match='not a torch zip archive'):
+        envelope.read_checkpoint(path)
     assert not marker.exists()
 
 
@@ -518,11 +517,11 @@ def test_a_placeholder_that_does_not_match_the_metadata_is_refused_before_alloca
     metadata, data = honest_metadata_and_data()
     path = forge_sharded(tmp_path / 'checkpoint.th', {'.metadata': metadata, '__0_0.distcp': data},
                          state={'model': {'w': placeholder}})
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='does not match its metadata'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match='does not match its metadata'):
+        envelope.read_checkpoint(path)
 
 
-# -- the restricted unpickler of our own reader (archive._Unpickler) -------------------------------------
+# -- the restricted unpickler of our own reader (unpickler.RestrictedUnpickler) ----------------------
 # Pickles written opcode by opcode: each names only what the unpickler allows, and misuses it.
 
 def _global(module: str, name: str) -> bytes:
@@ -589,8 +588,8 @@ def test_the_restricted_unpickler_refuses_every_misuse_of_what_it_allows(tmp_pat
     # read_checkpoint then asks torch's own weights-only unpickler, which refuses or loads
     # something that is no checkpoint: either way a one-line error, nothing run, nothing read
     # outside the file's records.
-    with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CheckpointError):
+        envelope.read_checkpoint(path)
     assert not (tmp_path / 'x').exists()
 
 
@@ -605,13 +604,13 @@ def test_a_solver_like_state_loads_through_the_restricted_unpickler_not_torchs(t
     best.register('model', model)
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'rng': RNGState().state_dict(),
              'best_state': best.state_dict(), 'history': [{'train': {'loss': 1.5}}], 'empty': torch.empty(0)}
-    checkpoint.write_checkpoint(tmp_path / 'c.th', state, {'epoch': 1, 'config': {'a': [1, 2.0, None, 'x']}})
+    envelope.write_checkpoint(tmp_path / 'c.th', state, {'epoch': 1, 'config': {'a': [1, 2.0, None, 'x']}})
 
     def no_fallback(*args: tp.Any, **kwargs: tp.Any) -> tp.NoReturn:
         raise AssertionError("fell back to torch.load")
     monkeypatch.setattr(torch, 'load', no_fallback)
     live = {'model': model.state_dict(), 'optimizer': optimizer.state_dict()}
-    ckpt = checkpoint.read_checkpoint(tmp_path / 'c.th', into=live)
+    ckpt = envelope.read_checkpoint(tmp_path / 'c.th', into=live)
     # parameters, both Adam moments and Adam's step count, for each parameter
     assert ckpt.meta['config'] == {'a': [1, 2.0, None, 'x']} and len(ckpt.live) == len(list(model.parameters())) * 4
     assert ckpt.state['rng'].keys() == state['rng'].keys()

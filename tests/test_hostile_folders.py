@@ -30,8 +30,7 @@ from omegaconf import OmegaConf
 from test_hostile import _forged_archive, _global, _ints, _str, _tensor, forge_sharded, honest_metadata_and_data
 
 from solver import cli, validation
-from solver.checkpointing import archive, remote, store
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import archive, envelope, faults, naming, objectstore, recovery, remote, store, unpickler
 from solver.checkpointing.fs import UnsafeFileError, open_fd, read_file, unlink
 from solver.errors import ConfigError
 
@@ -67,12 +66,12 @@ def experiment(dora_dir: Path, sig: str = SIG, epochs: int = 2, incremental: boo
     (folder / 'history.json').write_text(json.dumps([{'train': {'loss': 1.0}}] * epochs))
     writer = store.IncrementalStore(folder) if incremental else None
     for epoch in range(1, epochs + 1):
-        for path in (folder / f'checkpoint_{epoch}.th', folder / checkpoint.LATEST):
+        for path in (folder / f'checkpoint_{epoch}.th', folder / naming.LATEST):
             meta = dict(META, epoch=epoch, sig=sig)
             if writer is not None:
                 writer.write(path, state(epoch), meta)
             else:
-                checkpoint.write_checkpoint(path, state(epoch), meta)
+                envelope.write_checkpoint(path, state(epoch), meta)
     return folder
 
 
@@ -145,7 +144,7 @@ def test_2_prune_refuses_a_blob_folder_linked_to_another_experiment_and_deletes_
     code, output = solver(capsys, 'prune', a, '--keep-last', '1', '--yes')
     assert code == 2 and f"{a / 'blobs'} is a symbolic link" in output
     assert sorted(os.listdir(b / 'blobs')) == before and (a / 'checkpoint_1.th').exists()
-    assert checkpoint.read_checkpoint(b / 'checkpoint_1.th').meta['sig'] == 'bbbb'
+    assert envelope.read_checkpoint(b / 'checkpoint_1.th').meta['sig'] == 'bbbb'
 
 
 def test_2_a_checkpoint_does_not_read_its_blobs_through_a_linked_blob_folder(tmp_path):
@@ -154,16 +153,16 @@ def test_2_a_checkpoint_does_not_read_its_blobs_through_a_linked_blob_folder(tmp
         store.IncrementalStore(folder).write(folder / 'checkpoint.th', state(), META)
     (a / 'blobs').rename(a / 'old-blobs')
     (a / 'blobs').symlink_to(b / 'blobs')
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='blobs is a symbolic link'):
-        checkpoint.read_checkpoint(a / 'checkpoint.th')
+    with pytest.raises(faults.CorruptCheckpointError, match='blobs is a symbolic link'):
+        envelope.read_checkpoint(a / 'checkpoint.th')
 
 
 # -- 3. a checkpoint without a signature ---------------------------------------------------------------
 
 def test_3_a_checkpoint_without_a_signature_is_not_resumed(tmp_path):
     from test_manager import manager
-    checkpoint.write_checkpoint(tmp_path / 'checkpoint.th', state(), {'epoch': 1})  # digests valid, no sig
-    with pytest.raises(checkpoint.CheckpointError, match='holds no experiment signature'):
+    envelope.write_checkpoint(tmp_path / 'checkpoint.th', state(), {'epoch': 1})  # digests valid, no sig
+    with pytest.raises(faults.CheckpointError, match='holds no experiment signature'):
         manager(tmp_path, sig=SIG).restore()
 
 
@@ -180,26 +179,26 @@ STRIDE_0 = _tensor((1 << 29,), (0,))
 ])
 def test_4_5_a_tensor_that_would_outgrow_its_record_is_refused_before_allocating(tmp_path, pickled, why):
     path = _forged_archive(tmp_path / 'checkpoint.th', pickled)
-    with pytest.raises(archive.Refused, match=why):
+    with pytest.raises(unpickler.Refused, match=why):
         archive.load(path)
     peak = _peak_rss()
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=why):  # and not given to torch for a second try
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match=why):  # and not given to torch for a second try
+        envelope.read_checkpoint(path)
     assert _peak_rss() - peak < 256 << 20
 
 
 def test_5_a_stride_0_view_from_torchs_unpickler_is_refused_before_hashing(tmp_path, monkeypatch):
     # The fallback (a file our unpickler does not take) sees the same bound, in `format.verify`.
     placeholder = torch.zeros(4)
-    payload = {'format': checkpoint.FORMAT, 'version': checkpoint.VERSION, 'meta': {}, 'state': {'w': placeholder},
+    payload = {'format': envelope.FORMAT, 'version': envelope.VERSION, 'meta': {}, 'state': {'w': placeholder},
                'digests': {'tensors': ['0'], 'skeleton': '0'}}
     big = torch.zeros(4).as_strided((1 << 29,), (0,))
     payload['state']['w'] = big
     torch.save(payload, tmp_path / 'checkpoint.th')
     monkeypatch.setattr(archive, 'load', lambda *a, **k: (_ for _ in ()).throw(ValueError('not ours')))
     peak = _peak_rss()
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='more elements than its record'):
-        checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    with pytest.raises(faults.CorruptCheckpointError, match='more elements than its record'):
+        envelope.read_checkpoint(tmp_path / 'checkpoint.th')
     assert _peak_rss() - peak < 256 << 20
 
 
@@ -208,15 +207,15 @@ def test_a_memo_index_far_beyond_the_pickle_is_refused_before_the_c_unpickler_fi
     pickled = _tensor((4,), (1,)) + b'r' + struct.pack('<I', 1 << 27)
     path = _forged_archive(tmp_path / 'checkpoint.th', pickled)
     peak = _peak_rss()
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='memo index 134217728'):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CorruptCheckpointError, match='memo index 134217728'):
+        envelope.read_checkpoint(path)
     assert _peak_rss() - peak < 256 << 20
 
 
 def _good_records(tmp_path: Path) -> dict[str, bytes]:
     """The zip records of a real checkpoint, by name, to rebuild a forged archive from."""
     good = tmp_path / 'good.th'
-    checkpoint.write_checkpoint(good, state(), META)
+    envelope.write_checkpoint(good, state(), META)
     reader = torch._C.PyTorchFileReader(str(good))
     return {name: bytes(reader.get_record(name)) for name in reader.get_all_records()}
 
@@ -231,8 +230,8 @@ def test_a_deflate_bomb_is_refused_from_the_zip_directory_before_anything_is_inf
                 archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), data)
     assert bomb.stat().st_size < 2 << 20
     peak = _peak_rss()
-    with pytest.raises(checkpoint.CorruptCheckpointError, match="'archive/data.pkl' is compressed"):
-        checkpoint.read_checkpoint(bomb)
+    with pytest.raises(faults.CorruptCheckpointError, match="'archive/data.pkl' is compressed"):
+        envelope.read_checkpoint(bomb)
     assert _peak_rss() - peak < 128 << 20
 
 
@@ -248,16 +247,16 @@ def test_zip_entries_named_with_dot_dots_or_twice_are_never_extracted_and_the_di
             if name.startswith('data/'):
                 archive_file.writestr(zipfile.ZipInfo(f'archive/{name}'), bytes(len(records[name])))
     try:  # whichever of two records the zip reader finds, the digests are checked on the bytes read
-        loaded = checkpoint.read_checkpoint(forged)
+        loaded = envelope.read_checkpoint(forged)
         assert torch.equal(loaded.state['model']['w'], state()['model']['w'])
-    except checkpoint.CorruptCheckpointError as err:
+    except faults.CorruptCheckpointError as err:
         assert 'do not match their digests' in str(err)
     assert not (tmp_path.parent / 'pwned').exists() and not Path('pwned').exists()
 
 
 def test_a_local_mirror_that_is_the_experiment_folder_is_refused(tmp_path):
     for url in (f'file://{tmp_path}', f'file://{tmp_path}/sub', f'file://{tmp_path.parent}'):
-        with pytest.raises(remote.RemoteError, match='is the experiment folder'):
+        with pytest.raises(objectstore.RemoteError, match='is the experiment folder'):
             remote.RemoteMirror(url, tmp_path)
 
 
@@ -270,11 +269,11 @@ def _peak_rss() -> int:
 
 def test_6_verify_names_a_fifo_checkpoint_and_goes_on_with_the_others(dora_dir, capsys):
     folder = experiment(dora_dir)
-    (folder / checkpoint.LATEST).unlink()
-    os.mkfifo(folder / checkpoint.LATEST)
+    (folder / naming.LATEST).unlink()
+    os.mkfifo(folder / naming.LATEST)
     code, output = solver(capsys, 'verify', folder)
     assert code == 1
-    assert f"{folder / checkpoint.LATEST}: DAMAGED: {folder / checkpoint.LATEST} is a FIFO" in output
+    assert f"{folder / naming.LATEST}: DAMAGED: {folder / naming.LATEST} is a FIFO" in output
     assert f"{folder / 'checkpoint_2.th'}: intact" in output
 
 
@@ -282,15 +281,15 @@ def test_6_a_fifo_blob_is_named_and_the_newest_intact_checkpoint_used(tmp_path):
     folder = tmp_path / 'xp'
     writer = store.IncrementalStore(folder)
     writer.write(folder / 'checkpoint_1.th', state(1), META)
-    writer.write(folder / checkpoint.LATEST, state(2), META)
+    writer.write(folder / naming.LATEST, state(2), META)
     used = set(store._refs(folder / 'checkpoint_1.th'))
     blob = next(p for p in (folder / 'blobs').iterdir() if p.name not in used)
     blob.unlink()
     os.mkfifo(blob)
-    with deadline(20), pytest.raises(checkpoint.CorruptCheckpointError, match=f'{blob.name}.* is a FIFO'):
-        checkpoint.read_checkpoint(folder / checkpoint.LATEST)
+    with deadline(20), pytest.raises(faults.CorruptCheckpointError, match=f'{blob.name}.* is a FIFO'):
+        envelope.read_checkpoint(folder / naming.LATEST)
     with deadline(20):
-        assert checkpoint.load_newest_intact(folder).path.name == 'checkpoint_1.th'
+        assert recovery.load_newest_intact(folder).path.name == 'checkpoint_1.th'
 
 
 def test_6_a_fifo_shard_metadata_is_refused_naming_it(tmp_path):
@@ -299,8 +298,8 @@ def test_6_a_fifo_shard_metadata_is_refused_naming_it(tmp_path):
     shard_folder = next(tmp_path.glob('checkpoint.th.dcp.*'))
     (shard_folder / '.metadata').unlink()
     os.mkfifo(shard_folder / '.metadata')
-    with deadline(20), pytest.raises(checkpoint.CorruptCheckpointError, match=r'\.metadata is a FIFO'):
-        checkpoint.read_checkpoint(path)
+    with deadline(20), pytest.raises(faults.CorruptCheckpointError, match=r'\.metadata is a FIFO'):
+        envelope.read_checkpoint(path)
 
 
 def test_6_a_shard_file_linked_to_dev_zero_is_refused(tmp_path):
@@ -309,8 +308,8 @@ def test_6_a_shard_file_linked_to_dev_zero_is_refused(tmp_path):
     shard = next(tmp_path.glob('checkpoint.th.dcp.*')) / '__0_0.distcp'
     shard.unlink()
     shard.symlink_to('/dev/zero')
-    with deadline(20), pytest.raises(checkpoint.CorruptCheckpointError, match=r'symbolic link \(to /dev/zero\)'):
-        checkpoint.read_checkpoint(path)
+    with deadline(20), pytest.raises(faults.CorruptCheckpointError, match=r'symbolic link \(to /dev/zero\)'):
+        envelope.read_checkpoint(path)
 
 
 def test_6_ls_does_not_hang_on_fifos_nor_read_dev_zero(dora_dir, capsys):
@@ -332,7 +331,7 @@ def test_6_ls_does_not_hang_on_fifos_nor_read_dev_zero(dora_dir, capsys):
 
 def _checkpoint_pickle(meta: bytes) -> bytes:
     """A checkpoint payload by hand, `meta` its meta's pickle (digests: anything)."""
-    return (b'}(' + _str('format') + _str(checkpoint.FORMAT) + _str('version') + _ints(checkpoint.VERSION)
+    return (b'}(' + _str('format') + _str(envelope.FORMAT) + _str('version') + _ints(envelope.VERSION)
             + _str('meta') + meta + _str('state') + b'}' + _str('digests') + b'}' + b'u')
 
 
@@ -348,11 +347,11 @@ DEEP = 200_000
 ], ids=['set', 'tuple-key', 'storage-marker', 'deep'])
 def test_7_a_value_no_checkpoint_holds_is_a_checkpoint_error_and_the_next_file_is_used(tmp_path, capsys, meta):
     good = tmp_path / 'checkpoint_1.th'
-    checkpoint.write_checkpoint(good, state(), META)
-    bad = _forged_archive(tmp_path / checkpoint.LATEST, _checkpoint_pickle(meta))
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=str(bad)):
-        checkpoint.read_checkpoint(bad)
-    assert checkpoint.load_newest_intact(tmp_path).path == good
+    envelope.write_checkpoint(good, state(), META)
+    bad = _forged_archive(tmp_path / naming.LATEST, _checkpoint_pickle(meta))
+    with pytest.raises(faults.CorruptCheckpointError, match=str(bad)):
+        envelope.read_checkpoint(bad)
+    assert recovery.load_newest_intact(tmp_path).path == good
     code, output = solver(capsys, 'verify', bad)
     assert code == 1 and f'{bad}: DAMAGED: {bad}' in output
 
@@ -360,11 +359,11 @@ def test_7_a_value_no_checkpoint_holds_is_a_checkpoint_error_and_the_next_file_i
 # -- 8. credentials in a URL ---------------------------------------------------------------------------------
 
 def test_8_overrides_with_credentials_are_found_and_redacted():
-    assert remote.secret_in(['solver=regression', 'checkpoint.remote=s3://KEY:SECRET@bucket/runs']) \
+    assert objectstore.secret_in(['solver=regression', 'checkpoint.remote=s3://KEY:SECRET@bucket/runs']) \
         == 'checkpoint.remote=s3://bucket/runs'
-    assert remote.secret_in(['continue_from="s3://bucket/x.th?X-Amz-Signature=SECRET"']) == 'continue_from=s3://bucket/x.th'
-    assert remote.secret_in(['checkpoint.remote=s3://bucket/runs', 'a=b@c']) is None
-    assert remote.redact_overrides(['checkpoint.remote=s3://KEY:SECRET@bucket/runs', 'a=1']) \
+    assert objectstore.secret_in(['continue_from="s3://bucket/x.th?X-Amz-Signature=SECRET"']) == 'continue_from=s3://bucket/x.th'
+    assert objectstore.secret_in(['checkpoint.remote=s3://bucket/runs', 'a=b@c']) is None
+    assert objectstore.redact_overrides(['checkpoint.remote=s3://KEY:SECRET@bucket/runs', 'a=1']) \
         == ['checkpoint.remote=s3://bucket/runs', 'a=1']
 
 
@@ -393,12 +392,12 @@ def test_8_dora_run_with_credentials_in_a_url_stops_before_any_file_holds_them(t
 def test_9_export_refuses_to_replace_a_checkpoint_of_an_experiment(dora_dir, capsys):
     folder = experiment(dora_dir)
     best = {'best_state': {'states': {'model': state()['model']}}}
-    checkpoint.write_checkpoint(folder / checkpoint.LATEST, {**state(), **best}, META)
-    before = (folder / checkpoint.LATEST).read_bytes()
-    for target in (folder / checkpoint.LATEST, folder / 'checkpoint_7.th'):
+    envelope.write_checkpoint(folder / naming.LATEST, {**state(), **best}, META)
+    before = (folder / naming.LATEST).read_bytes()
+    for target in (folder / naming.LATEST, folder / 'checkpoint_7.th'):
         code, output = solver(capsys, 'export', SIG, target)
         assert code == 2 and 'could no longer resume' in output
-    assert (folder / checkpoint.LATEST).read_bytes() == before and not (folder / 'checkpoint_7.th').exists()
+    assert (folder / naming.LATEST).read_bytes() == before and not (folder / 'checkpoint_7.th').exists()
 
 
 # -- 10. a batch that cannot fit ------------------------------------------------------------------------------
@@ -469,8 +468,8 @@ def test_6_solver_ls_and_verify_on_a_hostile_folder_stay_bounded_and_one_line(tm
     (folder / 'history.json').unlink()
     (folder / 'history.json').symlink_to('/dev/zero')
     os.mkfifo(folder / '.lock')
-    (folder / checkpoint.LATEST).unlink()
-    os.mkfifo(folder / checkpoint.LATEST)
+    (folder / naming.LATEST).unlink()
+    os.mkfifo(folder / naming.LATEST)
     _forged_archive(folder / 'checkpoint_3.th', STRIDE_0)
     _forged_archive(folder / 'checkpoint_4.th', BUILD_4000)
     env = dict(os.environ, SOLVER_DORA_DIR=str(dora_dir))
@@ -516,9 +515,9 @@ FOUND_BY_FUZZING = sorted((Path(__file__).parent / 'fuzz_regressions').glob('*.t
 @pytest.mark.parametrize('found', FOUND_BY_FUZZING, ids=lambda p: p.stem)
 def test_an_input_the_fuzzer_found_is_a_checkpoint_error_naming_it(tmp_path, capsys, found):
     # zip64-end-record-bit-flip: zipfile.is_zipfile raised BadZipFile ("span multiple disks") past our checks.
-    path = tmp_path / checkpoint.LATEST
+    path = tmp_path / naming.LATEST
     shutil.copyfile(found, path)
-    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
-        checkpoint.read_checkpoint(path)
+    with pytest.raises(faults.CheckpointError, match=str(path)):
+        envelope.read_checkpoint(path)
     code, output = solver(capsys, 'verify', path)
     assert code == 1 and f'{path}: DAMAGED' in output

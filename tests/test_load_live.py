@@ -22,8 +22,7 @@ from helpers import damage_a_tensor
 from torch import nn
 
 from solver.best_state import BestState
-from solver.checkpointing import archive
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import archive, directio, envelope, faults, naming, recovery, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {'epoch': 1}
@@ -45,18 +44,18 @@ def state_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
 def addresses(state: dict) -> list[int]:
     found: list[torch.Tensor] = []
-    checkpoint._walk(state, found)
+    tree.skeleton(state, found)
     return [t.data_ptr() for t in found]
 
 
 
 def test_a_load_into_the_live_state_reads_into_the_live_tensors(tmp_path: Path, assert_same):
     saved = state_of(*trained(0))
-    checkpoint.write_checkpoint(tmp_path / 'a.th', saved, META)
+    envelope.write_checkpoint(tmp_path / 'a.th', saved, META)
     model, optimizer = trained(1)
     live = state_of(model, optimizer)
     before = addresses(live)
-    ckpt = checkpoint.read_checkpoint(tmp_path / 'a.th', into=live)
+    ckpt = envelope.read_checkpoint(tmp_path / 'a.th', into=live)
     assert addresses(ckpt.state) == before  # the loaded tensors are the live memory
     assert len(ckpt.live) == len(before)
     assert_same(ckpt.state, saved)
@@ -67,9 +66,9 @@ def test_a_load_into_the_live_state_reads_into_the_live_tensors(tmp_path: Path, 
 
 
 def test_tensors_that_do_not_fit_are_loaded_apart_and_the_live_ones_keep_their_values(tmp_path: Path):
-    checkpoint.write_checkpoint(tmp_path / 'a.th', {'w': torch.ones(3, 4), 'b': torch.ones(4)}, META)
+    envelope.write_checkpoint(tmp_path / 'a.th', {'w': torch.ones(3, 4), 'b': torch.ones(4)}, META)
     live = {'w': torch.zeros(4, 3), 'b': torch.zeros(4, dtype=torch.float64)}
-    ckpt = checkpoint.read_checkpoint(tmp_path / 'a.th', into=live)
+    ckpt = envelope.read_checkpoint(tmp_path / 'a.th', into=live)
     assert ckpt.live == []
     assert torch.equal(ckpt.state['w'], torch.ones(3, 4)) and torch.equal(live['w'], torch.zeros(4, 3))
     assert torch.equal(live['b'], torch.zeros(4, dtype=torch.float64))
@@ -77,39 +76,39 @@ def test_tensors_that_do_not_fit_are_loaded_apart_and_the_live_ones_keep_their_v
 
 def test_views_sharing_a_storage_are_never_read_into_the_live_state(tmp_path: Path):
     base = torch.arange(12.0)
-    checkpoint.write_checkpoint(tmp_path / 'a.th', {'all': base, 'half': base[:6]}, META)
+    envelope.write_checkpoint(tmp_path / 'a.th', {'all': base, 'half': base[:6]}, META)
     live = {'all': torch.zeros(12), 'half': torch.zeros(6)}
-    ckpt = checkpoint.read_checkpoint(tmp_path / 'a.th', into=live)
+    ckpt = envelope.read_checkpoint(tmp_path / 'a.th', into=live)
     assert ckpt.live == [] and torch.equal(ckpt.state['half'], torch.arange(6.0))
 
 
 def test_a_damaged_tensor_read_into_the_live_state_raises_naming_the_live_tensors(tmp_path: Path):
-    checkpoint.write_checkpoint(tmp_path / 'a.th', state_of(*trained(0)), META)
+    envelope.write_checkpoint(tmp_path / 'a.th', state_of(*trained(0)), META)
     damage_a_tensor(tmp_path / 'a.th')
     live = state_of(*trained(1))
-    with pytest.raises(checkpoint.DamagedIntoLiveError, match='do not match their digests') as caught:
-        checkpoint.read_checkpoint(tmp_path / 'a.th', into=live)
+    with pytest.raises(faults.DamagedIntoLiveError, match='do not match their digests') as caught:
+        envelope.read_checkpoint(tmp_path / 'a.th', into=live)
     assert {t.data_ptr() for t in caught.value.live} == set(addresses(live))
 
 
 def test_a_damaged_latest_is_replaced_by_an_epoch_file_that_covers_every_live_tensor(tmp_path: Path, assert_same):
     epoch = state_of(*trained(0))
-    checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(tmp_path, 1), epoch, META)
-    checkpoint.write_checkpoint(tmp_path / checkpoint.LATEST, state_of(*trained(2)), META)
-    damage_a_tensor(tmp_path / checkpoint.LATEST)
+    envelope.write_checkpoint(naming.epoch_checkpoint_path(tmp_path, 1), epoch, META)
+    envelope.write_checkpoint(tmp_path / naming.LATEST, state_of(*trained(2)), META)
+    damage_a_tensor(tmp_path / naming.LATEST)
     live = state_of(*trained(1))
-    found = checkpoint.load_newest_intact(tmp_path, into=live)
+    found = recovery.load_newest_intact(tmp_path, into=live)
     assert found is not None and found.path.name == 'checkpoint_1.th'
     assert_same(live, epoch)
 
 
 def test_a_damaged_latest_whose_fallback_leaves_live_tensors_stale_stops_the_run(tmp_path: Path):
     model, optimizer = trained(0)
-    checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(tmp_path, 1), {'model': model.state_dict()}, META)
-    checkpoint.write_checkpoint(tmp_path / checkpoint.LATEST, state_of(model, optimizer), META)
-    damage_a_tensor(tmp_path / checkpoint.LATEST)
-    with pytest.raises(checkpoint.CheckpointError, match='stopping rather than training on a mixed state'):
-        checkpoint.load_newest_intact(tmp_path, into=state_of(*trained(1)))
+    envelope.write_checkpoint(naming.epoch_checkpoint_path(tmp_path, 1), {'model': model.state_dict()}, META)
+    envelope.write_checkpoint(tmp_path / naming.LATEST, state_of(model, optimizer), META)
+    damage_a_tensor(tmp_path / naming.LATEST)
+    with pytest.raises(faults.CheckpointError, match='stopping rather than training on a mixed state'):
+        recovery.load_newest_intact(tmp_path, into=state_of(*trained(1)))
 
 
 def test_a_best_state_load_copies_into_the_tensors_it_holds():
@@ -125,9 +124,9 @@ def test_a_best_state_load_copies_into_the_tensors_it_holds():
 def test_direct_io_writes_and_reads_what_buffered_io_does(tmp_path: Path, monkeypatch, size: int):
     # A bounce buffer of 3 blocks: every chunking boundary is crossed by small tensors. The
     # page-aligned tensor (as the async writer's staging buffers are) is written without a copy.
-    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
-    monkeypatch.setattr(archive, '_read_bounces', [archive._Bounce(3 * archive.DIRECT_ALIGN) for _ in range(2)])
-    aligned = archive.aligned_empty((size // 4, 2), torch.int16)
+    monkeypatch.setattr(archive, '_write_bounces', [directio.Bounce(3 * directio.DIRECT_ALIGN) for _ in range(2)])
+    monkeypatch.setattr(archive, '_read_bounces', [directio.Bounce(3 * directio.DIRECT_ALIGN) for _ in range(2)])
+    aligned = directio.aligned_empty((size // 4, 2), torch.int16)
     aligned.copy_(torch.randint(-999, 999, aligned.shape, dtype=torch.int16))
     state = {'a': torch.randint(0, 255, (size,), dtype=torch.uint8), 'b': torch.randn(7, 3), 'c': [1, 'x'],
              'aligned': aligned}
@@ -135,7 +134,7 @@ def test_direct_io_writes_and_reads_what_buffered_io_does(tmp_path: Path, monkey
         with open(tmp_path / f'{direct}.th', 'wb') as f:
             archive.save(state, f, direct=direct)
     live = {'a': torch.zeros(size, dtype=torch.uint8), 'b': torch.zeros(7, 3)}
-    loaded, reading = archive.load(tmp_path / 'True.th', lambda obj: checkpoint._live_pairs(obj, live),
+    loaded, reading = archive.load(tmp_path / 'True.th', lambda obj: envelope._live_pairs(obj, live),
                                    direct=True)
     reading.wait()
     reading.close()
@@ -171,12 +170,12 @@ def test_a_torch_without_the_private_apis_warns_once_and_checkpoints_with_torch_
     script = (
         "import torch, warnings\n"
         "del torch._C.PyTorchFileReader.get_record_offset\n"  # what a future torch might do
-        "from solver.checkpointing import archive, format as checkpoint\n"
+        "from solver.checkpointing import archive, envelope\n"
         "assert not archive.AVAILABLE\n"
         f"path = {str(tmp_path / 'a.th')!r}\n"
-        "checkpoint.write_checkpoint(path, {'w': torch.arange(4.0)}, {'epoch': 1})\n"
+        "envelope.write_checkpoint(path, {'w': torch.arange(4.0)}, {'epoch': 1})\n"
         "live = {'w': torch.zeros(4)}\n"
-        "ckpt = checkpoint.read_checkpoint(path, into=live)\n"
+        "ckpt = envelope.read_checkpoint(path, into=live)\n"
         "assert torch.equal(ckpt.state['w'], torch.arange(4.0)) and ckpt.live == []\n"
         "print('ok')\n")
     proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -195,9 +194,9 @@ def test_a_resumed_dora_run_reads_every_tensor_into_the_live_state(dora, dora_di
     folder = dora_dir / 'xps' / main.get_xp(list(overrides)).sig
     shutil.copyfile(folder / 'checkpoint_1.th', folder / 'checkpoint.th')  # back to the end of epoch 1
     (folder / 'checkpoint_2.th').unlink()
-    state = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
+    state = envelope.read_checkpoint(folder / 'checkpoint.th').state
     tensors: list[torch.Tensor] = []
-    checkpoint._walk({k: v for k, v in state.items() if k != 'optimizer'}, tensors)
+    tree.skeleton({k: v for k, v in state.items() if k != 'optimizer'}, tensors)
     code, output = dora('run', *overrides)
     assert code == 0, output
     found = re.search(r'Resumed from .*\(epoch 1, .*\)\. (\d+) tensors read straight into the live state', output)
@@ -226,9 +225,9 @@ def _direct_pwrite_failing(monkeypatch, errno_code: int, after: int) -> list[int
 @pytest.mark.parametrize('after', [0, 1, 3])
 def test_a_direct_write_refused_midway_goes_on_buffered_and_the_file_is_whole(tmp_path: Path, monkeypatch,
                                                                                after: int):
-    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(2 * archive.DIRECT_ALIGN) for _ in range(2)])
+    monkeypatch.setattr(archive, '_write_bounces', [directio.Bounce(2 * directio.DIRECT_ALIGN) for _ in range(2)])
     tried = _direct_pwrite_failing(monkeypatch, errno.EINVAL, after)
-    aligned = archive.aligned_empty((5000,), torch.float32)
+    aligned = directio.aligned_empty((5000,), torch.float32)
     aligned.copy_(torch.randn(5000))
     state = {'a': torch.randn(10_000), 'aligned': aligned, 'b': torch.arange(3)}
     with open(tmp_path / 'a.th', 'wb') as f:
@@ -238,7 +237,7 @@ def test_a_direct_write_refused_midway_goes_on_buffered_and_the_file_is_whole(tm
 
 
 def test_a_failing_direct_write_on_the_writing_thread_raises_and_leaves_no_thread(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(archive, '_write_bounces', [archive._Bounce(2 * archive.DIRECT_ALIGN) for _ in range(2)])
+    monkeypatch.setattr(archive, '_write_bounces', [directio.Bounce(2 * directio.DIRECT_ALIGN) for _ in range(2)])
     _direct_pwrite_failing(monkeypatch, errno.ENOSPC, 2)
     threads = threading.active_count()
     with open(tmp_path / 'a.th', 'wb') as f, pytest.raises(OSError, match='No space'):

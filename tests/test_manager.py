@@ -7,13 +7,14 @@ import dataclasses
 import json
 import threading
 import time
+import typing as tp
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope, listing, naming
 from solver.checkpointing.config import CheckpointConfig, RollbackConfig
 from solver.checkpointing.manager import CheckpointManager
 from solver.errors import SolverError, UserError
@@ -49,7 +50,7 @@ def test_by_default_the_latest_file_is_written_at_every_epoch_end_and_holds_the_
     m = manager(tmp_path)
     assert save_epoch(m, 1, [1.0]) == [tmp_path / 'checkpoint.th']
     m.close()
-    meta = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th').meta
+    meta = envelope.read_checkpoint(tmp_path / 'checkpoint.th').meta
     assert meta['sig'] == 'abc123' and meta['epoch'] == 1 and 'torch' in meta['versions']
 
 
@@ -87,7 +88,7 @@ def test_keep_best_keeps_the_k_best_epochs_with_keep_last_and_never_the_newest_e
         save_epoch(m, epoch, LOSSES[:epoch])
     m.close()
     assert names(tmp_path) == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th', 'checkpoint_6.th']
-    assert 'partial' not in checkpoint.read_checkpoint(tmp_path / 'checkpoint_2.th').meta  # best files are full
+    assert 'partial' not in envelope.read_checkpoint(tmp_path / 'checkpoint_2.th').meta  # best files are full
 
 
 def test_a_resumed_manager_keeps_the_true_best_it_did_not_rank_itself(tmp_path):
@@ -115,13 +116,13 @@ def test_each_file_records_the_metric_of_its_epoch_and_retention_ranks_by_it_alo
     for epoch in range(1, 7):
         save_epoch(m, epoch, LOSSES[:epoch])
     m.close()
-    assert [checkpoint.read_meta(tmp_path / f'checkpoint_{e}.th')['metric'] for e in (2, 4, 6)] == [1.0, 2.0, 7.0]
+    assert [listing.read_meta(tmp_path / f'checkpoint_{e}.th')['metric'] for e in (2, 4, 6)] == [1.0, 2.0, 7.0]
     assert m.prune(history=()) == []  # no history needed: the files say how they rank
 
 
 def test_files_written_before_the_metric_was_recorded_are_ranked_by_the_history(tmp_path):
     for epoch in range(1, 5):  # as older code wrote them: no 'metric' in the metadata
-        checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(tmp_path, epoch), STATE, {'epoch': epoch})
+        envelope.write_checkpoint(naming.epoch_checkpoint_path(tmp_path, epoch), STATE, {'epoch': epoch})
     removed = manager(tmp_path, save_every=1, keep_last=1, keep_best=1).prune(history=LOSSES[:4])
     assert sorted(p.name for p in removed) == ['checkpoint_1.th', 'checkpoint_3.th']
     assert names(tmp_path) == ['checkpoint_2.th', 'checkpoint_4.th']
@@ -140,7 +141,7 @@ MIXED = dict(save_every=1, keep_best=2, keep_every=4)    # latest-N + best-k + e
 
 
 def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_the_history(tmp_path):
-    from solver import experiment
+    from solver import edit, experiment
     run = manager(tmp_path / 'run', keep_last=2, **MIXED)
     for epoch in range(1, len(WAVY) + 1):
         save_epoch(run, epoch, WAVY[:epoch])
@@ -157,7 +158,7 @@ def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_t
     (tmp_path / 'all' / '.hydra' / 'config.yaml').write_text(OmegaConf.to_yaml(recorded))
     misleading = [{'valid': {'loss': -float(epoch)}} for epoch in range(1, len(WAVY) + 1)]  # not what ranks
     (tmp_path / 'all' / 'history.json').write_text(json.dumps(misleading))
-    removed, kept = experiment.prune(experiment.Experiment(tmp_path / 'all'), keep_last=2, apply=True)
+    removed, kept = edit.prune(experiment.Experiment(tmp_path / 'all'), keep_last=2, apply=True)
     assert names(tmp_path / 'all') == kept_by_the_run
     assert kept[tmp_path / 'all' / 'checkpoint_6.th'] == 'among the best 2 (checkpoint.keep_best)'
     assert kept[tmp_path / 'all' / 'checkpoint_4.th'] == 'a multiple of 4 epochs'
@@ -168,17 +169,17 @@ def test_solver_prune_keeps_exactly_what_the_run_kept_ranking_by_the_files_not_t
 @pytest.mark.parametrize('async_save', [False, True], ids=['sync', 'async'])
 def test_on_durable_runs_after_the_file_is_on_disk_and_never_before(tmp_path, monkeypatch, async_save):
     written = threading.Event()
-    real = checkpoint.write_checkpoint
+    real = envelope.write_checkpoint
 
-    def slow_write(path: Path, state: dict, meta: dict) -> None:
+    def slow_write(path: Path, state: dict, meta: dict, **kwargs: tp.Any) -> None:
         time.sleep(0.2)  # a slow disk: the async save returns long before this
-        real(path, state, meta)
+        real(path, state, meta, **kwargs)
         written.set()
 
-    monkeypatch.setattr(checkpoint, 'write_checkpoint', slow_write)
+    monkeypatch.setattr(envelope, 'write_checkpoint', slow_write)
     m = manager(tmp_path, async_save=async_save)
     seen: list[int] = []
-    save_epoch(m, 1, [1.0], on_durable=lambda: seen.append(checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    save_epoch(m, 1, [1.0], on_durable=lambda: seen.append(envelope.read_checkpoint(tmp_path / 'checkpoint.th')
                                                                .meta['epoch']))
     assert written.is_set() or seen == []
     m.close()
@@ -228,6 +229,18 @@ def test_continue_from_a_folder_takes_its_newest_checkpoint(tmp_path):
     other.close()
     found = manager(tmp_path / 'xps' / 'mine42').resolve_continue_from('//sig/other99', None, lambda n: None)
     assert found.meta['epoch'] == 2 and found.meta['sig'] == 'other99'
+
+
+def test_continue_from_reads_every_name_the_command_line_reads(tmp_path):
+    """One grammar (naming.py): a signature prefix and <sig>/<file> name the same checkpoints as //sig/."""
+    other = manager(tmp_path / 'xps' / 'other99', sig='other99')
+    for epoch in (1, 2):
+        save_epoch(other, epoch, [1.0] * epoch)
+    other.close()
+    mine = manager(tmp_path / 'xps' / 'mine42')
+    assert mine.resolve_continue_from('oth', None, lambda n: None).meta['epoch'] == 2
+    assert mine.resolve_continue_from('other99/checkpoint.th', None, lambda n: None).meta['epoch'] == 2
+    assert mine.resolve_continue_from('//sig/other99/checkpoint.th', None, lambda n: None).meta['epoch'] == 2
 
 
 def test_rollback_gives_the_newest_checkpoint_then_refuses_past_max_rollbacks(tmp_path):

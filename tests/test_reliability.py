@@ -44,8 +44,7 @@ from helpers import (
     temporary_files,
 )
 
-from solver.checkpointing import format as checkpoint
-from solver.checkpointing import store
+from solver.checkpointing import blobs, envelope, faults, store
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 integration = pytest.mark.integration
@@ -74,7 +73,7 @@ def killed(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
     with dora_tools.start(dora_dir, *overrides) as run:
         run.wait_for_line(f'{SAVE_LINE} (epoch 1, step {EXACT_STEPS + 16})')
         run.kill()
-    saved = checkpoint.read_checkpoint(run.folder / 'checkpoint.th').meta
+    saved = envelope.read_checkpoint(run.folder / 'checkpoint.th').meta
     code, output = dora_tools.run(dora_dir, 'run', *overrides)
     return SimpleNamespace(folder=run.folder, saved=saved, code=code, output=output)
 
@@ -108,7 +107,7 @@ def preempted(request, dora_tools, tmp_path_factory) -> SimpleNamespace:
         run.wait_for_line(f'Train | epoch 2 | 8/{EXACT_STEPS}')
         run.send(sig)
         code, output = run.finish()
-    saved = checkpoint.read_checkpoint(run.folder / 'checkpoint.th').meta
+    saved = envelope.read_checkpoint(run.folder / 'checkpoint.th').meta
     rerun_code, rerun_output = dora_tools.run(dora_dir, 'run', *overrides)
     return SimpleNamespace(signal=sig, folder=run.folder, code=code, output=output, saved=saved,
                            rerun_code=rerun_code, rerun_output=rerun_output)
@@ -142,7 +141,7 @@ def test_a_signal_in_the_last_step_of_an_epoch_saves_its_train_stage_before_exit
     overrides = (*FAULTY, '+faults.sigterm_batches=[15]', *extra)  # batch 15: epoch 1's last step
     code, output = dora('run', *overrides)
     assert code == 128 + signal.SIGTERM, output
-    saved = checkpoint.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th').meta
+    saved = envelope.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th').meta
     # the train stage is saved whole; the epoch is not committed: valid has not run
     assert (saved['epoch'], saved['step'], saved['epoch_step']) == (0, 16, 16)
     assert 'Valid Summary' not in output
@@ -172,7 +171,7 @@ def test_a_signal_during_a_slow_stage_stops_it_at_the_next_batch_and_the_rerun_r
     assert 'Received SIGTERM again' in output
     assert f'Slow {stage} batch 2' not in output  # stopped between batches 1 and 2
     assert output.index('Received SIGTERM') < output.index(SAVE_LINE) < output.index('Stopped by SIGTERM')
-    saved = checkpoint.read_checkpoint(run.folder / 'checkpoint.th').meta
+    saved = envelope.read_checkpoint(run.folder / 'checkpoint.th').meta
     assert (saved['epoch'], saved['step'], saved['epoch_step']) == (0, 16, 16)
     code, output = dora_tools.run(dora_dir, 'run', *overrides)
     assert code == 0, output
@@ -260,11 +259,11 @@ def kill_when_planned(run: tp.Any, kill: Kill) -> None:
 def resume_line_expected(folder: Path) -> str | None:
     """Every checkpoint file left verifies; the line the next run must log when it resumes."""
     for path in sorted(folder.glob('checkpoint*.th')):
-        checkpoint.read_checkpoint(path)  # raises, naming the file and the damage
+        envelope.read_checkpoint(path)  # raises, naming the file and the damage
     latest = folder / 'checkpoint.th'
     if not latest.exists():
         return None
-    meta = checkpoint.read_checkpoint(latest).meta
+    meta = envelope.read_checkpoint(latest).meta
     return f"Resumed from {latest} (epoch {meta['epoch']}, step {meta['step']})."
 
 
@@ -298,7 +297,7 @@ def test_fault_injection_kill_at_random_moments_then_resume_ends_as_if_never_kil
     assert temporary_files(run.folder) == []
     assert_same_run(run.folder, fault_reference)
     if mode == 'incremental':  # every blob left is used by a kept checkpoint
-        assert set(os.listdir(run.folder / store.BLOBS)) == store.referenced(run.folder)
+        assert set(os.listdir(run.folder / blobs.BLOBS)) == store.referenced(run.folder)
 
 
 # -- damaged files at resume -----------------------------------------------------------------------
@@ -338,9 +337,9 @@ def flip_byte_at(path: Path, offset: int) -> None:
 def flip_tensor_byte(path: Path) -> None:
     """Flip a bit in the middle of the model's first weight matrix (in the file, or in its blob
     for an incremental checkpoint)."""
-    weight = checkpoint.read_checkpoint(path).state['model']['0.weight'].numpy().tobytes()
+    weight = envelope.read_checkpoint(path).state['model']['0.weight'].numpy().tobytes()
     if weight[:64] not in path.read_bytes():
-        path = store.blob_folder(path) / store.blob_key(torch.frombuffer(bytearray(weight), dtype=torch.uint8))
+        path = blobs.blob_folder(path) / blobs.blob_key(torch.frombuffer(bytearray(weight), dtype=torch.uint8))
     flip_byte_at(path, path.read_bytes().find(weight[:64]) + len(weight) // 2)
 
 
@@ -375,7 +374,7 @@ def test_a_rerun_reports_each_damaged_checkpoint_and_resumes_from_the_newest_int
 def files_on_disk(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Content and modification time of the files a run owns (not Dora's and Hydra's per-launch
     files: .argv.json, .hydra/, the lock, the log)."""
-    owned = [p for p in [*folder.iterdir(), *folder.glob(f'{store.BLOBS}/*')]
+    owned = [p for p in [*folder.iterdir(), *folder.glob(f'{blobs.BLOBS}/*')]
              if p.is_file() and not p.name.startswith(('.', 'solver.log'))]
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in owned}
 
@@ -422,7 +421,7 @@ def test_a_save_past_the_file_size_limit_stops_the_run_naming_the_file_and_keeps
     assert 'Resumed from' in output
     assert f"Could not write checkpoint {latest}: File too large" in last_lines(output)
     assert latest.read_bytes() == before
-    checkpoint.read_checkpoint(latest)
+    envelope.read_checkpoint(latest)
     assert temporary_files(run.folder) == []
 
 
@@ -436,7 +435,7 @@ def test_a_nan_loss_rolls_back_skips_the_batches_and_the_run_finishes(dora, dora
     assert 'Rollback 1/3: loss is nan' in output and 'skipped training batches 16-20' in output
     folder = dora_tools.folder(dora_dir, *overrides)
     assert len(history(folder)) == 3
-    progress = checkpoint.read_checkpoint(folder / 'checkpoint.th').state['progress']
+    progress = envelope.read_checkpoint(folder / 'checkpoint.th').state['progress']
     assert (progress['step'], progress['train_batches']) == (48, 48 + 5)
 
 
@@ -467,7 +466,7 @@ def test_max_rollbacks_zero_stops_at_the_first_nan_before_saving_anything_traine
     assert code != 0
     assert 'Rollback 1' not in output
     assert 'loss is nan' in last_lines(output, 1) and 'checkpoint.rollback.max_rollbacks' in last_lines(output, 1)
-    saved = checkpoint.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th')
+    saved = envelope.read_checkpoint(dora_tools.folder(dora_dir, *overrides) / 'checkpoint.th')
     assert saved.meta['step'] == 16
     assert all(value.isfinite().all() for value in saved.state['model'].values())
 
@@ -506,7 +505,7 @@ def test_a_failing_listener_is_logged_and_saving_goes_on(tmp_path, caplog):
         writer.close()
     failures = [r for r in caplog.records if 'failing_listener' in r.getMessage()]
     assert len(failures) == 2 and 'upload failed' in failures[0].exc_text
-    assert_same(checkpoint.read_checkpoint(tmp_path / 'b.th').state, STATE)
+    assert_same(envelope.read_checkpoint(tmp_path / 'b.th').state, STATE)
 
 
 def unwritable_target(tmp_path: Path) -> Path:
@@ -518,7 +517,7 @@ def unwritable_target(tmp_path: Path) -> Path:
 def test_an_async_save_error_is_raised_by_the_next_save(tmp_path):
     writer = CheckpointWriter(SaveMode.ASYNC)
     writer.save(STATE, {unwritable_target(tmp_path): None}, {})  # returns: the write is in the background
-    with pytest.raises(checkpoint.CheckpointError, match='not_a_folder/checkpoint.th'):
+    with pytest.raises(faults.CheckpointError, match='not_a_folder/checkpoint.th'):
         writer.save(STATE, {tmp_path / 'b.th': None}, {})
     writer.close()
 
@@ -526,5 +525,5 @@ def test_an_async_save_error_is_raised_by_the_next_save(tmp_path):
 def test_an_async_save_error_is_raised_by_close(tmp_path):
     writer = CheckpointWriter(SaveMode.ASYNC)
     writer.save(STATE, {unwritable_target(tmp_path): None}, {})
-    with pytest.raises(checkpoint.CheckpointError, match='not_a_folder/checkpoint.th'):
+    with pytest.raises(faults.CheckpointError, match='not_a_folder/checkpoint.th'):
         writer.close()

@@ -24,8 +24,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import damage_a_tensor, free_port
 
-from solver.checkpointing import format as checkpoint
-from solver.checkpointing import manager, policy, remote
+from solver.checkpointing import envelope, fetch, manager, naming, objectstore, policy, recovery, remote
 from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.manager import CheckpointManager
 
@@ -134,17 +133,17 @@ def uploaded_order(output: str) -> list[str]:
 def write(folder: Path, name: str, epoch: int) -> Path:
     import torch
     path = folder / name
-    checkpoint.write_checkpoint(path, {'model': {'w': torch.full((64,), float(epoch))}}, {'epoch': epoch})
+    envelope.write_checkpoint(path, {'model': {'w': torch.full((64,), float(epoch))}}, {'epoch': epoch})
     return path
 
 
 def test_urls_with_credentials_are_refused_and_logs_show_urls_without_them():
-    assert remote.redact('s3://key:secret@bucket/runs?token=x') == 's3://bucket/runs'
-    with pytest.raises(remote.RemoteError, match='environment variables'):
-        remote.check_url('s3://key:secret@bucket/runs')
-    with pytest.raises(remote.RemoteError, match='not a URL'):
-        remote.check_url('/local/path')
-    assert remote.is_url('s3://b/x') and remote.is_url('gs://b') and not remote.is_url('//sig/abc')
+    assert objectstore.redact('s3://key:secret@bucket/runs?token=x') == 's3://bucket/runs'
+    with pytest.raises(objectstore.RemoteError, match='environment variables'):
+        objectstore.check_url('s3://key:secret@bucket/runs')
+    with pytest.raises(objectstore.RemoteError, match='not a URL'):
+        objectstore.check_url('/local/path')
+    assert naming.is_url('s3://b/x') and naming.is_url('gs://b') and not naming.is_url('//sig/abc')
 
 
 @pytest.mark.integration
@@ -158,7 +157,7 @@ def test_mirror_uploads_each_save_commit_point_last_and_applies_keep_last(s3, tm
     url = f's3://{BUCKET}/unit-mirror'
     mirror = remote.RemoteMirror(url, folder, keep_last(2), max_backoff=1)
     for epoch in (1, 2, 3):
-        saved = [write(folder, f'checkpoint_{epoch}.th', epoch), write(folder, checkpoint.LATEST, epoch)]
+        saved = [write(folder, f'checkpoint_{epoch}.th', epoch), write(folder, naming.LATEST, epoch)]
         manager.prune(folder, keep_last(2))
         mirror.notify(saved)
         assert mirror.flush(30)  # this save mirrored on its own (coalescing is tested below)
@@ -196,7 +195,7 @@ def test_a_file_pruned_locally_while_it_uploads_leaves_no_temporary_key(s3, tmp_
     monkeypatch.setattr(mirror.fs, 'put_file', pruning_put_file)
     mirror.notify([write(folder, 'checkpoint_1.th', 1)])
     assert mirror.flush(30)
-    mirror.notify([write(folder, 'checkpoint_2.th', 2), write(folder, checkpoint.LATEST, 2)])
+    mirror.notify([write(folder, 'checkpoint_2.th', 2), write(folder, naming.LATEST, 2)])
     assert mirror.flush(30)
     assert mirror.close() == [] and mirror.failures == 0
     assert remote_names(f'unit-pruned-{when[0]}') == ['checkpoint.th', 'checkpoint_2.th']
@@ -221,7 +220,7 @@ def test_local_and_remote_keep_the_same_files_under_latest_best_and_every_n(s3, 
     m = CheckpointManager(tmp_path / 'same', CheckpointConfig(**MIXED, remote=url), 'same01')
     run_epochs(m, range(1, len(WAVY) + 1))
     m.close()
-    local = sorted(p.name for p in checkpoint.candidates(tmp_path / 'same'))
+    local = sorted(p.name for p in naming.candidates(tmp_path / 'same'))
     assert local == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_4.th', 'checkpoint_6.th', 'checkpoint_8.th',
                      'checkpoint_9.th']
     assert remote_names('unit-same/same01') == local
@@ -257,10 +256,10 @@ def test_saves_while_an_upload_is_in_flight_coalesce_into_the_newest(s3, tmp_pat
     folder.mkdir()
     mirror = remote.RemoteMirror(f's3://{BUCKET}/unit-coalesce', folder, max_backoff=1)
     for epoch in range(1, 6):
-        mirror.notify([write(folder, checkpoint.LATEST, epoch)])
+        mirror.notify([write(folder, naming.LATEST, epoch)])
     assert mirror.close() == []
     assert len(mirror.uploaded) < 5  # not one upload per save: the newest file is what matters
-    fetched = remote.download_newest_intact(f's3://{BUCKET}/unit-coalesce', tmp_path / 'fresh')
+    fetched = fetch.download_newest_intact(f's3://{BUCKET}/unit-coalesce', tmp_path / 'fresh')
     assert fetched is not None and fetched.meta['epoch'] == 5
 
 
@@ -271,7 +270,7 @@ def test_damaged_remote_checkpoint_is_skipped_for_the_next_older(s3, tmp_path, c
     url = f's3://{BUCKET}/unit-damaged'
     mirror = remote.RemoteMirror(url, folder, max_backoff=1)
     mirror.notify([write(folder, 'checkpoint_1.th', 1), write(folder, 'checkpoint_2.th', 2),
-                   write(folder, checkpoint.LATEST, 2)])
+                   write(folder, naming.LATEST, 2)])
     assert mirror.close() == []
     fs = s3fs_client()
     good = fs.cat_file(f'{BUCKET}/unit-damaged/checkpoint.th')
@@ -282,7 +281,7 @@ def test_damaged_remote_checkpoint_is_skipped_for_the_next_older(s3, tmp_path, c
     fs.pipe_file(f'{BUCKET}/unit-damaged/checkpoint_2.th', damaged.read_bytes())
     target = tmp_path / 'fresh'
     target.mkdir()
-    found = remote.download_newest_intact(url, target)
+    found = fetch.download_newest_intact(url, target)
     assert found is not None and found.meta['epoch'] == 1 and found.path == target / 'checkpoint_1.th'
     assert sorted(p.name for p in target.iterdir()) == ['checkpoint_1.th']  # nothing damaged lands
     assert caplog.text.count('Skipping damaged remote checkpoint') == 2
@@ -294,21 +293,21 @@ def test_fetch_source_gives_a_local_file_or_folder_for_a_url(s3, tmp_path):
     folder.mkdir()
     url = f's3://{BUCKET}/unit-fetch'
     mirror = remote.RemoteMirror(url, folder, max_backoff=1)
-    mirror.notify([write(folder, 'checkpoint_1.th', 1), write(folder, checkpoint.LATEST, 1)])
+    mirror.notify([write(folder, 'checkpoint_1.th', 1), write(folder, naming.LATEST, 1)])
     assert mirror.close() == []
-    path = remote.fetch_source(f'{url}/checkpoint_1.th', tmp_path / 'cache1')
-    assert path == tmp_path / 'cache1' / 'checkpoint_1.th' and checkpoint.read_checkpoint(path).meta['epoch'] == 1
-    path = remote.fetch_source(url, tmp_path / 'cache2')
-    assert path == tmp_path / 'cache2' and checkpoint.load_source(path).path.name == checkpoint.LATEST
-    with pytest.raises(remote.RemoteError, match='neither a checkpoint file'):
-        remote.fetch_source(f's3://{BUCKET}/nothing-here', tmp_path / 'cache3')
+    path = fetch.fetch_source(f'{url}/checkpoint_1.th', tmp_path / 'cache1')
+    assert path == tmp_path / 'cache1' / 'checkpoint_1.th' and envelope.read_checkpoint(path).meta['epoch'] == 1
+    path = fetch.fetch_source(url, tmp_path / 'cache2')
+    assert path == tmp_path / 'cache2' and recovery.load_source(path).path.name == naming.LATEST
+    with pytest.raises(objectstore.RemoteError, match='neither a checkpoint file'):
+        fetch.fetch_source(f's3://{BUCKET}/nothing-here', tmp_path / 'cache3')
 
 
 @pytest.mark.integration
 def test_mirror_thread_runs_at_low_priority(s3, tmp_path):
     """Like the writer's thread: uploads mostly run when a core is idle (`background_priority`)."""
     mirror = remote.RemoteMirror(f's3://{BUCKET}/unit-nice', tmp_path, max_backoff=1)
-    mirror.notify([write(tmp_path, checkpoint.LATEST, 1)])
+    mirror.notify([write(tmp_path, naming.LATEST, 1)])
     assert mirror._thread.native_id is not None
     assert os.getpriority(os.PRIO_PROCESS, mirror._thread.native_id) == 19  # Linux: per thread
     assert mirror.close() == []
@@ -327,7 +326,7 @@ def mirrored(s3, dora_tools, tmp_path_factory) -> SimpleNamespace:
 
 @pytest.mark.integration
 def test_run_mirrors_every_save_to_url_sig_with_the_keep_policy(mirrored):
-    local = sorted(p.name for p in checkpoint.candidates(mirrored.folder))
+    local = sorted(p.name for p in naming.candidates(mirrored.folder))
     assert local == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_3.th']
     assert remote_names(mirrored.prefix) == local  # checkpoint_1.th pruned remotely too; no stray keys
     fs = s3fs_client()
@@ -409,7 +408,7 @@ def test_store_down_mid_run_and_back_leaves_training_unaffected(own_server, dora
     reference = run_xp(dora_tools, tmp_path / 'reference', *SLOW)
     assert without_durations(history(run.folder)) == without_durations(history(reference.folder))
     s3fs_client().get_file(f'{BUCKET}/outage/{run.folder.name}/checkpoint.th', str(tmp_path / 'mirrored.th'))
-    assert checkpoint.read_checkpoint(tmp_path / 'mirrored.th').meta['epoch'] == 3  # the last save
+    assert envelope.read_checkpoint(tmp_path / 'mirrored.th').meta['epoch'] == 3  # the last save
 
 
 @pytest.mark.integration
@@ -423,7 +422,7 @@ def test_store_that_never_comes_back_is_summed_up_and_the_run_succeeds(own_serve
     assert code == 0, output
     summary = next((line for line in output.splitlines() if 'NOT mirrored' in line), output)
     assert 'NOT mirrored' in summary and 'checkpoint.th' in summary and 'local copies are intact' in summary
-    assert checkpoint.read_checkpoint(run.folder / 'checkpoint.th').meta['epoch'] == 3
+    assert envelope.read_checkpoint(run.folder / 'checkpoint.th').meta['epoch'] == 3
 
 
 @pytest.mark.integration
@@ -441,7 +440,7 @@ def test_kill_9_during_uploads_then_resume_on_an_empty_folder(s3, dora_tools, tm
     left = remote_names(prefix)
     assert 'checkpoint.th' in left
     # Whatever the kill left, the final key resolves to a complete, verified checkpoint.
-    fetched = remote.download_newest_intact(f's3://{BUCKET}/{prefix}', tmp_path / 'check')
+    fetched = fetch.download_newest_intact(f's3://{BUCKET}/{prefix}', tmp_path / 'check')
     assert fetched is not None and fetched.meta['epoch'] >= 1
     assert f'(epoch {fetched.meta["epoch"]}' in killed_output  # a save the first machine made durable
     code, output = dora_tools.run(tmp_path / 'machine2', 'run', *overrides, timeout=300)
@@ -459,12 +458,12 @@ def test_sharded_checkpoint_uploads_its_shards_before_the_file_that_names_them(s
     code, output = dora_tools.run(tmp_path / 'dora', 'run', '-d', '--ddp_workers', '2', *overrides, timeout=300)
     assert code == 0, output
     folder = dora_tools.folder(tmp_path / 'dora', *overrides)
-    shards = remote.named_shard_folder(folder / checkpoint.LATEST)
+    shards = objectstore.named_shard_folder(folder / naming.LATEST)
     assert shards is not None
     files = sorted(f'{shards}/{p.name}' for p in (folder / shards).iterdir())
     order = uploaded_order(output)
-    commit = len(order) - 1 - order[::-1].index(checkpoint.LATEST)
+    commit = len(order) - 1 - order[::-1].index(naming.LATEST)
     assert set(files) <= set(order[:commit])  # every shard of the newest commit before it
-    assert remote_names(f'sharded/{folder.name}') == sorted([checkpoint.LATEST, *files])  # superseded: gone
-    fetched = remote.download_newest_intact(f's3://{BUCKET}/sharded/{folder.name}', tmp_path / 'fresh')
+    assert remote_names(f'sharded/{folder.name}') == sorted([naming.LATEST, *files])  # superseded: gone
+    fetched = fetch.download_newest_intact(f's3://{BUCKET}/sharded/{folder.name}', tmp_path / 'fresh')
     assert fetched is not None and fetched.meta['epoch'] == 3  # shards downloaded and verified

@@ -27,7 +27,7 @@ import pytest
 import torch
 from helpers import DORA, FAULTY, free_port
 
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope, recovery
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 RUN = (*FAULTY, 'optim.epochs=2')                       # 2 epochs of 16 global batches of 32
@@ -139,7 +139,7 @@ def test_fsdp_at_8_ranks_trains_on_the_single_process_stream_and_writes_8_shard_
     shards = next(folder.glob('checkpoint.th.dcp.*'))
     assert sorted(p.name for p in shards.iterdir()) == ['.metadata', *(f'__{r}_0.distcp' for r in range(8))]
     assert losses(folder) == pytest.approx(losses(reference.folder), rel=1e-4)
-    model = checkpoint.read_checkpoint(folder / 'checkpoint.th').state['model']  # in one process
+    model = envelope.read_checkpoint(folder / 'checkpoint.th').state['model']  # in one process
     assert model['0.weight'].shape == (32, 8) and model['2.weight'].shape == (1, 32)
 
 
@@ -152,11 +152,11 @@ def test_an_async_save_over_staging_max_mb_is_written_by_the_caller_without_stag
         assert writer.staging.nbytes == 0
         writer.save(state, {tmp_path / 'big.th': None}, {'epoch': 1})
         assert writer._pending is None and writer.staging.nbytes == 0  # durable when save returns
-        assert_same(checkpoint.read_checkpoint(tmp_path / 'big.th').state, state)
+        assert_same(envelope.read_checkpoint(tmp_path / 'big.th').state, state)
         small = {'model': {'w0': state['model']['w0']}}  # 1 MB: within the bound, staged
         writer.save(small, {tmp_path / 'small.th': None}, {'epoch': 2})
         assert writer.staging.nbytes == 2**20
-    assert_same(checkpoint.read_checkpoint(tmp_path / 'small.th').state, small)
+    assert_same(envelope.read_checkpoint(tmp_path / 'small.th').state, small)
 
 
 # -- a rank killed inside a sharded save of a two-node torchrun job -----------------------------------
@@ -235,8 +235,8 @@ def test_a_node_killed_inside_a_sharded_save_stops_the_other_and_leaves_the_prev
              'Timed out')
     assert any(text in output for text in named), output
     # The save in flight never became a checkpoint; the previous one is complete and verified.
-    checkpoint.clean_stray_files(folder)
-    latest = checkpoint.load_newest_intact(folder)
+    recovery.clean_stray_files(folder)
+    latest = recovery.load_newest_intact(folder)
     assert latest is not None and latest.path == folder / 'checkpoint.th'
     assert latest.meta['epoch'] >= 1 and latest.state['model']['0.weight'].shape == (2048, 1024)
     [shards] = folder.glob('checkpoint.th.dcp.*')

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from solver.best_state import BestState, drop_keys
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope
+from solver.checkpointing.lock import ExperimentLock, ExperimentLockedError
 from solver.ema import ModuleDictEMA
-from solver.lock import ExperimentLock, ExperimentLockedError
 from solver.rng import RNGState
 from solver.sampler import ResumableBatchSampler
 
@@ -130,9 +130,9 @@ def test_rng_state_restores_python_numpy_and_torch_draws():
 def test_rng_state_survives_a_checkpoint_file(tmp_path: Path):
     state = RNGState().state_dict()
     first = draws()
-    checkpoint.write_checkpoint(tmp_path / 'rng.th', {'rng': state}, {})
+    envelope.write_checkpoint(tmp_path / 'rng.th', {'rng': state}, {})
     reseed(99)
-    RNGState().load_state_dict(checkpoint.read_checkpoint(tmp_path / 'rng.th').state['rng'])
+    RNGState().load_state_dict(envelope.read_checkpoint(tmp_path / 'rng.th').state['rng'])
     assert draws() == first
 
 
@@ -253,7 +253,7 @@ def test_drop_keys_does_not_change_its_input():
 
 HOLD_LOCK = """
 import sys, time
-from solver.lock import ExperimentLock
+from solver.checkpointing.lock import ExperimentLock
 ExperimentLock(sys.argv[1]).__enter__()
 print('locked', flush=True)
 time.sleep(600)

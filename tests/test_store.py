@@ -21,11 +21,10 @@ import torch
 import xxhash
 from helpers import FAULTY, REGRESSION, SOLVER, run_xp
 
-from solver.checkpointing import format as checkpoint
-from solver.checkpointing import store
+from solver.checkpointing import blobs, envelope, faults, naming, recovery, store
+from solver.checkpointing.lock import ExperimentLock
 from solver.checkpointing.store import IncrementalStore
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
-from solver.lock import ExperimentLock
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {'epoch': 1, 'step': 10}
@@ -42,7 +41,7 @@ def make_state(seed: int = 0) -> dict:
 
 
 def blob_names(folder: Path) -> set[str]:
-    return {p.name for p in (folder / store.BLOBS).iterdir()}
+    return {p.name for p in (folder / blobs.BLOBS).iterdir()}
 
 
 def flip_byte(path: Path, offset: int = 100) -> None:
@@ -54,7 +53,7 @@ def flip_byte(path: Path, offset: int = 100) -> None:
 def test_an_incremental_checkpoint_reads_back_identical_through_read_checkpoint(tmp_path, assert_same):
     state = make_state()
     IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', state, META)
-    ckpt = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    ckpt = envelope.read_checkpoint(tmp_path / 'checkpoint.th')
     assert_same(ckpt.state, state)
     assert ckpt.meta == META
 
@@ -90,59 +89,59 @@ def test_small_tensors_stay_in_the_checkpoint_file(tmp_path):
 def test_the_blob_key_is_the_xxh3_128_of_the_bytes_and_their_length():
     tensor = torch.arange(1000, dtype=torch.float32)
     expected = xxhash.xxh3_128_hexdigest(tensor.numpy().tobytes())
-    assert store.blob_key(tensor) == f'{expected}-4000'
-    assert store.blob_key(tensor.reshape(10, 100).t()) != store.blob_key(tensor)  # bytes as laid out
+    assert blobs.blob_key(tensor) == f'{expected}-4000'
+    assert blobs.blob_key(tensor.reshape(10, 100).t()) != blobs.blob_key(tensor)  # bytes as laid out
 
 
 def test_a_damaged_blob_is_named_and_the_newest_intact_checkpoint_is_used(tmp_path, caplog):
     incremental = IncrementalStore(tmp_path)
-    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 1), make_state(1), dict(META, epoch=1))
+    incremental.write(naming.epoch_checkpoint_path(tmp_path, 1), make_state(1), dict(META, epoch=1))
     before = blob_names(tmp_path)
-    incremental.write(tmp_path / checkpoint.LATEST, make_state(2), dict(META, epoch=2))
-    damaged = tmp_path / store.BLOBS / sorted(blob_names(tmp_path) - before)[0]
+    incremental.write(tmp_path / naming.LATEST, make_state(2), dict(META, epoch=2))
+    damaged = tmp_path / blobs.BLOBS / sorted(blob_names(tmp_path) - before)[0]
     flip_byte(damaged)
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=f'blob {damaged} does not match its digest'):
-        checkpoint.read_checkpoint(tmp_path / checkpoint.LATEST)
-    found = checkpoint.load_newest_intact(tmp_path)
+    with pytest.raises(faults.CorruptCheckpointError, match=f'blob {damaged} does not match its digest'):
+        envelope.read_checkpoint(tmp_path / naming.LATEST)
+    found = recovery.load_newest_intact(tmp_path)
     assert found is not None and found.meta['epoch'] == 1
-    assert f"Skipping damaged checkpoint: {tmp_path / checkpoint.LATEST}" in caplog.text
+    assert f"Skipping damaged checkpoint: {tmp_path / naming.LATEST}" in caplog.text
 
 
 def test_a_missing_blob_is_named(tmp_path):
     IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', make_state(), META)
-    blob = next((tmp_path / store.BLOBS).iterdir())
+    blob = next((tmp_path / blobs.BLOBS).iterdir())
     blob.unlink()
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=f'its blob {blob} is missing'):
-        checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
+    with pytest.raises(faults.CorruptCheckpointError, match=f'its blob {blob} is missing'):
+        envelope.read_checkpoint(tmp_path / 'checkpoint.th')
 
 
 def test_a_damaged_blob_found_on_disk_is_rewritten_not_reused(tmp_path):
     state = make_state()
     IncrementalStore(tmp_path).write(tmp_path / 'checkpoint_1.th', state, META)
-    blob = next((tmp_path / store.BLOBS).iterdir())
+    blob = next((tmp_path / blobs.BLOBS).iterdir())
     flip_byte(blob)
     incremental = IncrementalStore(tmp_path)  # as in a new process
     incremental.write(tmp_path / 'checkpoint.th', state, META)
     assert incremental.last.written == blob.stat().st_size
-    checkpoint.read_checkpoint(tmp_path / 'checkpoint.th')
-    checkpoint.read_checkpoint(tmp_path / 'checkpoint_1.th')  # repaired too
+    envelope.read_checkpoint(tmp_path / 'checkpoint.th')
+    envelope.read_checkpoint(tmp_path / 'checkpoint_1.th')  # repaired too
 
 
 def test_collect_removes_only_blobs_no_checkpoint_references_including_moved_ones(tmp_path):
     incremental = IncrementalStore(tmp_path)
-    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 1), make_state(1), META)
-    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 2), make_state(2), META)
-    incremental.write(checkpoint.epoch_checkpoint_path(tmp_path, 3), make_state(3), META)
+    incremental.write(naming.epoch_checkpoint_path(tmp_path, 1), make_state(1), META)
+    incremental.write(naming.epoch_checkpoint_path(tmp_path, 2), make_state(2), META)
+    incremental.write(naming.epoch_checkpoint_path(tmp_path, 3), make_state(3), META)
     moved = tmp_path / 'rolled_back' / '20260101-000000'
     moved.mkdir(parents=True)
-    os.replace(checkpoint.epoch_checkpoint_path(tmp_path, 2), moved / 'checkpoint_2.th')
+    os.replace(naming.epoch_checkpoint_path(tmp_path, 2), moved / 'checkpoint_2.th')
     kept = store.referenced(tmp_path)
-    checkpoint.epoch_checkpoint_path(tmp_path, 3).unlink()
+    naming.epoch_checkpoint_path(tmp_path, 3).unlink()
     with ExperimentLock(tmp_path):
         removed = incremental.collect()
     assert len(removed) == 3 and blob_names(tmp_path) == kept - set(removed)
-    checkpoint.read_checkpoint(checkpoint.epoch_checkpoint_path(tmp_path, 1))
-    checkpoint.read_checkpoint(moved / 'checkpoint_2.th')
+    envelope.read_checkpoint(naming.epoch_checkpoint_path(tmp_path, 1))
+    envelope.read_checkpoint(moved / 'checkpoint_2.th')
 
 
 def test_collect_collects_nothing_while_a_checkpoint_file_cannot_be_read(tmp_path, caplog):
@@ -163,7 +162,7 @@ def test_collect_refuses_while_another_process_holds_the_experiment_lock(tmp_pat
     (tmp_path / 'checkpoint.th').unlink()
     holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f"""
         import sys, time
-        from solver.lock import ExperimentLock
+        from solver.checkpointing.lock import ExperimentLock
         with ExperimentLock({str(tmp_path)!r}):
             print('locked', flush=True)
             time.sleep(60)
@@ -185,13 +184,13 @@ def test_collect_refuses_while_another_process_holds_the_experiment_lock(tmp_pat
                          ids=['path outside', 'not a dtype', 'size not the blob size'])
 def test_a_crafted_blob_reference_is_refused_before_anything_is_read(tmp_path, ref):
     (tmp_path / 'secret').write_bytes(bytes(16))
-    (tmp_path / 'xp' / store.BLOBS).mkdir(parents=True)
+    (tmp_path / 'xp' / blobs.BLOBS).mkdir(parents=True)
     state = {'model': {'w': torch.zeros(4)}}
     content = {'meta': META, 'state': {'model': {'w': torch.empty(0)}}, 'blobs': {'refs': [ref]}}
-    checkpoint._write_file(tmp_path / 'xp' / 'checkpoint.th', content,
-                           digested=checkpoint.digests({'meta': META, 'state': state}))
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='not a blob key'):
-        checkpoint.read_checkpoint(tmp_path / 'xp' / 'checkpoint.th')
+    envelope._write_file(tmp_path / 'xp' / 'checkpoint.th', content,
+                           digested=envelope.digests({'meta': META, 'state': state}))
+    with pytest.raises(faults.CorruptCheckpointError, match='not a blob key'):
+        envelope.read_checkpoint(tmp_path / 'xp' / 'checkpoint.th')
 
 
 def test_consolidate_writes_a_self_contained_file(tmp_path, assert_same):
@@ -199,7 +198,7 @@ def test_consolidate_writes_a_self_contained_file(tmp_path, assert_same):
     IncrementalStore(tmp_path / 'xp').write(tmp_path / 'xp' / 'checkpoint.th', state, META)
     store.consolidate(tmp_path / 'xp' / 'checkpoint.th', tmp_path / 'export' / 'model.th')
     shutil.rmtree(tmp_path / 'xp')
-    assert_same(checkpoint.read_checkpoint(tmp_path / 'export' / 'model.th').state, state)
+    assert_same(envelope.read_checkpoint(tmp_path / 'export' / 'model.th').state, state)
     plain = torch.load(tmp_path / 'export' / 'model.th', weights_only=True)
     assert torch.equal(plain['state']['model']['w'], state['model']['w'])
 
@@ -208,13 +207,13 @@ def test_an_incremental_checkpoint_copied_without_its_blobs_says_to_consolidate(
     IncrementalStore(tmp_path / 'xp').write(tmp_path / 'xp' / 'checkpoint.th', make_state(), META)
     (tmp_path / 'elsewhere').mkdir()
     shutil.copy(tmp_path / 'xp' / 'checkpoint.th', tmp_path / 'elsewhere' / 'model.th')
-    with pytest.raises(checkpoint.CorruptCheckpointError, match='consolidate'):
-        checkpoint.read_checkpoint(tmp_path / 'elsewhere' / 'model.th')
+    with pytest.raises(faults.CorruptCheckpointError, match='consolidate'):
+        envelope.read_checkpoint(tmp_path / 'elsewhere' / 'model.th')
 
 
 def test_a_sharded_state_is_refused_with_the_key_to_change(tmp_path, monkeypatch):
     monkeypatch.setattr(store.sharded, 'has_dtensors', lambda state: True)
-    with pytest.raises(checkpoint.CheckpointError, match='checkpoint.incremental=false'):
+    with pytest.raises(faults.CheckpointError, match='checkpoint.incremental=false'):
         IncrementalStore(tmp_path).write(tmp_path / 'checkpoint.th', make_state(), META)
     assert not (tmp_path / 'checkpoint.th').exists()
 
@@ -224,11 +223,11 @@ def test_a_sharded_state_is_refused_with_the_key_to_change(tmp_path, monkeypatch
 SAVER = """
 import sys, random, torch
 from pathlib import Path
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope, faults, naming, recovery
 from solver.checkpointing import manager, policy
 from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.store import IncrementalStore
-from solver.lock import ExperimentLock
+from solver.checkpointing.lock import ExperimentLock
 folder = Path(sys.argv[1])
 retention = policy.retention_from_config(CheckpointConfig(save_every=1, keep_last=2))
 rng = random.Random(int(sys.argv[2]))
@@ -239,7 +238,7 @@ with ExperimentLock(folder):
         state = {'frozen': frozen, 'live': torch.full((256, 256), float(epoch)),
                  'moved': torch.randn(rng.randint(200, 300), 64)}
         incremental.write(folder / 'checkpoint.th', state, {'epoch': epoch})
-        incremental.write(checkpoint.epoch_checkpoint_path(folder, epoch), state, {'epoch': epoch})
+        incremental.write(naming.epoch_checkpoint_path(folder, epoch), state, {'epoch': epoch})
         manager.prune(folder, retention)
         incremental.collect()
         print(epoch, flush=True)
@@ -261,9 +260,9 @@ def test_kill_9_at_random_moments_of_saves_and_collections_leaves_every_listed_c
         listed = sorted(tmp_path.glob('checkpoint*.th'))
         assert listed
         for path in listed:
-            checkpoint.read_checkpoint(path)  # raises, naming the file and the damage
-        epochs.append(checkpoint.read_checkpoint(tmp_path / 'checkpoint.th').meta['epoch'])
-        checkpoint.clean_stray_files(tmp_path)
+            envelope.read_checkpoint(path)  # raises, naming the file and the damage
+        epochs.append(envelope.read_checkpoint(tmp_path / 'checkpoint.th').meta['epoch'])
+        recovery.clean_stray_files(tmp_path)
     assert len(set(epochs)) > 1
     with ExperimentLock(tmp_path):
         IncrementalStore(tmp_path).collect()
@@ -306,7 +305,7 @@ def test_the_staged_copy_is_not_used_once_the_file_on_disk_differs_from_it(tmp_p
     writer = CheckpointWriter(SaveMode.ASYNC)
     writer.save(make_state(), {tmp_path / 'checkpoint.th': None}, META)
     writer.wait()
-    checkpoint.write_checkpoint(tmp_path / 'checkpoint.th', make_state(1), META)  # another save since
+    envelope.write_checkpoint(tmp_path / 'checkpoint.th', make_state(1), META)  # another save since
     assert writer.staged_checkpoint(tmp_path / 'checkpoint.th') is None
     writer.close()
 
@@ -359,13 +358,13 @@ def test_the_command_line_rolls_back_prunes_and_exports_an_incremental_experimen
 
     solver('rollback', str(xp.folder), '--to', 'epoch:1')
     moved = sorted(xp.folder.glob('rolled_back/*/checkpoint*.th'))
-    assert moved and not checkpoint.epoch_checkpoint_path(xp.folder, 2).exists()
+    assert moved and not naming.epoch_checkpoint_path(xp.folder, 2).exists()
     run_xp(dora_dir, *overrides)  # goes on from epoch 1; its collections keep the moved files' blobs
     solver('prune', str(xp.folder), '--keep-last', '1', '--yes')
-    assert [epoch for epoch, _ in checkpoint.epoch_checkpoints(xp.folder)] == [3]
+    assert [epoch for epoch, _ in naming.epoch_checkpoints(xp.folder)] == [3]
     assert blob_names(xp.folder) == store.referenced(xp.folder)
     for path in store.checkpoint_files(xp.folder):
-        checkpoint.read_checkpoint(path)
+        envelope.read_checkpoint(path)
     solver('export', str(xp.folder), str(tmp_path / 'model.th'))
-    shutil.rmtree(xp.folder / store.BLOBS)
-    assert 'model' in checkpoint.read_checkpoint(tmp_path / 'model.th').state['best_state']['states']
+    shutil.rmtree(xp.folder / blobs.BLOBS)
+    assert 'model' in envelope.read_checkpoint(tmp_path / 'model.th').state['best_state']['states']

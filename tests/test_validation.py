@@ -126,10 +126,10 @@ def test_magentas_primer_drums_syntax_passes():
 
 
 def test_every_user_error_kind_derives_from_user_error():
-    from solver.checkpointing.format import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+    from solver.checkpointing.faults import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+    from solver.checkpointing.lock import ExperimentLockedError
     from solver.distrib import RankMismatchError
     from solver.errors import SolverError
-    from solver.lock import ExperimentLockedError
     kinds = [SolverError, ConfigError, CheckpointError, CorruptCheckpointError, UnsafeCheckpointError,
              ExperimentLockedError, RankMismatchError]
     assert all(issubclass(kind, UserError) for kind in kinds)

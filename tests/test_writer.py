@@ -2,7 +2,7 @@
 blocked only for the snapshot, one save at a time, errors are never lost, and staging buffers made
 by `prepare` are the ones every save reuses.
 
-A slow disk is a patched `checkpoint.write_checkpoint` that waits on an Event: what these tests
+A slow disk is a patched `envelope.write_checkpoint` that waits on an Event: what these tests
 check never depends on how fast this machine is.
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import typing as tp
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from solver.checkpointing import format as checkpoint
+from solver.checkpointing import envelope, faults, tree
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
 
 META = {'epoch': 3, 'step': 30, 'config': {'optim': {'lr': 0.1}}}
@@ -33,23 +34,23 @@ def live_state() -> dict:
 
 
 class SlowDisk:
-    """`checkpoint.write_checkpoint` that holds every write until `release` is set."""
+    """`envelope.write_checkpoint` that holds every write until `release` is set."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, error: Exception | None = None) -> None:
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
         self.calls: list[Path] = []
         self.error = error
-        self._write = checkpoint.write_checkpoint
-        monkeypatch.setattr(checkpoint, 'write_checkpoint', self)
+        self._write = envelope.write_checkpoint
+        monkeypatch.setattr(envelope, 'write_checkpoint', self)
 
-    def __call__(self, path: Path, state: dict, meta: dict) -> None:
+    def __call__(self, path: Path, state: dict, meta: dict, **kwargs: tp.Any) -> None:
         self.calls.append(path)
         self.entered.release()
         assert self.release.wait(timeout=60), "the test never released the write"
         if self.error is not None:
             raise self.error
-        self._write(path, state, meta)
+        self._write(path, state, meta, **kwargs)
 
 
 def test_an_async_save_writes_the_same_checkpoint_as_a_sync_save(tmp_path: Path, assert_same):
@@ -61,7 +62,7 @@ def test_an_async_save_writes_the_same_checkpoint_as_a_sync_save(tmp_path: Path,
     sync = torch.load(tmp_path / 'sync.th', weights_only=True)
     async_ = torch.load(tmp_path / 'async.th', weights_only=True)
     assert_same(async_, sync)
-    assert checkpoint.read_checkpoint(tmp_path / 'async.th').meta == META
+    assert envelope.read_checkpoint(tmp_path / 'async.th').meta == META
 
 
 def test_the_loop_is_blocked_for_the_snapshot_only_not_for_the_write(tmp_path: Path, monkeypatch):
@@ -76,7 +77,7 @@ def test_the_loop_is_blocked_for_the_snapshot_only_not_for_the_write(tmp_path: P
             tensor.add_(1.0)
     disk.release.set()
     writer.close()
-    saved = checkpoint.read_checkpoint(tmp_path / 'checkpoint.th').state['model']
+    saved = envelope.read_checkpoint(tmp_path / 'checkpoint.th').state['model']
     assert all(torch.equal(saved[name], expected[name]) for name in expected)
 
 
@@ -94,16 +95,16 @@ def test_a_save_waits_for_the_one_in_flight(tmp_path: Path, monkeypatch):
     second.join(timeout=60)
     writer.close()
     assert disk.calls == [tmp_path / 'a.th', tmp_path / 'b.th']
-    assert checkpoint.read_checkpoint(tmp_path / 'b.th').meta == META
+    assert envelope.read_checkpoint(tmp_path / 'b.th').meta == META
 
 
 @pytest.mark.parametrize('surfaced_by', ['save', 'wait', 'close'])
 def test_a_background_error_is_raised_by_the_next_call(tmp_path: Path, monkeypatch, surfaced_by):
-    disk = SlowDisk(monkeypatch, error=checkpoint.CheckpointError('Could not write checkpoint: disk on fire'))
+    disk = SlowDisk(monkeypatch, error=faults.CheckpointError('Could not write checkpoint: disk on fire'))
     disk.release.set()
     writer = CheckpointWriter(SaveMode.ASYNC)
     writer.save(live_state(), {tmp_path / 'a.th': None}, META)  # the error happens in the background
-    with pytest.raises(checkpoint.CheckpointError, match='disk on fire'):
+    with pytest.raises(faults.CheckpointError, match='disk on fire'):
         if surfaced_by == 'save':
             writer.save(live_state(), {tmp_path / 'b.th': None}, META)
         elif surfaced_by == 'wait':
@@ -141,7 +142,7 @@ def test_a_sync_writer_stages_nothing(tmp_path: Path):
 
 def tensors_of(state: dict) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    checkpoint._walk(state, found)
+    tree.skeleton(state, found)
     return found
 
 
@@ -155,14 +156,14 @@ def test_raise_if_failed_does_not_wait_for_a_save_in_flight(tmp_path: Path, monk
     writer.raise_if_failed()  # the write is held: returns at once, raises nothing
     disk.release.set()
     writer.close()
-    checkpoint.read_checkpoint(tmp_path / 'a.th')
+    envelope.read_checkpoint(tmp_path / 'a.th')
 
 
 _FSIZE_SCRIPT = '''
 import resource, signal, sys, time, torch
 from pathlib import Path
 from solver.checkpointing.writer import CheckpointWriter, SaveMode
-from solver.checkpointing.format import CheckpointError
+from solver.checkpointing.faults import CheckpointError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
 target = Path(sys.argv[1])
@@ -210,5 +211,5 @@ def test_gpu_tensors_are_staged_into_pinned_memory_after_the_work_queued_before_
     gpu_buffers = [b for b in writer.staging.buffers if b.shape == model.weight.shape]
     assert gpu_buffers and all(b.is_pinned() for b in gpu_buffers)
     assert not writer.staging.buffers[-1].is_pinned()  # the CPU step count: page-aligned, not pinned
-    loaded = checkpoint.read_checkpoint(tmp_path / 'a.th')
+    loaded = envelope.read_checkpoint(tmp_path / 'a.th')
     assert torch.equal(loaded.state['model']['weight'], expected)

@@ -1,7 +1,19 @@
 """The checkpoint subsystem: files, their verification, sharded and async saving, inspection.
 
-It knows no solver: it saves and loads nested dicts of tensors. `format` is the file format
-(header, digests, read/verify/write), `fs` the durable-write helpers, `archive` the fast
-torch-zip writer/reader, `sharded` DCP shard folders for FSDP, `writer` sync/async saving,
-`store` incremental (content-addressed) storage, `inspect` a command-line look at one file.
+It knows no solver: it saves and loads nested dicts of tensors, and imports nothing of `solver.`
+but `solver.errors` (tests/test_imports.py); ranks reach it as an argument (`ranks.Ranks`).
+
+    manager      CheckpointManager: save decisions, restore, continue_from, rollback
+    policy       when to save, and retention (which files stay)        config  checkpoint.* keys
+    naming       file names, and the one grammar a checkpoint is named by (sig, //sig/, URL...)
+    envelope     one file: header, digests, atomic write, safe read     faults  its errors
+    listing      a folder's epoch files and their metrics                recovery  newest intact
+    archive      the fast torch-zip writer/reader;  directio  O_DIRECT and flush-behind sinks
+    unpickler    the restricted unpickler a checkpoint from elsewhere is read with
+    sharded      DCP shard folders for FSDP;  dcp_reader  the hardened reader of such folders
+    writer       sync/async saving, staging buffers          store, blobs  incremental storage
+    remote       the object-storage mirror;  fetch  fetching back;  objectstore  URLs, retries
+    fs, lock, ranks, tree, digest   durable file helpers, the experiment lock, the ranks that
+                 save together, the walker over nested states, tensor digests
+    examine      `solver-inspect`: a command-line look at one file
 """

@@ -1,6 +1,6 @@
 """xxh3 digests of memory, without the GIL: of a tensor, of bytes as they stream in, 128-bit keys.
 
-Checkpoint digests (`format`) are xxh3-64 of each tensor's bytes; incremental blob keys (`store`)
+Checkpoint digests (`envelope`) are xxh3-64 of each tensor's bytes; incremental blob keys (`store`)
 are xxh3-128. python-xxhash's own functions hold the GIL while they hash, so hashing beside a
 thread that reads or writes a file (or runs training) would hold that thread up for the whole
 hash. Its shared library exports the C API, which ctypes calls without the GIL: this module uses

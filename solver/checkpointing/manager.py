@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .. import distrib
 from ..errors import SolverError
-from . import format as checkpoint
-from . import fs, policy, remote, sharded
+from . import envelope, faults, fetch, fs, listing, naming, objectstore, policy, recovery, remote, sharded
 from .config import CheckpointConfig
 from .fs import fsync_dir
+from .ranks import DEFAULT_RANKS, Ranks
 from .store import IncrementalStore
 from .writer import CheckpointWriter, SaveMode, SaveStats
 
@@ -56,9 +55,9 @@ class Pruned:
 def prune(folder: Path, retention: policy.Retention, history: tp.Sequence[float | None] = (),
           apply: bool = True) -> Pruned:
     """Ask `retention` which epoch checkpoints of `folder` stay, each ranked by the metric it
-    records (else by `history`: `format.epoch_files`), and delete the others (with `apply`).
+    records (else by `history`: `listing.epoch_files`), and delete the others (with `apply`).
     The run after each save and `solver prune` both prune through here."""
-    found = checkpoint.epoch_files(folder, history)
+    found = listing.epoch_files(folder, history)
     decision = retention.decide(found.values())
     removed = [path for path, file in found.items() if file.epoch in decision.removed]
     if apply:
@@ -77,7 +76,7 @@ def remove_checkpoint(path: Path) -> None:
     sharded.remove_superseded(path)
 
 
-def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
+def find_pretrained(name: str, folder: Path) -> envelope.Checkpoint:
     """`<folder>/<name>.th` (written by `solver export`), verified. `folder` is the project's
     pretrained folder (`solver.locations.pretrained_dir`: $SOLVER_PRETRAINED_DIR or pretrained/)."""
     path = folder / f'{name}.th'
@@ -85,7 +84,7 @@ def find_pretrained(name: str, folder: Path) -> checkpoint.Checkpoint:
         known = sorted(p.stem for p in folder.glob('*.th')) if folder.exists() else []
         raise SolverError(f"No pretrained model '{name}': looked for {path} (SOLVER_PRETRAINED_DIR sets the "
                           f"folder). Known names: {known or 'none'}.")
-    return checkpoint.read_checkpoint(path.resolve())  # a link the user made there is followed (not a FIFO)
+    return envelope.read_checkpoint(path.resolve())  # a link the user made there is followed (not a FIFO)
 
 
 class CheckpointManager:
@@ -93,24 +92,27 @@ class CheckpointManager:
 
     `cfg` is the `checkpoint` config section (a DictConfig, a dict or a `CheckpointConfig`);
     `sig` the experiment's signature, recorded in every checkpoint and checked on resume;
-    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`).
+    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`); `ranks` the
+    ranks that save and load together (`ranks.Ranks`, from the caller: this package sets up none).
     """
 
-    def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True) -> None:
+    def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True,
+                 ranks: Ranks = DEFAULT_RANKS) -> None:
         self.folder = Path(folder)
+        self.ranks = ranks
         self.cfg = cfg = CheckpointConfig.parse(cfg)
         self.sig = sig
         self.lower_is_better = lower_is_better
         self.policies = policy.from_config(cfg, lower_is_better)
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
-                                       staging_max_mb=cfg.staging_max_mb)
+                                       staging_max_mb=cfg.staging_max_mb, ranks=ranks)
         self.writer.listeners.append(self._after_durable)
         if cfg.incremental:  # [incremental] equal tensors stored once (store.py)
             self.writer.store = IncrementalStore(self.folder)
         # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
         self.remote: remote.RemoteMirror | None = None
-        if cfg.remote and distrib.is_rank_zero():
-            self.remote = remote.RemoteMirror(f"{remote.check_url(str(cfg.remote))}/{sig}", self.folder,
+        if cfg.remote and ranks.is_rank_zero():
+            self.remote = remote.RemoteMirror(f"{objectstore.check_url(str(cfg.remote))}/{sig}", self.folder,
                                               self.policies.retention)
         self.rollbacks = 0
         self._started = self._last_save = time.time()
@@ -121,7 +123,7 @@ class CheckpointManager:
 
     @property
     def latest_path(self) -> Path:
-        return self.folder / checkpoint.LATEST
+        return self.folder / naming.LATEST
 
     def describe(self) -> str:
         """One line on what is saved when, what is kept, and the rollback policy, for the log."""
@@ -170,7 +172,7 @@ class CheckpointManager:
             targets[self.latest_path] = None
         if ctx.epoch_end and self.policies.epoch_file.should_save(ctx):
             names = None if self.policies.full_file.should_save(ctx) else self.cfg.keep_every_states
-            targets[checkpoint.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
+            targets[naming.epoch_checkpoint_path(self.folder, ctx.epoch)] = names
         return targets
 
     def save(self, state: dict[str, tp.Any], targets: Targets, meta: dict[str, tp.Any],
@@ -187,14 +189,14 @@ class CheckpointManager:
         if writes:
             self._on_durable.append(_Pending(on_durable, scores))
         meta = dict(meta, sig=self.sig, versions=versions())
-        meta.setdefault('metric', checkpoint.history_metric(scores, int(meta.get('epoch') or 0)))
+        meta.setdefault('metric', listing.history_metric(scores, int(meta.get('epoch') or 0)))
         try:
             stats = self.writer.save(state, targets, meta)
         except BaseException:
             if writes:
                 self._on_durable.pop()
             raise
-        distrib.barrier()
+        self.ranks.training_barrier()
         self._latest_saved = self._latest_saved or self.latest_path in targets
         self._last_save = time.time()
         self._save_cost = stats.blocked
@@ -210,7 +212,7 @@ class CheckpointManager:
         """Writer listener: prune by retention, hand the save to the remote mirror, then run the
         save's `on_durable`."""
         pending = self._on_durable.popleft() if self._on_durable else _Pending(None, ())
-        if distrib.is_rank_zero():
+        if self.ranks.is_rank_zero():
             self.prune(pending.scores)
             if self.remote is not None:
                 self.remote.notify(paths, pending.scores)
@@ -219,7 +221,7 @@ class CheckpointManager:
 
     def prune(self, history: tp.Sequence[float | None] = ()) -> list[Path]:
         """Delete the epoch checkpoints retention does not keep; return them. `history`: the
-        scores of the epochs, for files that do not record their metric (`format.epoch_files`)."""
+        scores of the epochs, for files that do not record their metric (`listing.epoch_files`)."""
         removed = prune(self.folder, self.policies.retention, history).removed
         for path in removed:
             logger.info("Removed old checkpoint %s (kept: %s)", path.name, self.policies.retention.why())
@@ -232,7 +234,7 @@ class CheckpointManager:
         this rank's own error names the file and the cause; the others say where to look."""
         if on_any_rank:
             self.writer.raise_if_failed()
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 "A background checkpoint save failed on another rank (its log names the file and the "
                 "cause); stopping. The previous checkpoint is intact.")
 
@@ -252,68 +254,65 @@ class CheckpointManager:
 
     # -- loading -----------------------------------------------------------------------------------
 
-    def restore(self, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint | None:
+    def restore(self, like: tp.Any = None, into: tp.Any = None) -> envelope.Checkpoint | None:
         """This experiment's newest intact checkpoint (None if it has none); `into` as in
         `read_checkpoint`: the live state the tensors are read straight into (issue 16).
 
         Stray temporary files of killed saves are removed first. A checkpoint of another
         experiment (another signature in its metadata) is refused: it was copied in by hand.
         """
-        if distrib.is_rank_zero():
-            checkpoint.clean_stray_files(self.folder)
+        if self.ranks.is_rank_zero():
+            recovery.clean_stray_files(self.folder)
             if self.remote is not None:  # a fresh machine: fetch the newest intact remote checkpoint
                 self.remote.restore()
-        distrib.barrier()
-        own = checkpoint.load_newest_intact(self.folder, like=like, into=into)
+        self.ranks.training_barrier()
+        own = recovery.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
         if own is not None:
             self.check_signature(own)
         return own
 
-    def check_signature(self, ckpt: checkpoint.Checkpoint) -> None:
+    def check_signature(self, ckpt: envelope.Checkpoint) -> None:
         other = ckpt.meta.get('sig')
         if other is None:  # a file of ours always holds its experiment's signature
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"{ckpt.path} holds no experiment signature (meta.sig), so it was not saved by this "
                 f"experiment {self.sig}: it was copied here, or forged. Move it out of {self.folder}; to "
                 f"start from it, use continue_from=<path of the file>.")
         if other != self.sig:
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"{ckpt.path} belongs to experiment {other}, not to this experiment {self.sig}: it "
                 f"was copied or moved here. Move it out of {self.folder}; to start from it, use "
                 f"continue_from=//sig/{other} (or continue_from=<path of the file>).")
 
-    def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], checkpoint.Checkpoint],
-                              into: tp.Any = None) -> checkpoint.Checkpoint:
-        """`//sig/SIG`, `//pretrained/NAME` (through `pretrained(NAME)`), a file or an XP folder,
-        local or an fsspec URL (fetched into a temporary folder, then read as the local form);
-        `into` as in `read_checkpoint`."""
-        if remote.is_url(value):
-            with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
-                return self.resolve_continue_from(str(remote.fetch_source(value, Path(tmp))), like, pretrained,
-                                                  into)
-        if value.startswith('//pretrained/'):
-            found = pretrained(value[len('//pretrained/'):])
-            found.state = sharded.place_like(found.state, like)  # into shards, if sharded
-            return found
-        if value.startswith('//sig/'):
-            sig = value[len('//sig/'):]
-            path = self.folder.parent / sig
-            if not path.is_dir():
-                raise SolverError(f"continue_from={value}: no experiment '{sig}' in {path.parent}.")
-        else:
-            path = Path(value).expanduser()
+    def resolve_continue_from(self, value: str, like: tp.Any, pretrained: tp.Callable[[str], envelope.Checkpoint],
+                              into: tp.Any = None) -> envelope.Checkpoint:
+        """A checkpoint named as `naming.parse` reads names (`//sig/SIG`, a signature or prefix in
+        this experiment's Dora folder, `//pretrained/NAME` through `pretrained(NAME)`, a file or an
+        XP folder, local or an fsspec URL fetched into a temporary folder, then read as the local
+        form); `into` as in `read_checkpoint`."""
+        try:
+            name = naming.parse(value)
+            if name.form is naming.Form.URL:
+                with tempfile.TemporaryDirectory(prefix='.continue_from.', dir=self.folder) as tmp:
+                    return self.resolve_continue_from(str(fetch.fetch_source(value, Path(tmp))), like, pretrained,
+                                                      into)
+            if name.form is naming.Form.PRETRAINED:
+                found = pretrained(name.value)
+                found.state = sharded.place_like(found.state, like)  # into shards, if sharded
+                return found
+            path = naming.locate(name, self.folder.parent)
+        except naming.NamingError as err:
+            raise SolverError(f"continue_from={value}: {err} Use //sig/<SIG>, //pretrained/<NAME>, a signature, "
+                              "a path or a URL.") from None
         if path.is_dir():
-            newest = checkpoint.load_newest_intact(path, resumable=False, like=like, into=into)
+            newest = recovery.load_newest_intact(path, resumable=False, like=like, into=into, ranks=self.ranks)
             if newest is None:
                 raise SolverError(f"continue_from={value}: the folder {path} has no checkpoint "
-                                  f"(tried {checkpoint.LATEST} and checkpoint_<epoch>.th).")
+                                  f"(tried {naming.LATEST} and checkpoint_<epoch>.th).")
             return newest
-        if path.is_file():  # a path the user typed: a link in it is theirs to follow
-            return checkpoint.read_checkpoint(path.resolve(), like, into)
-        raise SolverError(f"continue_from={value}: {path} is neither a checkpoint file nor an "
-                          "experiment folder. Use //sig/<SIG>, //pretrained/<NAME> or a path.")
+        return envelope.read_checkpoint(path, like, into, self.ranks)
 
-    def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> checkpoint.Checkpoint:
+    def rollback(self, problem: str, step: int, like: tp.Any = None, into: tp.Any = None) -> envelope.Checkpoint:
         """The checkpoint to reload after a divergence at `step`, within `rollback.max_rollbacks`;
         `into` as in `read_checkpoint`."""
         self.rollbacks += 1
@@ -325,11 +324,11 @@ class CheckpointManager:
         self.writer.wait()
         begin = time.perf_counter()
         # [rollback from memory] the async writer's staged copy, when it is of the newest file
-        newest = checkpoint.candidates(self.folder)[:1]
+        newest = naming.candidates(self.folder)[:1]
         found = self.writer.staged_checkpoint(newest[0], into) if newest else None
         source = 'memory (the staged copy of the last save, verified against its digests)'
         if found is None:
-            found = checkpoint.load_newest_intact(self.folder, like=like, into=into)
+            found = recovery.load_newest_intact(self.folder, like=like, into=into, ranks=self.ranks)
             source = 'disk'
         if found is None:
             raise SolverError(f"Training diverged ({problem}) at step {step}, before any checkpoint to "

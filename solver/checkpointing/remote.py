@@ -1,5 +1,6 @@
 """Checkpoints that outlive the machine: an experiment's checkpoints mirrored to object storage
-through fsspec (s3fs, gcsfs, adlfs: any fsspec URL), and fetched back from there.
+through fsspec (s3fs, gcsfs, adlfs: any fsspec URL). Fetching them back: `fetch`; URLs, the
+file system behind one and retries: `objectstore`.
 
     mirror = RemoteMirror('s3://bucket/runs/<sig>', xp_folder, retention)
     mirror.restore()                        # local folder has no checkpoint: fetch the newest intact
@@ -14,7 +15,7 @@ does not appear together. So each file goes to a temporary key `.<name>.tmp.<tok
 moved to its final key, and the file that names a checkpoint (`checkpoint.th`) is moved last,
 after every byte it references (its shard folder). The checkpoint file is the commit point: it
 holds the xxh3 digests of everything it covers, shard files included, and a download is loaded
-only once `format.read_checkpoint` has verified them. A kill at any moment leaves the previous
+only once `envelope.read_checkpoint` has verified them. A kill at any moment leaves the previous
 remote checkpoint intact beside stray temporary keys, which the next mirror removes; superseded
 shard folders, and the epoch files retention does not keep, are deleted only after the new commit.
 
@@ -26,149 +27,31 @@ Faults. The mirror runs on a thread of its own (nice 19): `notify` only records 
 changed. Failures are retried with exponential backoff, logged, never raised into training, and
 never touch the local files; `close` waits at most `close_timeout` and sums up what is not
 mirrored. Successive saves while the store is down coalesce: only the newest files are uploaded.
-
-Credentials come from the storage library's own environment variables and config files
-(`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `~/.aws/...`); a URL carrying credentials is refused,
-so none reaches a log, a checkpoint's config or Dora's history.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import re
 import secrets
-import shutil
 import threading
 import time
 import typing as tp
-import urllib.parse
 from pathlib import Path
 
-import torch
-
-from . import format as checkpoint
-from . import policy
-from .fs import fsync_dir
+from . import envelope, listing, naming, policy
+from .fetch import download_newest_intact
+from .objectstore import SHARDS_RE, TMP_RE, RemoteError, check_url, filesystem, list_folder, named_shard_folder, redact
 from .writer import background_priority
 
 logger = logging.getLogger(__name__)
 
 BACKOFF_ENV = 'SOLVER_REMOTE_MAX_BACKOFF'          # longest wait between retries, seconds
 CLOSE_TIMEOUT_ENV = 'SOLVER_REMOTE_CLOSE_TIMEOUT'  # longest wait for the last uploads at the end
-_TMP_RE = re.compile(r'^\.(.+)\.tmp\.[0-9a-f]+$')
-_SHARDS_RE = re.compile(r'^(.+)\.dcp\.[^/]+$')
-_STAGING = '.remote-fetch.'
-
-
-class RemoteError(checkpoint.CheckpointError):
-    """The remote store could not be reached or holds nothing usable; the message names the URL."""
-
-
-def is_url(value: str) -> bool:
-    """Whether `value` is an fsspec URL (`s3://...`, `gs://...`, `file://...`), not a local path."""
-    return bool(re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', value))
-
-
-def redact(url: str) -> str:
-    """The URL without user info or query string: what may be logged."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rpartition('@')[2]
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, '', ''))
-
-
-def check_url(url: str, key: str = 'checkpoint.remote') -> str:
-    """The URL, refused if it carries credentials (they would land in logs, configs, history)."""
-    if not is_url(url):
-        raise RemoteError(f"{key}={url!r} is not a URL: expected e.g. s3://bucket/runs.")
-    parts = urllib.parse.urlsplit(url)
-    if '@' in parts.netloc or parts.query:
-        raise RemoteError(
-            f"{key}={redact(url)}...: the URL carries credentials or options, which would be saved in "
-            "checkpoints and Dora's history. Give credentials through the storage library's "
-            "environment variables or config files (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws).")
-    return url.rstrip('/')
-
-
-def _url_override(arg: str) -> tuple[str, str] | None:
-    """(key, URL) of a `key=URL` override (the URL unquoted), else None."""
-    key, equals, value = str(arg).partition('=')
-    value = value.strip('\'"')
-    return (key, value) if equals and is_url(value) else None
-
-
-def secret_in(argv: tp.Sequence[str]) -> str | None:
-    """The first `key=URL` override of `argv` whose URL carries credentials or options, redacted
-    (None if none): checked before Dora and Hydra write the overrides into the experiment
-    folder (`.argv.json`, `.hydra/*.yaml`), where a secret would stay."""
-    for arg in argv:
-        found = _url_override(arg)
-        if found is not None:
-            parts = urllib.parse.urlsplit(found[1])
-            if '@' in parts.netloc or parts.query:
-                return f"{found[0].lstrip('+')}={redact(found[1])}"
-    return None
-
-
-def redact_overrides(argv: tp.Iterable[str]) -> list[str]:
-    """Overrides with the user info and query of every URL value removed: what may be printed
-    (`solver ls`, `solver show`) of an experiment recorded before `secret_in` refused them."""
-    return [f"{found[0]}={redact(found[1])}" if (found := _url_override(arg)) is not None else str(arg)
-            for arg in argv]
-
-
-def _filesystem(url: str) -> tuple[tp.Any, str]:
-    """fsspec's filesystem for `url` and the path within it (`url_to_fs`)."""
-    import fsspec
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
-        raise RemoteError(f"Cannot open {redact(url)}: {err}. For s3:// URLs install s3fs "
-                          "(pip install 'solver[remote]').") from err
-    except Exception as err:  # some file systems connect at once (ftp: ConnectionRefusedError...)
-        raise RemoteError(f"Cannot open {redact(url)}: {type(err).__name__}: {err}. Check the URL, that "
-                          "the server is reachable, and credentials (given through the environment).") from err
-
-
-def _retrying(what: str, function: tp.Callable[[], tp.Any], attempts: int = 4) -> tp.Any:
-    """`function()`, retried with backoff on errors other than 'not found'; RemoteError at last."""
-    delay = 1.0
-    for attempt in range(1, attempts + 1):
-        try:
-            return function()
-        except (FileNotFoundError, checkpoint.CheckpointError):
-            raise
-        except Exception as err:  # the storage libraries raise their own types (botocore...)
-            if attempt == attempts:
-                raise RemoteError(f"{what} failed {attempts} times, last: {type(err).__name__}: {err}. "
-                                  "Check the URL, the endpoint and credentials (AWS_ENDPOINT_URL, "
-                                  "AWS_ACCESS_KEY_ID...).") from err
-            logger.warning("%s failed (%s: %s); retry %d/%d in %.0fs.", what, type(err).__name__, err,
-                           attempt, attempts - 1, delay)
-            time.sleep(delay)
-            delay *= 2
 
 
 # -- listing ---------------------------------------------------------------------------------------
-
-def _listing(fs: tp.Any, root: str) -> dict[str, str]:
-    """Names directly under `root` -> 'file' or 'directory' (fresh: fsspec's listing cache dropped)."""
-    fs.invalidate_cache(root)
-    try:
-        entries = fs.ls(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {entry['name'].rstrip('/').rsplit('/', 1)[-1]: entry['type'] for entry in entries
-            if entry['name'].rstrip('/') != root.rstrip('/')}
-
-
-def _candidates(names: tp.Iterable[str]) -> list[str]:
-    """Checkpoint names, the one to try first first: as `format.candidates` orders local files."""
-    names = set(names)
-    epochs = sorted((e, n) for n in names if (e := checkpoint.epoch_of(n)) is not None)
-    return ([checkpoint.LATEST] if checkpoint.LATEST in names else []) + [n for _, n in reversed(epochs)]
 
 
 def _inode(path: Path) -> int | None:
@@ -179,104 +62,7 @@ def _inode(path: Path) -> int | None:
         return None
 
 
-def named_shard_folder(path: Path) -> str | None:
-    """The shard folder a checkpoint file names (sharded checkpoints), read without loading its
-    tensors (weights-only, memory-mapped); None if it names none or cannot be read (the full
-    verification of `format.read_checkpoint` then reports why)."""
-    try:
-        payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        folder = payload.get('shards', {}).get('folder') if isinstance(payload, dict) else None
-    except Exception:
-        return None
-    return folder if isinstance(folder, str) and '/' not in folder and folder.startswith(Path(path).name) else None
-
-
 # -- downloading -----------------------------------------------------------------------------------
-
-def _download(fs: tp.Any, root: str, name: str, target: Path) -> Path:
-    """Download checkpoint `name` (and the shard folder it names) from `root` into `target`."""
-    target.mkdir(parents=True, exist_ok=True)
-    path = target / name
-    fs.get_file(f'{root}/{name}', str(path))
-    folder = named_shard_folder(path)
-    if folder is not None:  # missing remotely: read_checkpoint reports the missing folder
-        with contextlib.suppress(FileNotFoundError):
-            for entry, kind in _listing(fs, f'{root}/{folder}').items():
-                if kind == 'file' and not _TMP_RE.match(entry) and entry not in ('.', '..'):
-                    (target / folder).mkdir(exist_ok=True)
-                    fs.get_file(f'{root}/{folder}/{entry}', str(target / folder / entry))
-    return path
-
-
-def download_newest_intact(url: str, folder: Path, resumable: bool = True) -> checkpoint.Checkpoint | None:
-    """Download the newest remote checkpoint of `url` that verifies into `folder`; its Checkpoint.
-
-    Candidates are tried as locally (latest, then epoch files from the newest); a damaged or
-    partial one (or, with `resumable`, one holding only some states) is reported and the next
-    older tried. The file lands in `folder` only once verified, its shard folder first. Returns
-    None when there is no remote checkpoint; raises RemoteError when some exist but none is
-    usable, or the store cannot be reached.
-    """
-    url = url.rstrip('/')
-    fs, root = _filesystem(url)
-    names = _candidates(_retrying(f"Listing {redact(url)}", lambda: _listing(fs, root)))
-    if not names:
-        return None
-    folder = Path(folder)
-    staging = folder / f'{_STAGING}{os.getpid()}'
-    errors = []
-    try:
-        for name in names:
-            shutil.rmtree(staging, ignore_errors=True)
-            try:
-                path = _retrying(f"Downloading {redact(url)}/{name}",
-                                 functools.partial(_download, fs, root, name, staging))
-                found = checkpoint.read_checkpoint(path)
-            except (FileNotFoundError, checkpoint.CorruptCheckpointError) as err:
-                logger.error("Skipping damaged remote checkpoint %s/%s: %s", redact(url), name, err)
-                errors.append(f"{name}: {err}")
-                continue
-            if resumable and found.meta.get('partial'):
-                logger.warning("Skipping remote %s/%s: it holds only %s (checkpoint.keep_every_states).",
-                               redact(url), name, found.meta['partial'])
-                errors.append(f"{name}: holds only {found.meta['partial']}")
-                continue
-            for staged in sorted(staging.iterdir(), key=lambda p: p.name == name):  # the file last
-                if staged.is_dir():
-                    shutil.rmtree(folder / staged.name, ignore_errors=True)
-                os.replace(staged, folder / staged.name)
-            fsync_dir(folder)
-            found.path = folder / name
-            return found
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    raise RemoteError(f"No remote checkpoint of {redact(url)} can be used, refusing to start over "
-                      "silently:\n  " + "\n  ".join(errors))
-
-
-def fetch_source(url: str, cache_dir: Path) -> Path:
-    """A local copy of a remote checkpoint file or experiment folder, for the usual local path.
-
-    For a file: the file (and its shard folder) in `cache_dir`, not yet verified (reading it
-    verifies). For a folder: `cache_dir` holding its newest intact checkpoint, verified. What
-    `continue_from=<URL>` and the `solver` commands (ls, show, verify, export) call on a URL.
-    """
-    url = check_url(url, 'source')
-    fs, root = _filesystem(url)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if _retrying(f"Looking up {redact(url)}", lambda: fs.isfile(root)):
-        parent, _, name = root.rpartition('/')
-        path = _retrying(f"Downloading {redact(url)}", lambda: _download(fs, parent, name, cache_dir))
-        logger.info("Downloaded %s into %s.", redact(url), cache_dir)
-        return path
-    found = download_newest_intact(url, cache_dir, resumable=False)
-    if found is None:
-        raise RemoteError(f"{redact(url)} is neither a checkpoint file nor a folder holding "
-                          f"{checkpoint.LATEST} or checkpoint_<epoch>.th.")
-    logger.info("Downloaded %s/%s (epoch %s) into %s.", redact(url), found.path.name, found.meta.get('epoch'),
-                cache_dir)
-    return cache_dir
 
 
 # -- mirroring -------------------------------------------------------------------------------------
@@ -310,7 +96,7 @@ class RemoteMirror:
         self.max_backoff = max_backoff if max_backoff is not None else float(os.environ.get(BACKOFF_ENV, 60))
         self.close_timeout = (close_timeout if close_timeout is not None
                               else float(os.environ.get(CLOSE_TIMEOUT_ENV, 300)))
-        self.fs, self.root = _filesystem(self.url)
+        self.fs, self.root = filesystem(self.url)
         _check_apart(self.fs, self.root, self.folder, self.url)
         self.token = secrets.token_hex(4)
         self.uploaded: list[str] = []       # final keys, relative to url, in the order they appeared
@@ -342,9 +128,9 @@ class RemoteMirror:
             self._pending = True
             self._cond.notify_all()
 
-    def restore(self) -> checkpoint.Checkpoint | None:
+    def restore(self) -> envelope.Checkpoint | None:
         """If the local folder holds no checkpoint, fetch the newest intact remote one into it."""
-        if checkpoint.candidates(self.folder):
+        if naming.candidates(self.folder):
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         begin = time.perf_counter()
@@ -438,8 +224,8 @@ class RemoteMirror:
         if not self._cleaned:
             self._clean_stray_keys()
             self._cleaned = True
-        remote = _listing(self.fs, self.root)
-        local = [path.name for path in reversed(checkpoint.candidates(self.folder))]  # checkpoint.th last
+        remote = list_folder(self.fs, self.root)
+        local = [path.name for path in reversed(naming.candidates(self.folder))]  # checkpoint.th last
         dropped = self._not_kept(set(remote) | set(local))
         for name in (set(dirty) - set(local)) | (set(dirty) & dropped):
             self._done(name, dirty)  # pruned or replaced locally since, or not kept remotely: no upload
@@ -478,7 +264,7 @@ class RemoteMirror:
             raise _Superseded
         self._promote(tmp, name)  # the commit point
         if shards is not None:
-            for entry, kind in _listing(self.fs, self.root).items():
+            for entry, kind in list_folder(self.fs, self.root).items():
                 if kind == 'directory' and entry != shards and entry.startswith(f'{name}.dcp.'):
                     self.fs.rm(f'{self.root}/{entry}', recursive=True)
         logger.info("Mirrored %s to %s (%.1f MB in %.1fs).", name, redact(self.url),
@@ -521,23 +307,23 @@ class RemoteMirror:
             return set()
         with self._cond:
             history = self._history
-        local = {path.name: file for path, file in checkpoint.epoch_files(self.folder, history).items()}
-        named = {epoch: name for name in names if (epoch := checkpoint.epoch_of(name)) is not None}
-        files = [local.get(name) or policy.EpochFile(epoch, checkpoint.history_metric(history, epoch))
+        local = {path.name: file for path, file in listing.epoch_files(self.folder, history).items()}
+        named = {epoch: name for name in names if (epoch := naming.epoch_of(name)) is not None}
+        files = [local.get(name) or policy.EpochFile(epoch, listing.history_metric(history, epoch))
                  for epoch, name in named.items()]
         return {named[epoch] for epoch in self.retention.decide(files).removed}
 
     def _apply_retention(self, dropped: set[str]) -> None:
         """After the commit: delete the epoch files retention does not keep (name first, then its
         shard folders), and shard folders whose checkpoint file is gone."""
-        remote = _listing(self.fs, self.root)
+        remote = list_folder(self.fs, self.root)
         for name in sorted(dropped & set(remote)):
             self.fs.rm_file(f'{self.root}/{name}')
             logger.info("Removed old checkpoint %s/%s (kept: %s).", redact(self.url), name,
                         self.retention.why() if self.retention else '')
             remote.pop(name)
         for entry, kind in remote.items():
-            match = _SHARDS_RE.match(entry)
+            match = SHARDS_RE.match(entry)
             if kind == 'directory' and match and match.group(1) not in remote:
                 self.fs.rm(f'{self.root}/{entry}', recursive=True)
 
@@ -548,6 +334,6 @@ class RemoteMirror:
         except FileNotFoundError:
             return
         for key in keys:
-            if _TMP_RE.match(key.rsplit('/', 1)[-1]):
+            if TMP_RE.match(key.rsplit('/', 1)[-1]):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(key)

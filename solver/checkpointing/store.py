@@ -18,12 +18,12 @@ one likely among ~4e9 blobs of one size, 128 bits among ~1e19. Comparing bytes i
 read every reused blob back at every save; a blob found on disk that this process did not
 write is read and checked once, though (`_trusted`), so a damaged blob is rewritten, not
 reused. Reading checks each blob against its key (naming the blob) and then the whole state
-against the file's 64-bit digests (`format.verify`), as for a single-file checkpoint.
+against the file's 64-bit digests (`envelope.verify`), as for a single-file checkpoint.
 
 Order. Blobs are written to temporary files, fsynced, renamed, and the folder fsynced; the
 checkpoint file, which is what makes a checkpoint exist, is written after (atomically, by
-`format`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
-folder references (the `rolled_back/` ones included), only while the experiment's lock is
+`envelope`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
+folder references (the `rolled_back/` ones included), only while the experiment lock (`lock`) is
 held and never during a save of the same store; a checkpoint file that cannot be read stops
 it (its blobs cannot be known). A kill -9 at any moment leaves at worst unreferenced blobs or
 temporary files, removed later.
@@ -35,11 +35,8 @@ Sharded (FSDP) states are refused: their shards are DCP files of their own (`sha
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import math
 import os
-import re
 import threading
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
@@ -48,37 +45,18 @@ from pathlib import Path
 
 import torch
 
-from . import format as checkpoint
-from . import sharded, tree
-from .digest import flat_bytes, xxh3_128
-from .fs import fsync_dir, open_fd, open_file, read_file, unlink
+from . import envelope, faults, sharded, tree
+from .blobs import BLOBS, KEY, blob_key, is_incremental, read_blob
+from .digest import flat_bytes
+from .fs import fsync_dir, unlink
+from .lock import held_or_taken
 
 logger = logging.getLogger(__name__)
 
-BLOBS = 'blobs'
-_KEY = re.compile(r'^[0-9a-f]{32}-[0-9]{1,15}$')  # what a blob may be called: nothing else is read or collected
 INLINE_BYTES = 512    # smaller tensors stay in the checkpoint file: a file each would cost more
-_SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs
 
 
 _pool = ThreadPoolExecutor(4, thread_name_prefix='checkpoint-blobs')
-
-
-def blob_key(tensor: torch.Tensor) -> str:
-    """`<xxh3-128 of the bytes>-<number of bytes>`: the name of a tensor's bytes in the store."""
-    flat = flat_bytes(tensor)
-    nbytes = flat.numel() * flat.element_size()
-    return f'{xxh3_128(flat.data_ptr(), nbytes)}-{nbytes}'
-
-
-def _map_tensors(obj: tp.Any, function: tp.Callable[[torch.Tensor], tp.Any]) -> tp.Any:
-    """`obj` rebuilt with `function(tensor)` for each tensor, in `format`'s traversal order."""
-    return tree.map_leaves(obj, lambda value, path, like: function(value) if isinstance(value, torch.Tensor) else value)
-
-
-def is_incremental(payload: tp.Any) -> bool:
-    """Whether a loaded checkpoint payload keeps its tensors in a blob store."""
-    return isinstance(payload, dict) and isinstance(payload.get('blobs'), dict)
 
 
 @dataclass
@@ -106,16 +84,16 @@ class IncrementalStore:
     def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any]:
         """Write the checkpoint `path` of `state` and `meta`: new blobs first, the file last.
 
-        Returns the digests recorded in the file, like `format.write_checkpoint`; what was
+        Returns the digests recorded in the file, like `envelope.write_checkpoint`; what was
         written and reused is in `last`.
         """
         if sharded.has_dtensors(state):
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"Cannot write {path} incrementally: the state is sharded (FSDP). Set "
                 "checkpoint.incremental=false for sharded runs.")
         content = {'meta': meta, 'state': state}
-        checkpoint._walk(content, [])  # a value that cannot be saved raises before any write
-        digests = checkpoint.digests(content)
+        tree.skeleton(content, [])  # a value that cannot be saved raises before any write
+        digests = envelope.digests(content)
         stats = WriteStats()
         refs: list[tp.Any] = []
         new: dict[str, torch.Tensor] = {}
@@ -138,16 +116,16 @@ class IncrementalStore:
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
                 self.check_own()
-                skeleton = _map_tensors(content, to_ref)
+                skeleton = tree.map_tensors(content, to_ref)
                 # Written and fsynced a few at a time: the file system commits their fsyncs together.
                 list(_pool.map(lambda item: self._write_blob(*item), new.items()))
                 fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
             except OSError as err:
-                raise checkpoint.CheckpointError(
+                raise faults.CheckpointError(
                     f"Could not write checkpoint {path}: storing its tensors in {self.blobs} failed: "
                     f"{err.strerror or err}. The previous checkpoint is untouched; free disk space or "
                     "fix permissions, then rerun to resume.") from err
-            checkpoint._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs}}, digested=digests)
+            envelope._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs}}, digested=digests)
         self.last = stats
         return digests
 
@@ -155,7 +133,7 @@ class IncrementalStore:
         """Refuse a blob folder that is a link: it would be another store (another experiment's,
         whose blobs a collection here would delete)."""
         if self.blobs.is_symlink():
-            raise checkpoint.CheckpointError(
+            raise faults.CheckpointError(
                 f"{self.blobs} is a symbolic link (to {os.readlink(self.blobs)}): refused, since writing or "
                 "collecting blobs there would change another store. Replace it with a folder of its own "
                 "(copy the blobs in, or `solver export` each checkpoint).")
@@ -197,7 +175,7 @@ class IncrementalStore:
         Runs only with the experiment lock held (by this process, or taken here for the time of
         the call); refuses while another process holds it. Never runs during a `write`.
         """
-        with self._mutex, _experiment_lock(self.folder):
+        with self._mutex, held_or_taken(self.folder):
             self.check_own()
             if not self.blobs.is_dir():
                 return []
@@ -206,7 +184,7 @@ class IncrementalStore:
                 return []
             removed = []
             for name in sorted(os.listdir(self.blobs)):
-                if _KEY.match(name) and name not in used:
+                if KEY.match(name) and name not in used:
                     unlink(self.blobs / name, inside=self.folder)  # through no link, even one made meanwhile
                     self._trusted.discard(name)
                     removed.append(name)
@@ -219,32 +197,6 @@ class IncrementalStore:
         return sum(p.stat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
 
 
-@contextlib.contextmanager
-def _experiment_lock(folder: Path) -> tp.Iterator[None]:
-    """Hold the experiment lock (`lock.ExperimentLock`) for the block: already held by this
-    process (its pid is in the lock file and the lock is taken), or taken now."""
-    from ..lock import ExperimentLock
-    lock_path = Path(folder) / '.lock'
-    with contextlib.suppress(OSError, ValueError):
-        owner = int(read_file(lock_path, 4096).split()[0])
-        if owner == os.getpid() and _locked(lock_path):
-            yield
-            return
-    with ExperimentLock(folder):
-        yield
-
-
-def _locked(lock_path: Path) -> bool:
-    fd = open_fd(lock_path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (releases the probe's lock, if it got one)
-    return False
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
     """Every checkpoint file under an experiment folder, those moved aside included."""
     return sorted(p for p in Path(folder).rglob('*.th') if p.is_file() and BLOBS not in p.parts)
@@ -252,7 +204,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def _refs(path: Path) -> list[str]:
     """The blob keys a checkpoint file names (read without its tensors' bytes)."""
-    payload = checkpoint.read_unverified(path)
+    payload = envelope.read_unverified(path)
     if not is_incremental(payload):
         return []
     return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
@@ -273,93 +225,20 @@ def referenced(folder: Path) -> set[str] | None:
 
 def _intact(blob: Path, key: str, inside: Path) -> bool:
     try:
-        _read_blob(blob, key, inside)
-    except (OSError, checkpoint.CorruptCheckpointError):
+        read_blob(blob, key, inside)
+    except (OSError, faults.CorruptCheckpointError):
         return False
     return True
 
 
-def _read_blob(blob: Path, key: str, inside: Path) -> torch.Tensor:
-    """The bytes of a blob as a uint8 tensor, checked against its key; `inside`: the folder
-    holding its store, which it is read from through no link (`fs.open_fd`)."""
-    nbytes = int(key.rpartition('-')[2])
-    with open_file(blob, inside=inside, limit=nbytes) as f:
-        if os.fstat(f.fileno()).st_size != nbytes:  # before allocating what the key says
-            raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
-        data = torch.empty(nbytes, dtype=torch.uint8)
-        size = tp.cast(tp.Any, f).readinto(data.numpy()) if nbytes else 0
-        extra = f.read(1)
-    if size != nbytes or extra:
-        raise checkpoint.CorruptCheckpointError(f"blob {blob} has the wrong size (expected {nbytes} bytes)")
-    if blob_key(data) != key:
-        raise checkpoint.CorruptCheckpointError(f"blob {blob} does not match its digest")
-    return data
-
-
-def blob_folder(path: Path) -> Path | None:
-    """The blob folder of a checkpoint file: beside it, or in a folder above it."""
-    for parent in [Path(path).parent, *Path(path).parent.parents][:_SEARCH_UP + 1]:
-        if (parent / BLOBS).is_dir():
-            return parent / BLOBS
-    return None
-
-
-def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
-    """The payload of an incremental checkpoint file with its blobs read in, each checked
-    against its key; raises `CorruptCheckpointError` naming the file and the blob."""
-    refs = payload['blobs'].get('refs')
-    content = {key: payload[key] for key in ('meta', 'state') if key in payload}
-    tensors: list[torch.Tensor] = []
-    checkpoint._walk(content, tensors)
-    if not isinstance(refs, list) or len(refs) != len(tensors):
-        raise checkpoint.CorruptCheckpointError(f"{path} is damaged: its blob references do not match its state.")
-    folder = blob_folder(path)
-    if folder is None and any(ref is not None for ref in refs):
-        raise checkpoint.CorruptCheckpointError(
-            f"{path} is an incremental checkpoint and no '{BLOBS}' folder holds its tensors (looked in "
-            f"{path.parent} and above). Copy a checkpoint elsewhere with "
-            "solver.checkpointing.store.consolidate (or `solver export`), not cp.")
-    index = iter(range(len(refs)))
-
-    def fill(tensor: torch.Tensor) -> torch.Tensor:
-        ref = refs[next(index)]
-        if ref is None:
-            return tensor
-        try:
-            key, dtype_name, shape = ref
-            dtype = getattr(torch, str(dtype_name).rpartition('.')[2], None)
-            if not (isinstance(key, str) and _KEY.match(key) and isinstance(dtype, torch.dtype)
-                    and isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
-                    and math.prod(shape) * dtype.itemsize == int(key.rpartition('-')[2])):
-                raise ValueError("not a blob key, dtype and shape of matching size")
-            data = _read_blob(tp.cast(Path, folder) / key, key, tp.cast(Path, folder).parent)
-            return data.view(dtype).reshape(shape)
-        except FileNotFoundError as err:
-            raise checkpoint.CorruptCheckpointError(
-                f"{path} is damaged: its blob {tp.cast(Path, folder) / key} is missing.") from err
-        except checkpoint.CorruptCheckpointError as err:
-            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: {err}.") from err
-        except (OSError, ValueError, TypeError, RuntimeError, AttributeError) as err:
-            raise checkpoint.CorruptCheckpointError(f"{path} is damaged: blob reference {ref!r:.120}: {err}") from err
-
-    return {**payload, **_map_tensors(content, fill)}
-
-
-def consolidate(source: Path, target: Path) -> checkpoint.Checkpoint:
+def consolidate(source: Path, target: Path) -> envelope.Checkpoint:
     """Write checkpoint `source` (incremental or not) as one self-contained file `target`.
 
     What `solver export` and copies to other machines use: the result needs no blob folder.
     """
-    ckpt = checkpoint.read_checkpoint(Path(source))
+    ckpt = envelope.read_checkpoint(Path(source))
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_checkpoint(Path(target), ckpt.state, ckpt.meta)
-    return checkpoint.read_checkpoint(Path(target))
+    envelope.write_checkpoint(Path(target), ckpt.state, ckpt.meta)
+    return envelope.read_checkpoint(Path(target))
 
 
-def clean_stray_blobs(folder: Path) -> None:
-    """Remove the temporary blob files of a process killed during a save."""
-    blobs = Path(folder) / BLOBS
-    if blobs.is_dir() and not blobs.is_symlink():  # another store's temporary files are not ours
-        for tmp in blobs.glob('.*.tmp.*'):
-            with contextlib.suppress(OSError):
-                tmp.unlink()

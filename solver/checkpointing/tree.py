@@ -58,3 +58,34 @@ def child(like: tp.Any, key: tp.Any) -> tp.Any:
 def dotted(path: Path) -> str:
     """A path as a dotted name: ('model', 'layers', 0, 'weight') -> 'model.layers.0.weight'."""
     return '.'.join(str(part) for part in path)
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def skeleton(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
+    """The structure of `obj` with each tensor replaced by its dtype and shape (collected).
+
+    Raises TypeError for anything but tensors, plain containers and plain scalars (keys
+    included): such a value would make the file need arbitrary pickles, which loading refuses.
+    Exact types are checked, since a subclass (defaultdict, a str enum) pickles as its class.
+    """
+    def leaf(value: tp.Any, path: Path, like: tp.Any) -> tp.Any:
+        kind = type(value)
+        if kind in _PLAIN:
+            return value
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return ('tensor', str(value.dtype), tuple(value.shape))
+        raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({value!r:.60}): "
+                        "store tensors, plain containers and plain scalars only")
+
+    def check_key(key: tp.Any) -> None:
+        if type(key) not in _PLAIN:
+            raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
+    return map_leaves(obj, leaf, check_key=check_key)
+
+
+def map_tensors(obj: tp.Any, function: tp.Callable[[torch.Tensor], tp.Any]) -> tp.Any:
+    """`obj` rebuilt with `function(tensor)` for each tensor, in traversal order."""
+    return map_leaves(obj, lambda value, path, like: function(value) if isinstance(value, torch.Tensor) else value)

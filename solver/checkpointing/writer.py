@@ -7,8 +7,8 @@
 In `ASYNC` mode the caller pays only for copying the state's tensors into CPU staging buffers
 that are allocated once and reused (`prepare` touches them before training starts, so the first
 save is not the slow one), in one `torch._foreach_copy_`; a background thread then hashes and
-writes the files, atomically as in `checkpoint.write_checkpoint`. The buffers are page-aligned
-(`archive.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
+writes the files, atomically as in `envelope.write_checkpoint`. The buffers are page-aligned
+(`directio.aligned_empty`): an O_DIRECT save writes them as they are, with no copy through the
 page cache, so the background write competes with training for little more than the hashing.
 At most one save is in flight: the next `save` waits for it.
 An error of a background save is raised by the next `save`, `wait` or `close`, never lost, and
@@ -22,7 +22,7 @@ host memory grows by at most one tensor. A state within the bound is staged as b
 
 In a distributed run every rank calls `save`: a replicated state is written by rank 0 alone
 (the others return at once), a sharded one (DTensors, FSDP2) by every rank, each its shards
-(`checkpoint.write_checkpoint`); staging then copies only this rank's shards.
+(`envelope.write_checkpoint`); staging then copies only this rank's shards.
 
 Listeners run after a save is durable on a thread of their own, so a slow upload or evaluation
 never stalls training or the next save; their errors are logged.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import threading
@@ -43,9 +44,8 @@ from pathlib import Path
 
 import torch
 
-from .. import distrib
-from . import archive, sharded, tree
-from . import format as checkpoint
+from . import directio, envelope, faults, sharded, tree
+from .ranks import DEFAULT_RANKS, Ranks
 
 if tp.TYPE_CHECKING:
     from .store import IncrementalStore
@@ -114,7 +114,7 @@ class StagingBuffers:
                 if buffer.shape != obj.shape or buffer.dtype != obj.dtype or (on_gpu and not buffer.is_pinned()):
                     buffer = self.buffers[index] = (  # page-aligned: see archive; pinned for a GPU's copies
                         torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True) if on_gpu
-                        else archive.aligned_empty(obj.shape, obj.dtype))
+                        else directio.aligned_empty(obj.shape, obj.dtype))
                 index += 1
                 if on_gpu:
                     gpu.append((buffer, obj.detach()))
@@ -177,8 +177,10 @@ def background_priority() -> None:
 
 
 class CheckpointWriter:
-    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None) -> None:
+    def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None,
+                 ranks: Ranks = DEFAULT_RANKS) -> None:
         self.mode = SaveMode(mode)
+        self.ranks = ranks  # who saves together (see `ranks`)
         self.staging_max_mb = staging_max_mb
         self.staging = StagingBuffers()
         self.listeners: list[Listener] = []
@@ -217,10 +219,9 @@ class CheckpointWriter:
         self.staging.buffers.clear()
         return False
 
-    @staticmethod
-    def writes(state: dict[str, tp.Any]) -> bool:
+    def writes(self, state: dict[str, tp.Any]) -> bool:
         """Whether this rank writes (part of) `state`: its shards, or the whole on rank 0."""
-        return distrib.is_rank_zero() or sharded.has_dtensors(state)
+        return self.ranks.is_rank_zero() or sharded.has_dtensors(state)
 
     def save(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
              meta: dict[str, tp.Any]) -> SaveStats:
@@ -242,7 +243,8 @@ class CheckpointWriter:
 
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float, staged: bool = False) -> None:
-        write = self.store.write if self.store is not None else checkpoint.write_checkpoint  # [incremental]
+        write = (self.store.write if self.store is not None  # [incremental]
+                 else functools.partial(envelope.write_checkpoint, ranks=self.ranks))
         full: dict[Path, tp.Any] = {}
         for path, names in targets.items():
             if names:
@@ -259,13 +261,13 @@ class CheckpointWriter:
         for listener in self.listeners:
             self._notify.submit(self._call, listener, list(targets))
 
-    def staged_checkpoint(self, path: Path, into: tp.Any = None) -> checkpoint.Checkpoint | None:
+    def staged_checkpoint(self, path: Path, into: tp.Any = None) -> envelope.Checkpoint | None:
         """[rollback from memory] Checkpoint `path` from the staging buffers instead of the disk:
         a copy of the last save's state, if `path` is one of its full files, still the file that
         save wrote (same inode, size and time), and the staged bytes match the digests recorded
         in it (the memory copy is intact). None otherwise; call `wait()` first.
 
-        `into` as in `format.read_checkpoint`: tensors that fit are copied straight into the live
+        `into` as in `envelope.read_checkpoint`: tensors that fit are copied straight into the live
         tensors (one memcpy, and `load_state_dict` then copies nothing); the others are cloned.
         """
         staged = self.staged
@@ -277,7 +279,7 @@ class CheckpointWriter:
                 return None
         except OSError:
             return None
-        if recorded != checkpoint.digests({'meta': staged.meta, 'state': staged.state}):
+        if recorded != envelope.digests({'meta': staged.meta, 'state': staged.state}):
             logger.warning("The staged copy of %s does not match its digests: not used.", path)
             return None
         live: list[torch.Tensor] = []
@@ -291,7 +293,7 @@ class CheckpointWriter:
                 return live[-1]
             return value.detach().clone()  # never the buffers themselves: the next save reuses them
         state = tree.map_leaves(staged.state, place, like=into)
-        return checkpoint.Checkpoint(path=Path(path), state=state, meta=dict(staged.meta), live=live)
+        return envelope.Checkpoint(path=Path(path), state=state, meta=dict(staged.meta), live=live)
 
     @staticmethod
     def _call(listener: Listener, paths: list[Path]) -> None:
@@ -325,11 +327,11 @@ class CheckpointWriter:
         if pending is None:
             return
         error = pending.exception()
-        if error is None or isinstance(error, checkpoint.CheckpointError):
+        if error is None or isinstance(error, faults.CheckpointError):
             pending.result()
             return
         names = ', '.join(str(p) for p in self._pending_paths)
-        raise checkpoint.CheckpointError(
+        raise faults.CheckpointError(
             f"Could not write checkpoint {names}: {type(error).__name__}: {error}. The previous "
             "checkpoint is untouched; rerun to resume from it.") from error
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from solver.checkpointing.format import read_checkpoint
+from solver.checkpointing.envelope import read_checkpoint
 from solver.drums.midi import read_drum_events, read_drum_track
 
 DEBUG = ('run', 'solver=drum_rnn/debug', 'checkpoint.save_every=1')

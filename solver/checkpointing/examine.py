@@ -1,4 +1,4 @@
-"""Verify a checkpoint and print what it holds: `python -m solver.checkpointing.inspect FILE_OR_XP_FOLDER`."""
+"""Verify a checkpoint and print what it holds: `python -m solver.checkpointing.examine FILE_OR_XP_FOLDER`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import typing as tp
 
 import torch
 
-from .format import CheckpointError, load_source
+from .faults import CheckpointError
+from .recovery import load_source
 
 
 def describe(obj: tp.Any, indent: str = '', depth: int = 3) -> list[str]:

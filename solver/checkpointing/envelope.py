@@ -1,4 +1,4 @@
-"""Checkpoint files: names, atomic writes, integrity, safe loading, what retention reads and deletes.
+"""The checkpoint envelope: one file's header and digests, written atomically, read and verified safely.
 
 A checkpoint is one torch archive (what `torch.save` writes; we write it at disk speed with
 `archive.save`) read back with `weights_only=True`: a plain dict of tensors and Python
@@ -21,15 +21,14 @@ file records (`'shards'`, covered by the digests). Reading gives the tensors bac
 like the matching tensor of the live state passed as `like` (this rank's shard, or whole).
 
 The layer knows no solver: it saves and loads dicts. See `base.StandardSolver` for what goes in.
+Names of the files: `naming`; a folder's epoch files and their metrics: `listing`; the newest
+intact checkpoint after damage: `recovery`; the errors: `faults`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-import re
 import typing as tp
 import zipfile
 from dataclasses import dataclass, field
@@ -38,39 +37,16 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .. import distrib
-from ..errors import UserError
-from . import archive, policy, sharded, tree
+from . import archive, blobs, sharded, tree, unpickler
 from .digest import tensor_digest
+from .faults import CheckpointError, CorruptCheckpointError, DamagedIntoLiveError, UnsafeCheckpointError
 from .fs import UnsafeFileError, atomic_open, open_file
+from .ranks import DEFAULT_RANKS, Ranks
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 'solver.checkpoint'
 VERSION = 1
-LATEST = 'checkpoint.th'
-_EPOCH_RE = re.compile(r'^checkpoint_(\d+)\.th$')
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint could not be written, found or used; the message says which file and why."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The file exists but is damaged or is not a checkpoint of ours."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file would need arbitrary pickled objects (code) to load: refused."""
-
-
-class DamagedIntoLiveError(CorruptCheckpointError):
-    """A damaged file whose bytes were already read into live tensors (`read_checkpoint(into=)`):
-    `live` lists them. Only a checkpoint that verifies and replaces them all may be used next."""
-
-    def __init__(self, message: str, live: list[torch.Tensor]) -> None:
-        super().__init__(message)
-        self.live = live
 
 
 @dataclass
@@ -83,107 +59,8 @@ class Checkpoint:
     live: list[torch.Tensor] = field(default_factory=list)  # tensors of `into` read in place
 
 
-def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
-    return Path(folder) / f'checkpoint_{epoch}.th'
-
-
-def epoch_of(path: str | Path) -> int | None:
-    """The epoch in a `checkpoint_<epoch>.th` name (a path or a bare name), else None."""
-    match = _EPOCH_RE.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """The `checkpoint_<epoch>.th` files of a folder, oldest first."""
-    return sorted((epoch, path) for path in Path(folder).glob('checkpoint_*.th')
-                  if (epoch := epoch_of(path)) is not None)
-
-
-def read_meta(path: Path) -> dict[str, tp.Any]:
-    """The metadata of a checkpoint file without reading its tensors (mmap), or {} if unreadable.
-
-    Not verified (`read_checkpoint` verifies): for listing, and for ranking by `meta['metric']`.
-    """
-    try:
-        payload = read_unverified(path)
-    except CheckpointError:  # damaged, foreign, unsafe, a link or a pipe: listed without metadata
-        return {}
-    meta = payload.get('meta', {}) if isinstance(payload, dict) else {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def epoch_files(folder: Path, history: tp.Sequence[float | None] = ()) -> dict[Path, policy.EpochFile]:
-    """The epoch checkpoints of a folder (oldest first), each with the metric retention ranks it
-    by: the one its metadata holds (`meta['metric']`, recorded by every save), else, for a file
-    written before the metric was recorded (or unreadable), its epoch's score in `history`."""
-    found = {}
-    for epoch, path in epoch_checkpoints(folder):
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:  # pruned meanwhile
-            continue
-        recorded, metric = _recorded_metric(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        found[path] = policy.EpochFile(epoch, metric if recorded else history_metric(history, epoch))
-    return found
-
-
-@functools.lru_cache(maxsize=4096)
-def _recorded_metric(path: str, *identity: int) -> tuple[bool, float | None]:
-    """Whether the file records its metric, and the metric; read once per file (its inode, time
-    and size name it: a file saved again is read again), not at every prune of a long run."""
-    meta = read_meta(Path(path))
-    return 'metric' in meta, _metric(meta.get('metric'))
-
-
-def history_metric(history: tp.Sequence[float | None], epoch: int) -> float | None:
-    """The score of `epoch` (1-based) in a history of scores, None if it has none."""
-    return _metric(history[epoch - 1]) if 0 < epoch <= len(history) else None
-
-
-def _metric(value: tp.Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def candidates(folder: Path) -> list[Path]:
-    """Checkpoint files of an experiment folder, the one to try first first.
-
-    The latest file comes first, then epoch checkpoints from the newest: if the latest is damaged,
-    the newest intact epoch checkpoint is the next best place to resume from.
-    """
-    folder = Path(folder)
-    found = [folder / LATEST] if (folder / LATEST).exists() else []
-    found += [path for _, path in reversed(epoch_checkpoints(folder))]
-    return found
-
-
 # ---------------------------------------------------------------------------------------------
 # Integrity
-
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
-
-
-def _walk(obj: tp.Any, tensors: list[torch.Tensor]) -> tp.Any:
-    """The structure of `obj` with each tensor replaced by its dtype and shape (collected).
-
-    Raises TypeError for anything but tensors, plain containers and plain scalars (keys
-    included): such a value would make the file need arbitrary pickles, which loading refuses.
-    Exact types are checked, since a subclass (defaultdict, a str enum) pickles as its class.
-    """
-    def leaf(value: tp.Any, path: tree.Path, like: tp.Any) -> tp.Any:
-        kind = type(value)
-        if kind in _PLAIN:
-            return value
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-            return ('tensor', str(value.dtype), tuple(value.shape))
-        raise TypeError(f"cannot checkpoint a {kind.__module__}.{kind.__qualname__} ({value!r:.60}): "
-                        "store tensors, plain containers and plain scalars only")
-
-    def check_key(key: tp.Any) -> None:
-        if type(key) not in _PLAIN:
-            raise TypeError(f"cannot checkpoint a dict key of type {type(key).__qualname__} ({key!r:.60})")
-    return tree.map_leaves(obj, leaf, check_key=check_key)
-
 
 def _live_pairs(loaded: tp.Any, live: tp.Any) -> tp.Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(loaded tensor, live tensor) at the same place of two states (same keys, same lengths)."""
@@ -209,7 +86,7 @@ def digests(state: tp.Any, ready: archive.Ready | None = None, loaded: bool = Fa
     their storage (hashing a stride-0 view of 2**28 elements would allocate them all).
     """
     tensors: list[torch.Tensor] = []
-    skeleton = _walk(state, tensors)
+    skeleton = tree.skeleton(state, tensors)
     hashed = []
     for index, tensor in enumerate(tensors):
         if loaded and tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
@@ -261,39 +138,29 @@ def verify(path: Path, payload: tp.Any, ready: archive.Ready | None = None) -> C
 # ---------------------------------------------------------------------------------------------
 # Writing
 
-def clean_stray_files(folder: Path) -> None:
-    """Remove temporary files left by a process killed in the middle of a save."""
-    for tmp in Path(folder).glob('.checkpoint*.tmp.*'):
-        if tmp.is_file():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    sharded.clean(folder)
-    from . import store  # [incremental] (store imports this module)
-    store.clean_stray_blobs(folder)
-
 
 def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
     """What the digests of a file cover: meta, state and, for a sharded state, its shard files."""
     return {key: payload[key] for key in ('meta', 'state', 'shards') if key in payload}
 
 
-def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any] | None:
+def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any],
+                     ranks: Ranks = DEFAULT_RANKS) -> dict[str, tp.Any] | None:
     """Write `state` and `meta` to `path` atomically, with digests of the state.
 
-    A state with DTensors is sharded: every rank must call this (a collective). Each writes its
-    shards; rank 0 then writes the file, and no rank returns before it is durable.
+    A state with DTensors is sharded: every rank of `ranks` must call this (a collective). Each
+    writes its shards; rank 0 then writes the file, and no rank returns before it is durable.
     Returns the digests recorded in the file (None for a sharded state).
     """
     if not sharded.has_dtensors(state):
         return _write_file(path, {'meta': meta, 'state': state})
-    group = distrib.checkpoint_group()
     try:
-        state, shards = sharded.save_shards(path, state)
+        state, shards = sharded.save_shards(path, state, ranks)
         if shards is not None:  # rank 0, once every rank's shards are durable: the commit point
             _write_file(path, {'meta': meta, 'state': state, 'shards': shards})
             sharded.remove_superseded(path, keep=shards['folder'])
     finally:
-        distrib.barrier(group)
+        ranks.barrier()
     return None
 
 
@@ -301,7 +168,7 @@ def _write_file(path: Path, content: dict[str, tp.Any],
                 digested: dict[str, tp.Any] | None = None) -> dict[str, tp.Any]:
     """Write the file; return the digests recorded in it. `digested`: those digests, when
     computed already (store.py: of the real state, not of the placeholders it writes)."""
-    _walk(content, [])  # a value that cannot be saved raises here, before any file is touched
+    tree.skeleton(content, [])  # a value that cannot be saved raises here, before any file is touched
     header = {'format': FORMAT, 'version': VERSION, **content}
     recorded: dict[str, tp.Any] = {}
 
@@ -327,7 +194,7 @@ def _write_file(path: Path, content: dict[str, tp.Any],
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Checkpoint:
+def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None, ranks: Ranks = DEFAULT_RANKS) -> Checkpoint:
     """Load and verify a checkpoint file, safely (`weights_only`): never runs pickled code.
 
     The file is opened once and everything is read through that one descriptor: a concurrent
@@ -342,6 +209,7 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
     checkpoint's tensor is a view of it (`Checkpoint.live` lists them): `load_state_dict` then
     copies nothing. The digests are checked on those bytes before this returns; if they do not
     match, `DamagedIntoLiveError` names the live tensors that now hold damaged bytes.
+    A sharded checkpoint is read by every rank of `ranks` together.
     """
     path = Path(path)
     try:
@@ -356,7 +224,7 @@ def read_checkpoint(path: Path, like: tp.Any = None, into: tp.Any = None) -> Che
         payload, ckpt = _read_payload(path, f, into)
     if 'shards' in payload:
         try:
-            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like)
+            ckpt.state = sharded.load_shards(path, ckpt.state, payload['shards'], like, ranks)
         except Exception as err:  # ShardError, OSError, or whatever a crafted skeleton makes Python raise
             raise CorruptCheckpointError(f"{path} cannot be loaded: {err}") from err
     elif like is not None and sharded.has_dtensors(like):
@@ -370,11 +238,11 @@ def read_unverified(path: Path) -> tp.Any:
     every file of a folder is (`fs.open_fd`); raises `CheckpointError` naming the file."""
     try:
         with open_file(Path(path)) as f:  # torch maps what the descriptor names, not the path
-            archive.check_records(f)
+            unpickler.check_records(f)
             return torch.load(f'/proc/self/fd/{f.fileno()}', map_location='cpu', weights_only=True, mmap=True)
     except CheckpointError:
         raise
-    except archive.Refused as err:
+    except unpickler.Refused as err:
         raise CorruptCheckpointError(f"{path} is damaged or forged, refused: {err}.") from err
     except Exception as err:  # damaged, foreign, unsafe: whatever torch raises
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -396,11 +264,11 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
     reading: archive.Reading | None = None
     refused: Exception | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
-        archive.check_records(f)  # before either unpickler inflates anything
+        unpickler.check_records(f)  # before either unpickler inflates anything
         targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
         f.seek(0)
         payload, reading = archive.load(f, targets)
-    except archive.Refused as err:  # a tensor changed after it was built, too large a view: no second try
+    except unpickler.Refused as err:  # a tensor changed after it was built, too large a view: no second try
         raise CorruptCheckpointError(f"{path} is damaged or forged, refused: {err}.") from err
     except Exception as err:  # anything unusual (damage, other globals): torch.load below loads or names it
         refused = err
@@ -412,9 +280,8 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
         raise _unreadable(path, err, refused) from err
     live = reading.live if reading is not None else []
     try:
-        from . import store  # [incremental] blobs in place of the placeholders
-        if store.is_incremental(payload):
-            payload = store.resolve(path, payload)
+        if blobs.is_incremental(payload):
+            payload = blobs.resolve(path, payload)
         ckpt = verify(path, payload, reading.ready if reading is not None else None)
         if reading is not None:
             reading.wait()  # every tensor was hashed, hence read: this only makes sure
@@ -437,7 +304,7 @@ def _unreadable(path: Path, err: Exception, ours: Exception | None) -> Checkpoin
     tried): a global of arbitrary code is refused as such, never called damage, and torch's
     advice to retry with weights_only=False is never repeated."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    name = str(ours) if isinstance(ours, archive.Forbidden) else next(
+    name = str(ours) if isinstance(ours, unpickler.Forbidden) else next(
         (line for line in lines if 'unsupported global' in line.lower()), None)
     if name is not None:
         return UnsafeCheckpointError(
@@ -454,59 +321,3 @@ def _damaged(err: CorruptCheckpointError, live: list[torch.Tensor]) -> CorruptCh
     return DamagedIntoLiveError(str(err), live) if live else err
 
 
-def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None,
-                       into: tp.Any = None) -> Checkpoint | None:
-    """The newest checkpoint of `folder` that verifies, reporting each damaged one on the way.
-
-    `like` and `into` as in `read_checkpoint`. A file passed over after its bytes went into the
-    live state must be replaced entirely by the one used, else this raises: the live state is
-    never half of one checkpoint and half of another. With `resumable`, epoch files that hold only some states
-    (`checkpoint.keep_every_states`) are passed over: they cannot resume a run. Returns None
-    when the folder has no checkpoint at all. Raises when checkpoints exist but none is usable:
-    a damaged experiment never silently restarts from scratch.
-    """
-    tried = candidates(folder)
-    errors = []
-    dirty: dict[int, Path] = {}  # live tensors (by address) holding bytes of a file passed over
-    for path in tried:
-        try:
-            found = read_checkpoint(path, like, into)
-        except CheckpointError as err:  # damaged, unsafe, or gone since it was listed (pruned)
-            logger.error("Skipping %s checkpoint: %s",
-                         'damaged' if isinstance(err, CorruptCheckpointError) else 'unusable', err)
-            errors.append(str(err))
-            dirty.update({t.data_ptr(): path for t in getattr(err, 'live', [])})
-            continue
-        if resumable and found.meta.get('partial'):
-            message = (f"{path} holds only {found.meta['partial']} (checkpoint.keep_every_states): "
-                       "it cannot resume a run.")
-            logger.warning("Skipping %s", message)
-            errors.append(message)
-            dirty.update({t.data_ptr(): path for t in found.live})
-            continue
-        left = set(dirty) - {t.data_ptr() for t in found.live}
-        if left:
-            raise CheckpointError(
-                f"{len(left)} live tensors were read from {sorted(set(dirty.values()))}, which was passed "
-                f"over, and {path} does not replace them: stopping rather than training on a mixed "
-                f"state. Rerun: a fresh process resumes from {path}.")
-        return found
-    if tried:
-        raise CorruptCheckpointError(
-            f"No checkpoint of {folder} can resume the run, refusing to start over silently:\n  "
-            + "\n  ".join(errors)
-            + "\nIf a run is saving into this folder right now, retry once it is done. Otherwise keep "
-            "them for inspection (`python -m solver.checkpointing.inspect FILE`) and move them "
-            "into a subfolder to train from scratch; delete nothing you have not inspected.")
-    return None
-
-
-def load_source(path: Path) -> Checkpoint:
-    """A checkpoint file, or the newest intact checkpoint of an experiment folder."""
-    path = Path(path)
-    if path.is_dir():
-        found = load_newest_intact(path, resumable=False)
-        if found is None:
-            raise CheckpointError(f"{path} holds no checkpoint ({LATEST} or checkpoint_<epoch>.th).")
-        return found
-    return read_checkpoint(path)

@@ -1,73 +1,28 @@
-"""One running process per experiment folder, with a lock the OS releases when the process dies."""
+"""The experiment lock: one process writes an experiment folder, and the OS releases the lock
+when that process dies.
+
+`ExperimentLock` is taken by a run (`train.py`) and by the commands that change a folder
+(`solver rollback`, `solver prune`); the blob store's collection (`store.collect`) runs only
+under it (`held_or_taken`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
-import re
 import types
+import typing as tp
 from pathlib import Path
 
-from .checkpointing.fs import UnsafeFileError, describe, open_fd
-from .errors import UserError
+from ..errors import UserError
+from .fs import UnsafeFileError, open_fd, read_file
 
 _LOCK_BYTES = 4096  # a pid and a newline: a larger `.lock` was not made here
 
 
 class ExperimentLockedError(UserError, RuntimeError):
     """Another live process holds the experiment."""
-
-
-class FolderNotWritableError(UserError, RuntimeError):
-    """A folder the run must write to cannot be written (permissions, a full disk, a file)."""
-
-
-def check_writable(folder: Path) -> None:
-    """Create `folder` if needed and write, fsync and remove a small file in it.
-
-    Run at the start, so that a read-only folder or a full disk stops the run in one line
-    before it trains, not at its first checkpoint an epoch later.
-    """
-    folder = Path(folder)
-    probe = folder / f'.write_probe.{os.getpid()}'
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        try:
-            os.write(fd, bytes(4096))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                probe.unlink()
-    except OSError as err:
-        raise FolderNotWritableError(
-            f"Cannot write in {folder}: {err.strerror or err}. Make the folder writable or free disk "
-            "space (or point SOLVER_DORA_DIR at another folder), then rerun.") from None
-
-
-# What Dora, Hydra, logging and this framework open by name in an experiment folder (Slurm
-# launches add links of Dora's own, `code` and submitit folders, which are left alone).
-_OPENED_BY_NAME = re.compile(r'^(\.argv\.json|history\.json|\.lock|\.hydra|blobs|samples|rolled_back|tensorboard'
-                             r'|\.?checkpoint.*|solver\.log.*)$')
-
-
-def check_entries(folder: Path) -> None:
-    """Refuse an experiment folder where something Dora, Hydra or the run opens by name
-    (`.argv.json`, `.hydra/*`, `solver.log.*`, checkpoints, `blobs/`...) is a link, a FIFO or a
-    device: they write by name, following links, so a folder copied from elsewhere could point
-    them at any file the user can write, or hang the run on a pipe. Raises `UnsafeFileError`."""
-    folder = Path(folder)
-    entries = [e for e in os.scandir(folder) if _OPENED_BY_NAME.match(e.name)] if folder.is_dir() else []
-    hydra = folder / '.hydra'
-    if hydra.is_dir() and not hydra.is_symlink():
-        entries += list(os.scandir(hydra))
-    for entry in entries:
-        if entry.is_symlink() or not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
-            raise UnsafeFileError(f"{entry.path} is {describe(Path(entry.path))}, not a regular file or folder: "
-                                  "refused (an experiment folder from elsewhere may hold links, pipes or devices). "
-                                  "Remove it, then rerun.")
 
 
 class ExperimentLock:
@@ -131,3 +86,28 @@ def holder(folder: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def held_or_taken(folder: Path) -> tp.Iterator[None]:
+    """Hold the experiment lock for the block: already held by this
+    process (its pid is in the lock file and the lock is taken), or taken now."""
+    lock_path = Path(folder) / '.lock'
+    with contextlib.suppress(OSError, ValueError):
+        owner = int(read_file(lock_path, _LOCK_BYTES).split()[0])
+        if owner == os.getpid() and _locked(lock_path):
+            yield
+            return
+    with ExperimentLock(folder):
+        yield
+
+
+def _locked(lock_path: Path) -> bool:
+    fd = open_fd(lock_path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the probe's lock, if it got one)
+    return False
