@@ -396,6 +396,8 @@ class StandardSolver(flashy.BaseSolver):
             self.ema = ModuleDictEMA(self.ema.modules, self.ema.decay, self.ema.updates)
         logger.info("Continuing from the best state of %s%s: %s (listed in %s).", source.path,
                     f", ignoring {ignored}" if ignored else '', report.summary(), partial.REPORT)
+        if self.cfg.execute_only:  # one stage, no training: nothing starts here
+            return
         state = self.state_dict()
         entry = lineage.record(str(self.cfg.continue_from), source, report, state, ignored, strict)
         if sharded.has_dtensors(state) or distrib.is_rank_zero():
@@ -414,7 +416,9 @@ class StandardSolver(flashy.BaseSolver):
         for name, value in merged.items():
             if value is not state[name]:
                 self.stateful.sources[name].load_state_dict(value)
-        rewind.note([self._pending_metrics], {'only': list(only), 'epoch': epoch, 'from': path.name,
-                                              'in_process': True})
+        entry = {'only': list(only), 'epoch': epoch, 'from': path.name, 'in_process': True}
+        rewind.note([self._pending_metrics], entry)
+        if distrib.is_rank_zero():
+            report.write(self.folder / partial.REPORT, partial_rollback=entry)
         logger.info("Partial rollback of %s to epoch %d: %s.", ', '.join(only), epoch, report.summary())
         return report
