@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import experiment, lineage, lock
 from .checkpointing import format as checkpoint
-from .checkpointing import partial
+from .checkpointing import partial, sharded
 from .checkpointing.fs import atomic_open, fsync_dir
 from .experiment import Experiment, ExperimentError
 
@@ -97,6 +97,7 @@ def rollback_partial(xp: Experiment, to: str, only: str | tp.Sequence[str]) -> P
                       f"{latest.name}. Here is a copy of {newest.path.name} (and of the {latest.name} it replaced) "
                       "as it was.\n")
         checkpoint.write_checkpoint(latest, merged, {**newest.meta, 'partial_rollback': entry})
+        sharded.remove_superseded(latest)  # the merged file is whole: a shard folder of the old one is its copy's now
         report.write(xp.folder / partial.REPORT, partial_rollback=entry)
         with atomic_open(xp.folder / 'history.json') as f:
             f.write(json.dumps(history, indent=2).encode())
@@ -112,13 +113,19 @@ def _aside(folder: Path, paths: tp.Sequence[Path], text: str) -> Path:
     dest.mkdir(parents=True)
     for path in dict.fromkeys(paths):
         if path.is_file() and not path.is_symlink():
-            try:
-                os.link(path, dest / path.name)
-            except OSError:
-                shutil.copy2(path, dest / path.name)
+            _link_or_copy(path, dest / path.name)
+            for shards in experiment._shard_folders(path):  # a sharded checkpoint's files go with it
+                shutil.copytree(shards, dest / shards.name, copy_function=_link_or_copy)
     (dest / 'NOTE.txt').write_text(text)
     fsync_dir(dest)
     return dest
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def rollback_to_start(xp: Experiment) -> experiment.Rollback:

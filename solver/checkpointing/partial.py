@@ -93,7 +93,7 @@ class LoadReport:
     def digest(self, state: tp.Mapping[str, tp.Any]) -> str:
         """A digest of the loaded entries as they are in `state` (a solver state, by place):
         what lineage records of a continue_from, and checks before returning to it."""
-        lines = [f"{place}:{tensor_digest(value) if isinstance(value, torch.Tensor) else repr(value)}"
+        lines = [f"{place}:{tensor_digest(_whole(value)) if isinstance(value, torch.Tensor) else repr(value)}"
                  for place in sorted(self.loaded) if (value := lookup(state, place)) is not None]
         return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:32]
 
@@ -103,6 +103,13 @@ class LoadReport:
                 'skipped': self.skipped, 'kept': self.kept, 'cast': self.cast}
         with atomic_open(Path(path)) as f:
             f.write(json.dumps(data, indent=2).encode())
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every rank digests the same places in the same
+    order), else the tensor."""
+    full = getattr(tensor, 'full_tensor', None)
+    return full() if callable(full) else tensor
 
 
 def lookup(state: tp.Mapping[str, tp.Any], place: str) -> tp.Any:
