@@ -404,21 +404,21 @@ class StandardSolver(flashy.BaseSolver):
             lineage.write_start(self.folder, state, {**self.checkpoint_meta(), 'sig': self.xp.sig,
                                                      'versions': versions()}, entry)
 
-    def rollback_partial(self, only: tp.Sequence[str], epoch: int) -> LoadReport:
+    def rollback_partial(self, only: tp.Sequence[str], epoch: int | str) -> LoadReport:
         """Return the entries `only` names (`model.layers.2`: parameters and buffers, their optimizer,
-        EMA and best-state entries; `checkpointing.partial`) to the end of `epoch`, in this process; the
-        rest stays as it is. This epoch's history records it; the next save writes it."""
+        EMA and best-state entries; `checkpointing.partial`) to the end of `epoch` (or to 'start', 'best'),
+        in this process; the rest stays as it is. This epoch's history records it; the next save writes it."""
         self.manager.writer.wait()
         state = self.state_dict()
         names = partial.param_names({name: self.registered(name) for name in self.stateful.sources})
-        merged, report, path = rewind.take_from_epoch(self.folder, epoch, state, list(only), names,
-                                                      like=self.load_template())
+        merged, report, older = rewind.take_from(self.folder, epoch, state, list(only), names,
+                                                 like=self.load_template())
         for name, value in merged.items():
             if value is not state[name]:
                 self.stateful.sources[name].load_state_dict(value)
-        entry = {'only': list(only), 'epoch': epoch, 'from': path.name, 'in_process': True}
+        entry = {'only': list(only), 'epoch': older.meta.get('epoch'), 'from': older.path.name, 'in_process': True}
         rewind.note([self._pending_metrics], entry)
         if distrib.is_rank_zero():
             report.write(self.folder / partial.REPORT, partial_rollback=entry)
-        logger.info("Partial rollback of %s to epoch %d: %s.", ', '.join(only), epoch, report.summary())
+        logger.info("Partial rollback of %s to epoch %s: %s.", ', '.join(only), epoch, report.summary())
         return report

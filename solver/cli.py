@@ -316,7 +316,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _rollback_partial(xp: Experiment, args: argparse.Namespace) -> int:
     from . import rewind
     done = rewind.rollback_partial(xp, args.to, args.only)
-    print(f"{xp.sig}: {args.only} returned to the end of epoch {done.epoch} ({done.source.name}), the rest kept at "
+    point = 'its start' if args.to == 'start' else f"the end of epoch {done.epoch}"
+    print(f"{xp.sig}: {args.only} returned to {point} ({done.source.name}), the rest kept at "
           f"the newest checkpoint; written as {done.newest.name}: {done.report.summary()}. The next `dora run` goes "
           f"on from it; the replaced file is in {done.moved_to}; the entries are listed in "
           f"{xp.folder / 'load_report.json'}.")

@@ -57,19 +57,47 @@ def note(history: list[dict[str, tp.Any]], entry: dict[str, tp.Any]) -> None:
         done[str(len(done) + 1)] = entry
 
 
-def take_from_epoch(folder: Path, epoch: int, newest: dict[str, tp.Any], only: tp.Sequence[str],
-                    names: partial.ParamNames | None, like: tp.Any = None,
-                    ) -> tuple[dict[str, tp.Any], partial.LoadReport, Path]:
-    """`newest` with the entries `only` names taken from the kept checkpoint of the end of
-    `epoch` (the same point a full rollback would return to), verified; and that file."""
-    xp = Experiment(folder)
+def take_from(folder: Path, to: str | int, newest: dict[str, tp.Any], only: tp.Sequence[str],
+              names: partial.ParamNames | None, like: tp.Any = None,
+              ) -> tuple[dict[str, tp.Any], partial.LoadReport, checkpoint.Checkpoint]:
+    """`newest` with the entries `only` names taken from the point `to` (an epoch, `epoch:N`,
+    `best`, or `start`: `read_point`), verified; and that checkpoint."""
+    older = read_point(Experiment(folder), to, like)
+    merged, report = partial.merge(newest, older.state, only, names, older.meta.get('param_names'), older.path.name)
+    return merged, report, older
+
+
+def read_point(xp: Experiment, to: str | int, like: tp.Any = None) -> checkpoint.Checkpoint:
+    """The verified checkpoint of a point to return to: the end of an epoch (an int, `epoch:N`
+    or `best`: the kept file a full rollback would use), or `start` (`start_checkpoint`)."""
+    if to == 'start':
+        return start_checkpoint(xp, like)
+    epoch = to if isinstance(to, int) else experiment._epoch_asked(xp, to)
     point = experiment._return_point(xp, xp.checkpoints(), epoch)
     try:
-        older = checkpoint.read_checkpoint(point.path, like)
+        return checkpoint.read_checkpoint(point.path, like)
     except checkpoint.CheckpointError as err:
         raise ExperimentError(f"Cannot roll back to epoch {epoch}: {err}") from None
-    merged, report = partial.merge(newest, older.state, only, names, older.meta.get('param_names'), point.path.name)
-    return merged, report, point.path
+
+
+def start_checkpoint(xp: Experiment, like: tp.Any = None) -> checkpoint.Checkpoint:
+    """`<xp>/start.th`, verified, and its taken entries checked against the digest that
+    `lineage.json` recorded when the run started from `continue_from`; else a one-line error."""
+    entry = lineage.read(xp.folder)
+    if entry is None:
+        raise ExperimentError(f"{xp.sig} was not started by continue_from (no readable {lineage.LINEAGE}): "
+                              "there is no start to return to; use --to epoch:N or --to best.")
+    try:
+        start = checkpoint.read_checkpoint(xp.folder / lineage.START, like)
+    except checkpoint.CheckpointError as err:
+        raise ExperimentError(f"Cannot return {xp.sig} to its start: {err}") from None
+    found = partial.LoadReport(str(start.path), loaded=list(entry.get('entries') or [])).digest(start.state)
+    if start.meta.get('sig') != xp.sig or found != entry.get('digest'):
+        raise ExperimentError(
+            f"{start.path} does not hold the start {lineage.LINEAGE} records (digest {found}, recorded "
+            f"{entry.get('digest')}; signature {start.meta.get('sig')}): it was replaced or altered. "
+            f"Nothing was changed; restart the fine-tune with continue_from={entry.get('continue_from')} instead.")
+    return start
 
 
 def rollback_partial(xp: Experiment, to: str, only: str | tp.Sequence[str]) -> PartialRollback:
@@ -77,13 +105,12 @@ def rollback_partial(xp: Experiment, to: str, only: str | tp.Sequence[str]) -> P
     the experiment runs, and, naming the reason, when a prefix matches nothing or an entry's
     shape differs between the two points."""
     prefixes = parse_only(only)
-    epoch = experiment._epoch_asked(xp, to)
     with lock.ExperimentLock(xp.folder):
         newest = checkpoint.load_newest_intact(xp.folder)
         if newest is None:
             raise ExperimentError(f"{xp.folder} holds no checkpoint: nothing to roll back.")
-        merged, report, source = take_from_epoch(xp.folder, epoch, newest.state, prefixes,
-                                                 newest.meta.get('param_names'))
+        merged, report, older = take_from(xp.folder, to, newest.state, prefixes, newest.meta.get('param_names'))
+        epoch, source = int(older.meta.get('epoch') or 0), older.path
         entry = {'only': prefixes, 'epoch': epoch, 'from': source.name, 'others_from': newest.path.name,
                  'others_epoch': newest.meta.get('epoch'), 'time': time.strftime('%Y-%m-%d %H:%M:%S')}
         history = [dict(stages) for stages in merged.get('history') or []]
@@ -130,22 +157,9 @@ def _link_or_copy(source: str | Path, target: str | Path) -> None:
 
 def rollback_to_start(xp: Experiment) -> experiment.Rollback:
     """`solver rollback <xp> --to start`: the state `xp` started from by `continue_from`, as it
-    loaded it (`start.th`, its taken entries checked against the digest of `lineage.json`),
-    becomes `checkpoint_0.th`; a full rollback to epoch 0 then moves everything later aside."""
-    entry = lineage.read(xp.folder)
-    if entry is None:
-        raise ExperimentError(f"{xp.sig} was not started by continue_from (no readable {lineage.LINEAGE}): "
-                              "there is no start to return to; use --to epoch:N or --to best.")
+    loaded it (`start_checkpoint`), becomes `checkpoint_0.th`; a full rollback to epoch 0 then
+    moves everything later aside."""
     with lock.ExperimentLock(xp.folder):
-        try:
-            start = checkpoint.read_checkpoint(xp.folder / lineage.START)
-        except checkpoint.CheckpointError as err:
-            raise ExperimentError(f"Cannot return {xp.sig} to its start: {err}") from None
-        found = partial.LoadReport(str(start.path), loaded=list(entry.get('entries') or [])).digest(start.state)
-        if start.meta.get('sig') != xp.sig or found != entry.get('digest'):
-            raise ExperimentError(
-                f"{start.path} does not hold the start {lineage.LINEAGE} records (digest {found}, recorded "
-                f"{entry.get('digest')}; signature {start.meta.get('sig')}): it was replaced or altered. "
-                f"Nothing was changed; restart the fine-tune with continue_from={entry.get('continue_from')} instead.")
+        start = start_checkpoint(xp)
         checkpoint.write_checkpoint(checkpoint.epoch_checkpoint_path(xp.folder, 0), start.state, start.meta)
     return experiment.rollback(xp, 'epoch:0')

@@ -108,6 +108,21 @@ def test_rollback_to_start_is_refused_without_a_lineage_or_with_an_altered_start
     assert not (folder / 'rolled_back').exists() and not (folder / 'checkpoint_0.th').exists()
 
 
+def test_a_partial_rollback_to_start_returns_one_layer_to_what_continue_from_gave_it(family, tmp_path):
+    dora_dir = tmp_path / 'dora'
+    shutil.copytree(family.dora_dir, dora_dir, symlinks=True)
+    folder = dora_dir / 'xps' / family.first.name
+    newest = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
+    result = solver(dora_dir, 'rollback', family.first.name, '--to', 'start', '--only', 'model.2')
+    assert result.code == 0 and 'model.2 returned to its start (start.th)' in result.out, result.err
+    merged = checkpoint.read_checkpoint(folder / 'checkpoint.th').state
+    start = checkpoint.read_checkpoint(folder / 'start.th').state
+    for key in ('0.weight', '2.weight'):
+        assert_same(merged['model'][key], (start if key.startswith('2.') else newest)['model'][key], where=key)
+    assert sorted(merged['optimizer']['state']) == [0, 1]  # model.2's Adam moments are fresh again, as at the start
+    assert_same(merged['optimizer']['state'][0], newest['optimizer']['state'][0])
+
+
 def test_strict_refuses_a_source_that_does_not_fit_and_strict_false_loads_what_fits(family, dora_dir):
     smaller = (*REGRESSION, f'continue_from=//sig/{family.pre.name}', 'optim.epochs=1', 'model.hidden_size=16')
     code, output = run_dora(family.dora_dir, 'run', *smaller)
