@@ -344,7 +344,11 @@ class StandardSolver(flashy.BaseSolver):
         """The metadata of a save now: position, config, the parameter name of each optimizer index."""
         return {'epoch': len(self.history), 'step': self.progress['step'], 'epoch_step': self.progress['epoch_step'],
                 'config': OmegaConf.to_container(self.cfg, resolve=True),
-                'param_names': partial.param_names({name: self.registered(name) for name in self.stateful.sources})}
+                'param_names': self.param_names()}
+
+    def param_names(self) -> partial.ParamNames:
+        """The state name of each optimizer index (`partial.param_names`): what a partial rollback matches by."""
+        return partial.param_names({name: self.registered(name) for name in self.stateful.sources})
 
     def publish_history(self, history: list[dict[str, tp.Any]]) -> None:
         """Write Dora's history.json (rank 0); called once the checkpoint holding it is durable."""
@@ -410,8 +414,7 @@ class StandardSolver(flashy.BaseSolver):
         in this process; the rest stays as it is. This epoch's history records it; the next save writes it."""
         self.manager.writer.wait()
         state = self.state_dict()
-        names = partial.param_names({name: self.registered(name) for name in self.stateful.sources})
-        merged, report, older = rewind.take_from(self.folder, epoch, state, list(only), names,
+        merged, report, older = rewind.take_from(self.folder, epoch, state, list(only), self.param_names(),
                                                  like=self.load_template())
         for name, value in merged.items():
             if value is not state[name]:

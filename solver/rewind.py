@@ -16,7 +16,6 @@ written as `checkpoint_0.th`, then a full rollback to epoch 0 moves the rest asi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -27,8 +26,9 @@ from pathlib import Path
 from . import experiment, lineage, lock
 from .checkpointing import format as checkpoint
 from .checkpointing import partial, sharded
-from .checkpointing.fs import atomic_open, fsync_dir
+from .checkpointing.fs import fsync_dir
 from .experiment import Experiment, ExperimentError
+from .logs import write_history
 
 
 @dataclass
@@ -126,8 +126,7 @@ def rollback_partial(xp: Experiment, to: str, only: str | tp.Sequence[str]) -> P
         checkpoint.write_checkpoint(latest, merged, {**newest.meta, 'partial_rollback': entry})
         sharded.remove_superseded(latest)  # the merged file is whole: a shard folder of the old one is its copy's now
         report.write(xp.folder / partial.REPORT, partial_rollback=entry)
-        with atomic_open(xp.folder / 'history.json') as f:
-            f.write(json.dumps(history, indent=2).encode())
+        write_history(xp.folder / 'history.json', history)
     return PartialRollback(epoch, source, latest, dest, report)
 
 
