@@ -214,6 +214,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             if up['found']:
                 print(f"    config against {up['sig']}: {' '.join(up['config_changes']) or '(same)'}")
     versions = meta.pop('versions', {}) or {}
+    meta.pop('param_names', None)  # a name per optimizer entry (for partial rollback): --json shows them
     print(f"checkpoint {ckpt.path} (intact)")
     print('  ' + ', '.join(f"{k} {v}" for k, v in meta.items()))
     print(f"  git {versions.get('git', '?')}; " + ', '.join(f"{k} {v}" for k, v in versions.items() if k != 'git'))
