@@ -19,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import builders, distrib, locations
+from . import builders, distrib, lineage, locations, rewind
 from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
-from .checkpointing import envelope, sharded
-from .checkpointing.manager import CheckpointManager, find_pretrained
+from .checkpointing import envelope, partial, sharded
+from .checkpointing.manager import CheckpointManager, find_pretrained, versions
+from .checkpointing.partial import LoadReport
 from .divergence import LossWatch
 from .ema import ModuleDictEMA
 from .errors import DivergenceError, SolverError
@@ -336,10 +337,18 @@ class StandardSolver(flashy.BaseSolver):
         if not epoch_end:  # rank 0's running sums are saved: make them the mean over ranks, which
             sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
             sums.update(distrib.average_metrics(sums))
-        meta = {'epoch': len(self.history), 'step': self.progress['step'], 'epoch_step': self.progress['epoch_step'],
-                'config': OmegaConf.to_container(self.cfg, resolve=True)}
-        self.manager.save(self.state_dict(), targets, meta,
+        self.manager.save(self.state_dict(), targets, self.checkpoint_meta(),
                           on_durable=functools.partial(self.publish_history, list(self.history)))
+
+    def checkpoint_meta(self) -> dict[str, tp.Any]:
+        """The metadata of a save now: position, config, the parameter name of each optimizer index."""
+        return {'epoch': len(self.history), 'step': self.progress['step'], 'epoch_step': self.progress['epoch_step'],
+                'config': OmegaConf.to_container(self.cfg, resolve=True),
+                'param_names': self.param_names()}
+
+    def param_names(self) -> partial.ParamNames:
+        """The state name of each optimizer index (`partial.param_names`): what a partial rollback matches by."""
+        return partial.param_names({name: self.registered(name) for name in self.stateful.sources})
 
     def publish_history(self, history: list[dict[str, tp.Any]]) -> None:
         """Write Dora's history.json (rank 0); called once the checkpoint holding it is durable."""
@@ -381,10 +390,38 @@ class StandardSolver(flashy.BaseSolver):
         return full_state(self.state_dict, [self.registered(name) for name in self.stateful.sources])
 
     def load_best_state_from(self, source: envelope.Checkpoint) -> None:
-        """Fine-tune start: take only the source's best state; optimizer, EMA... start fresh."""
+        """Fine-tune start: take only the source's best state (what fits, with checkpoint.strict=false);
+        optimizer, EMA... start fresh. The start and its source are recorded (`lineage`)."""
         ignored = list(self.cfg.checkpoint.ignore_state_keys or [])
-        names = take_best_state(self.best_state, source.state, source.path, ignored, self.registered)
+        strict = self.manager.cfg.strict
+        report = take_best_state(self.best_state, source.state, source.path, ignored, self.registered, strict,
+                                 self.folder / partial.REPORT if distrib.is_rank_zero() else None)
         if self.ema is not None:
             self.ema = ModuleDictEMA(self.ema.modules, self.ema.decay, self.ema.updates)
-        logger.info("Continuing from the best state of %s (%s)%s.", source.path, ', '.join(names),
-                    f", ignoring {ignored}" if ignored else '')
+        logger.info("Continuing from the best state of %s%s: %s (listed in %s).", source.path,
+                    f", ignoring {ignored}" if ignored else '', report.summary(), partial.REPORT)
+        if self.cfg.execute_only:  # one stage, no training: nothing starts here
+            return
+        state = self.state_dict()
+        entry = lineage.record(str(self.cfg.continue_from), source, report, state, ignored, strict)
+        if sharded.has_dtensors(state) or distrib.is_rank_zero():
+            lineage.write_start(self.folder, state, {**self.checkpoint_meta(), 'sig': self.xp.sig,
+                                                     'versions': versions()}, entry)
+
+    def rollback_partial(self, only: tp.Sequence[str], epoch: int | str) -> LoadReport:
+        """Return the entries `only` names (`model.layers.2`: parameters and buffers, their optimizer,
+        EMA and best-state entries; `checkpointing.partial`) to the end of `epoch` (or to 'start', 'best'),
+        in this process; the rest stays as it is. This epoch's history records it; the next save writes it."""
+        self.manager.writer.wait()
+        state = self.state_dict()
+        merged, report, older = rewind.take_from(self.folder, epoch, state, list(only), self.param_names(),
+                                                 like=self.load_template())
+        for name, value in merged.items():
+            if value is not state[name]:
+                self.stateful.sources[name].load_state_dict(value)
+        entry = {'only': list(only), 'epoch': older.meta.get('epoch'), 'from': older.path.name, 'in_process': True}
+        rewind.note([self._pending_metrics], entry)
+        if distrib.is_rank_zero():
+            report.write(self.folder / partial.REPORT, partial_rollback=entry)
+        logger.info("Partial rollback of %s to epoch %s: %s.", ', '.join(only), epoch, report.summary())
+        return report

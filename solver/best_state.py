@@ -12,6 +12,8 @@ import torch
 from flashy.state import StateDictSource
 from torch import nn
 
+from .checkpointing import partial
+from .checkpointing.partial import LoadReport
 from .checkpointing.tree import map_leaves
 from .errors import SolverError
 
@@ -135,20 +137,15 @@ def drop_keys(states: dict[str, tp.Any], ignored: list[str]) -> dict[str, tp.Any
     return kept
 
 
-def load_module_state(module: nn.Module, state: dict[str, tp.Any], ignored: list[str], name: str) -> None:
-    """Load a module's state; only keys dropped on purpose may be missing; name any misfit."""
-    result = module.load_state_dict(state, strict=False)
-    allowed = [key[len(name) + 1:] for key in ignored if key.startswith(name + '.')]
-    missing = [k for k in result.missing_keys if not any(k == a or k.startswith(a + '.') for a in allowed)]
-    if missing or result.unexpected_keys:
-        raise KeyError(f"state '{name}': missing keys {missing}, unexpected keys {result.unexpected_keys}")
-
-
 def take_best_state(best: BestState, source_state: dict[str, tp.Any], path: Path, ignored: list[str],
-                    registered: tp.Callable[[str], tp.Any]) -> list[str]:
+                    registered: tp.Callable[[str], tp.Any], strict: bool = True,
+                    report_file: Path | None = None) -> LoadReport:
     """Load the best states of a checkpoint's state (`continue_from`) into the sources `best`
-    tracks, and make them the best states; return their names. `ignored` as in `drop_keys`;
-    `registered(name)` gives the live object (a module is loaded key by key, naming misfits)."""
+    tracks, and make them the best states; return the report of what was loaded and skipped
+    (also written to `report_file`). `ignored` as in `drop_keys`; `registered(name)` gives the
+    live object: a module is loaded entry by entry (`partial.fit_module`). With `strict`, any
+    entry skipped for another reason than `ignored` refuses the load, naming it; without, what
+    fits is loaded and the rest stays as initialised."""
     states = source_state.get('best_state', {}).get('states')
     if not states:
         raise SolverError(f"{path} has no best state to continue from.")
@@ -157,14 +154,33 @@ def take_best_state(best: BestState, source_state: dict[str, tp.Any], path: Path
     if unknown:
         raise SolverError(f"{path}: best state has {sorted(unknown)}, which this solver "
                           f"does not register (it has {sorted(best.sources)}).")
+    report = LoadReport(str(path))
+    taken = {}
     for name, state in states.items():
+        target = registered(name)
+        if isinstance(target, nn.Module):
+            taken[name] = partial.fit_module(name, target.state_dict(), state, ignored, report)
+        else:
+            taken[name] = state
+            report.loaded.append(name)
+    if report_file is not None:
+        report.write(report_file)
+    problems = report.problems(lambda why: why == partial.IGNORED)
+    if strict and problems:
+        listed = '; '.join(f"{place}: {why}" for place, why in list(problems.items())[:3])
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ''
+        where = f" (all in {report_file})" if report_file is not None else ''
+        raise SolverError(f"{path} does not fit this model: {listed}{more}{where}. "
+                          "checkpoint.strict=false loads what fits; checkpoint.ignore_state_keys=[...] drops "
+                          "entries on purpose.")
+    for name, state in taken.items():
         target = registered(name)
         try:
             if isinstance(target, nn.Module):
-                load_module_state(target, state, ignored, name)
+                target.load_state_dict(state, strict=False)
             else:
                 best.sources[name].load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as err:
             raise SolverError(f"{path} does not fit this model: {err}") from err
         best.states[name] = copy_state(best.sources[name].state_dict())
-    return list(states)
+    return report

@@ -48,7 +48,9 @@ EXAMPLES = {
     'diff': "solver diff 8f56f142/checkpoint_2.th 8f56f142/checkpoint_3.th --states model",
     'export': "solver export 8f56f142 model.safetensors --format safetensors --dtype bf16\n"
               "  solver export 8f56f142 pretrained/drums.th   # then continue_from=//pretrained/drums",
-    'rollback': "solver rollback 8f56f142 --to epoch:3   # then `dora run` goes on from epoch 4",
+    'rollback': "solver rollback 8f56f142 --to epoch:3   # then `dora run` goes on from epoch 4\n"
+                "  solver rollback 8f56f142 --to epoch:3 --only model.layers.2,model.output\n"
+                "  solver rollback 8f56f142 --to start       # a fine-tune: back to what continue_from gave it",
     'prune': "solver prune 8f56f142 --keep-last 2        # dry run; add --yes to delete",
     'new': "solver new my_task --dir ~/code   # then: cd ~/code/my_task && pip install -e . && dora run solver=my_task",
 }
@@ -122,6 +124,11 @@ def _ls_all(args: argparse.Namespace) -> int:
     records: list[dict[str, tp.Any]] = []
     experiments = xps.experiments(_dora_dir())
     states = _job_states(experiments)
+    depth: dict[str, int] = {}
+    if args.tree:  # parents before their children (lineage.json of each)
+        from . import lineage
+        ordered = lineage.forest(experiments)
+        experiments, depth = [xp for _, xp in ordered], {xp.sig: d for d, xp in ordered}
     for xp in experiments:
         best = xp.best()
         metric, _ = xp.best_metric()
@@ -129,7 +136,7 @@ def _ls_all(args: argparse.Namespace) -> int:
                         'planned': xp.planned_epochs, 'best': {'metric': f'valid.{metric}', 'value': best[1],
                                                                'epoch': best[0]} if best else None,
                         'state': xp.state, 'pid': xp.holder, 'size': xp.size, 'updated': xp.updated,
-                        'job': _job(xp, states)})
+                        'job': _job(xp, states), **({'depth': depth[xp.sig]} if args.tree else {})})
     if args.json:
         _emit(records)
         return 0
@@ -137,13 +144,19 @@ def _ls_all(args: argparse.Namespace) -> int:
         print(f"No experiment in {_dora_dir() / 'xps'}.")
         return 0
     jobs = any(r['job'] for r in records)  # the JOB column only where Slurm ran some
-    _table([[r['sig'], f"{r['epochs']}/{r['planned'] if r['planned'] is not None else '?'}",
+    _table([[_indent(r.get('depth', 0)) + r['sig'],
+             f"{r['epochs']}/{r['planned'] if r['planned'] is not None else '?'}",
              f"{r['best']['metric']} {r['best']['value']:.4g} (ep {r['best']['epoch']})" if r['best'] else '-',
              r['state'] + (f" (pid {r['pid']})" if r['pid'] else '')]
             + ([f"{r['job']['id']} {r['job']['state']}" if r['job'] else '-'] if jobs else [])
             + [_size(r['size']), _age(r['updated']), ' '.join(r['overrides']) or '(defaults)'] for r in records],
            ['SIG', 'EPOCHS', 'BEST', 'STATE'] + (['JOB'] if jobs else []) + ['SIZE', 'UPDATED', 'OVERRIDES'])
     return 0
+
+
+def _indent(depth: int) -> str:
+    """The SIG column's prefix of `solver ls --tree` at this depth of the forest."""
+    return '   ' * (depth - 1) + '└─ ' if depth else ''
 
 
 def _job_states(experiments: list[Experiment]) -> dict[str, str]:
@@ -190,7 +203,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if xp:
         data.update({'sig': xp.sig, 'folder': str(xp.folder), 'dora_overrides': objectstore.redact_overrides(xp.argv),
                      'state': xp.state, 'pid': xp.holder, 'epochs': len(xp.history), 'planned': xp.planned_epochs,
-                     'job': _job(xp, _job_states([xp]))})
+                     'job': _job(xp, _job_states([xp])), 'ancestors': _ancestors(xp)})
     if args.json:
         _emit(data)
         return 0
@@ -201,7 +214,14 @@ def cmd_show(args: argparse.Namespace) -> int:
               f"{' '.join(data['dora_overrides']) or '(none)'}")
         if data['job']:
             print(f"  slurm job {data['job']['id']}: {data['job']['state']}")
+        for up in data['ancestors']:
+            print(f"  started from {up['sig'] or '?'}{'' if up['found'] else ' (not in this Dora folder)'}: "
+                  f"{up['continue_from']}, epoch {up['epoch']} ({up['checkpoint']}), {up['taken']} entries taken, "
+                  f"digest {up['digest']}")
+            if up['found']:
+                print(f"    config against {up['sig']}: {' '.join(up['config_changes']) or '(same)'}")
     versions = meta.pop('versions', {}) or {}
+    meta.pop('param_names', None)  # a name per optimizer entry (for partial rollback): --json shows them
     print(f"checkpoint {ckpt.path} (intact)")
     print('  ' + ', '.join(f"{k} {v}" for k, v in meta.items()))
     print(f"  git {versions.get('git', '?')}; " + ', '.join(f"{k} {v}" for k, v in versions.items() if k != 'git'))
@@ -213,6 +233,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     for stage, metrics in last.items():
         print(f"  {stage}: " + ' '.join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
     return 0
+
+
+def _ancestors(xp: Experiment) -> list[dict[str, tp.Any]]:
+    """The sources of `xp`, nearest first (`lineage.ancestors`), each with the config differences
+    along its edge (`experiment.overrides`: the child's keys against its parent's)."""
+    from . import lineage
+    out = []
+    child = xp
+    for entry, parent in lineage.ancestors(xp, xps.experiments(_dora_dir())):
+        changes = xps.overrides(child.config, parent.config) if parent is not None else []
+        out.append({'sig': entry.get('sig'), 'found': parent is not None,
+                    'continue_from': entry.get('continue_from'), 'checkpoint': entry.get('checkpoint'),
+                    'epoch': entry.get('epoch'), 'taken': entry.get('taken'), 'digest': entry.get('digest'),
+                    'config_changes': objectstore.redact_overrides(changes)})
+        child = parent if parent is not None else child
+    return out
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -269,11 +305,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     xp = xps.as_experiment(_target(args.target))
-    done = edit.rollback(xp, args.to)
-    print(f"{xp.sig} rolled back to the end of epoch {done.epoch} ({done.checkpoint.name}); "
-          f"the next `dora run` goes on from epoch {done.epoch + 1}.")
+    if args.only is not None:
+        return _rollback_partial(xp, args)
+    from . import rewind
+    if args.to == 'start':
+        done = rewind.rollback_to_start(xp)
+        print(f"{xp.sig} returned to its start, the state continue_from gave it (start.th, checked against the "
+              f"digest of lineage.json), as {done.checkpoint.name}; the next `dora run` goes on from epoch 1.")
+    else:
+        done = edit.rollback(xp, args.to)
+        print(f"{xp.sig} rolled back to the end of epoch {done.epoch} ({done.checkpoint.name}); "
+              f"the next `dora run` goes on from epoch {done.epoch + 1}.")
     if done.moved_to:
         print(f"moved {len(done.moved)} item(s) of the abandoned branch to {done.moved_to}")
+    return 0
+
+
+def _rollback_partial(xp: Experiment, args: argparse.Namespace) -> int:
+    from . import rewind
+    done = rewind.rollback_partial(xp, args.to, args.only)
+    point = 'its start' if args.to == 'start' else f"the end of epoch {done.epoch}"
+    print(f"{xp.sig}: {args.only} returned to {point} ({done.source.name}), the rest kept at "
+          f"the newest checkpoint; written as {done.newest.name}: {done.report.summary()}. The next `dora run` goes "
+          f"on from it; the replaced file is in {done.moved_to}; the entries are listed in "
+          f"{xp.folder / 'load_report.json'}.")
     return 0
 
 
@@ -316,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument('target', nargs='?', help='experiment folder or signature (none: every experiment)')
     ls.add_argument('--verify', action='store_true',
                     help='check every digest of every file (reads them all); exit 1 if one is damaged')
+    ls.add_argument('--tree', action='store_true',
+                    help='experiments as a forest: each under the one its continue_from started it from')
     show = command('show', cmd_show, 'metadata, config against the defaults, last metrics')
     show.add_argument('target', help=target)
     verify = command('verify', cmd_verify, 'check every digest; exit 0 if intact, 1 if anything is damaged')
@@ -338,7 +395,11 @@ def parser() -> argparse.ArgumentParser:
                             help='floating-point tensors are cast to this')
     rollback = command('rollback', cmd_rollback, 'return an experiment to a kept point; later files move aside')
     rollback.add_argument('target', help='experiment folder or signature')
-    rollback.add_argument('--to', required=True, help='epoch:N or best')
+    rollback.add_argument('--to', required=True,
+                          help='epoch:N, best, or start (a fine-tune: the state continue_from gave it)')
+    rollback.add_argument('--only', metavar='PREFIX[,PREFIX...]',
+                          help='roll back only these entries (model.layers.2: its parameters, their optimizer, '
+                               'EMA and best-state entries); the rest stays at the newest checkpoint')
     prune = command('prune', cmd_prune, 'delete old checkpoint_<epoch>.th files (dry run unless --yes)')
     prune.add_argument('target', help='experiment folder or signature')
     prune.add_argument('--keep-last', type=int, required=True, help='epoch files to keep, newest first')

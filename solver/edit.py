@@ -42,10 +42,10 @@ def rollback(xp: Experiment, to: str) -> Rollback:
     move to `<xp>/rolled_back/<time>/` with a note, never deleted. Refused while the experiment
     runs, or when no kept, intact, full checkpoint holds the point asked for.
     """
-    epoch = _epoch_asked(xp, to)
+    epoch = epoch_asked(xp, to)
     with lock.ExperimentLock(xp.folder):
         files = xp.checkpoints()
-        chosen = _return_point(xp, files, epoch)
+        chosen = return_point(xp, files, epoch)
         try:
             source = envelope.read_checkpoint(chosen.path)
         except faults.CheckpointError as err:
@@ -75,7 +75,7 @@ def rollback(xp: Experiment, to: str) -> Rollback:
     return Rollback(epoch, chosen.path, dest if dest.exists() else None, moved)
 
 
-def _epoch_asked(xp: Experiment, to: str) -> int:
+def epoch_asked(xp: Experiment, to: str) -> int:
     """The epoch that `--to epoch:N | best` names."""
     if to == 'best':
         best = xp.best()
@@ -87,7 +87,7 @@ def _epoch_asked(xp: Experiment, to: str) -> int:
     raise ExperimentError(f"--to {to}: expected epoch:N (e.g. epoch:3) or best.")
 
 
-def _return_point(xp: Experiment, files: list[CheckpointFile], epoch: int) -> CheckpointFile:
+def return_point(xp: Experiment, files: list[CheckpointFile], epoch: int) -> CheckpointFile:
     """The kept full checkpoint at the end of `epoch` (the epoch file first), or an error listing them."""
     if not files:
         raise ExperimentError(f"{xp.folder} holds no checkpoint: nothing to roll back to.")

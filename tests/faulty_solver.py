@@ -7,6 +7,8 @@
   loss of that step is NaN (see `checkpoint.rollback`);
 - `sigterm_batches`: positions during whose step the process sends itself SIGTERM (a preemption
   that lands exactly there);
+- `partial_rollback`: `{epoch: E, to: N, only: [prefix, ...]}`: at the start of epoch E's train
+  stage, `rollback_partial(only, N)`, as a task rolling a sub-model back in process would;
 - `slow_stage`, `slow_seconds`, `slow_epochs`: sleep that long per batch of that stage (valid,
   evaluate or generate) in those epochs (default: all), and log `Slow <stage> batch <i>`: a
   stage long enough to be signalled in.
@@ -58,6 +60,12 @@ class FaultySolver(RegressionSolver):
 
     def fault(self, key: str, default: tp.Any = None) -> tp.Any:
         return (self.cfg.get('faults') or {}).get(key, default)
+
+    def train(self) -> dict[str, float]:
+        asked = self.fault('partial_rollback')
+        if asked and self.epoch == asked['epoch'] and not self.progress['epoch_step']:
+            self.rollback_partial([str(prefix) for prefix in asked['only']], int(asked['to']))
+        return super().train()
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_training:

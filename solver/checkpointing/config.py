@@ -55,6 +55,7 @@ class CheckpointConfig:
     keep_best: int | None = key(None, AT_LEAST_0, saving=True)
     keep_every_states: list[str] | None = key(None)
     ignore_state_keys: list[str] = field(default_factory=list, metadata={'rule': None, 'saving': False})
+    strict: bool = key(True)
     async_save: bool = key(True)
     incremental: bool = key(False)
     staging_max_mb: float | None = key(None)
