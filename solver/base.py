@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import builders, distrib, locations
+from . import builders, distrib, locations, startup
 from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
@@ -61,9 +61,12 @@ class StandardSolver(flashy.BaseSolver):
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
         self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`
         self.tensorboard: tp.Any = None  # with logging.log_tensorboard, a SummaryWriter for media
+        startup.reached('setup')  # logging, distributed init, the lock, the solver's members
         self.build_dataloaders()
+        startup.reached('data')
         self.build_model()
         self.freeze.check()
+        startup.reached('model')
         self.register_stateful('best_state', 'rng', 'progress')
 
     # -- what a task provides ---------------------------------------------------------------
@@ -150,6 +153,7 @@ class StandardSolver(flashy.BaseSolver):
         self.show()
         self.restore()
         distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
+        startup.reached('state')
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
             self.tensorboard = open_tensorboard(self)
         if self.cfg.execute_only:
@@ -158,6 +162,7 @@ class StandardSolver(flashy.BaseSolver):
         if self.is_complete():
             return
         self.manager.prepare(self.full_state)  # async staging buffers, for Adam's moments too
+        startup.reached('staging')
         logger.info("Checkpoints: %s.", self.manager.describe())
         try:
             with self.preemption:
@@ -283,6 +288,7 @@ class StandardSolver(flashy.BaseSolver):
         self.progress['train_batches'] += 1
         self.progress['step'] += 1
         self.progress['epoch_step'] = done
+        startup.first_step()  # logs where the start of the run went, once
         if self.ema is not None:
             self.ema.step()
         if done < total:  # at the epoch's end, valid follows, then commit() saves

@@ -15,7 +15,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib, locations, preemption, slurm
+from . import builders, distrib, locations, preemption, slurm, startup
 from .checkpointing.fs import UnsafeFileError
 from .checkpointing.remote import secret_in
 from .errors import UserError
@@ -34,6 +34,7 @@ def seed_everything(seed: int) -> None:
 
 def run(cfg: DictConfig) -> None:
     """One `dora run` of any project: logging, distributed init, seeds, checks, then the solver."""
+    startup.reached('config')  # Dora's signature and folder, Hydra's composition
     xp = get_xp()
     try:
         flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
@@ -110,6 +111,7 @@ def project_main(module: str) -> tp.Any:
     the framework's own configs are found through Hydra's search path (`pkg://solver.config`).
     Experiments go to `outputs/` at the project's root (`solver.locations`) or $SOLVER_DORA_DIR.
     """
+    startup.reached('imports')  # the interpreter, Dora, torch and the framework
     refuse_secrets(sys.argv[1:])
     package = Path(str(sys.modules[module].__file__)).resolve().parent
     locations.use_project(package)
