@@ -21,6 +21,8 @@ from torch import nn
 
 from . import builders, distrib, locations, startup
 from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
+from .cache import DataCache
+from .cache import from_config as data_cache
 from .checkpointing import format as checkpoint
 from .checkpointing import sharded
 from .checkpointing.manager import CheckpointManager, find_pretrained
@@ -61,6 +63,8 @@ class StandardSolver(flashy.BaseSolver):
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
         self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`
         self.tensorboard: tp.Any = None  # with logging.log_tensorboard, a SummaryWriter for media
+        # What the task derives from its data files, kept for the next run (None: cache.use=false).
+        self.data_cache: DataCache | None = data_cache(cfg, locations.dora_dir())
         startup.reached('setup')  # logging, distributed init, the lock, the solver's members
         self.build_dataloaders()
         startup.reached('data')
