@@ -109,7 +109,7 @@ def main() -> None:
             for name, (extra, cold) in variants.items():
                 if cold:
                     shutil.rmtree(work / 'dora' / 'cache', ignore_errors=True)
-                run = Run([*overrides, *extra], env, work / f'resume_{index}.log')
+                run = Run([*overrides, *extra], env, work / f'resume_{index}_{list(variants).index(name)}.log')
                 try:
                     results[name].append(run.wait_for_startup())
                 finally:
@@ -129,10 +129,12 @@ def report(results: dict[str, list[tuple[float, dict[str, float]]]], baselines: 
     names = list(results)
     print(f"| {'phase':<14} | " + ' | '.join(f"{n:>29}" for n in names) + ' |')
     print(f"|{'-' * 16}|" + '|'.join('-' * 31 for _ in names) + '|')
-    for phase in [*phases, 'wall, seen from outside']:
+    for phase in [*phases, 'before the step', 'wall, seen from outside']:
         cells = []
         for name in names:
-            values = [wall if phase.startswith('wall') else found.get(phase, 0.0) for wall, found in results[name]]
+            values = [wall if phase.startswith('wall') else
+                      found['total'] - found['first step'] if phase == 'before the step' else found.get(phase, 0.0)
+                      for wall, found in results[name]]
             cells.append(f"{statistics.median(values):>29.3f}")
         print(f"| {phase:<14} | " + ' | '.join(cells) + ' |')
     for name, values in baselines.items():
