@@ -9,8 +9,8 @@ For each state (the tensors' raw bytes, concatenated): zlib and lzma from the st
 zstandard (if installed: `pip install zstandard`), each on the plain bytes and on byte-shuffled
 float32 (the 4 bytes of each float split into 4 planes, so that the exponents, which vary little,
 sit together); printed: bytes, ratio, compress and decompress MB/s (of the uncompressed size,
-shuffling included), every round trip checked. lzma is slow: on a big state it runs on a prefix
-of `--lzma-mib`. Then bf16 rounding (half the bytes; lossy): its error against float32.
+shuffling included), every round trip checked. zlib and lzma are slow: on a big state they run on
+a prefix of `--prefix-mib` (named in the row). Then bf16 rounding (half the bytes; lossy): its error against float32.
 
 The drum RNN's state is Magenta's default model and its Adam moments after a few steps on random
 batches (or `--checkpoint`, read with the project's verified reader); the big state is
@@ -95,13 +95,14 @@ def flat(tensors: list[torch.Tensor]) -> np.ndarray:
     return torch.cat([t.reshape(-1) for t in tensors]).numpy()
 
 
-def measure(name: str, data: np.ndarray, table: dict[str, Codec], lzma_bytes: int) -> None:
+def measure(name: str, data: np.ndarray, table: dict[str, Codec], prefix_bytes: int) -> None:
     print(f"\n{name}: {data.nbytes / 2**20:.1f} MiB of float32")
     print(f"| {'codec':<15} | {'shuffled':<8} | {'bytes':>13} | {'ratio':>6} | {'compress MB/s':>13} | "
           f"{'decompress MB/s':>15} |")
     print(f"|{'-' * 17}|{'-' * 10}|{'-' * 15}|{'-' * 8}|{'-' * 15}|{'-' * 17}|")
     for codec, (compress, decompress) in table.items():
-        part = data[:lzma_bytes // 4] if codec.startswith('lzma') and data.nbytes > lzma_bytes else data
+        slow = codec.startswith(('lzma', 'zlib')) and data.nbytes > prefix_bytes
+        part = data[:prefix_bytes // 4] if slow else data
         for shuffled in (False, True):
             start = time.perf_counter()
             packed = compress(shuffle(part) if shuffled else part.tobytes())
@@ -126,15 +127,15 @@ def measure(name: str, data: np.ndarray, table: dict[str, Codec], lzma_bytes: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--big-mib', type=int, default=1024, help='size of the big float32 state (0: skip it)')
-    parser.add_argument('--lzma-mib', type=int, default=64, help='lzma runs on at most this prefix of a state')
+    parser.add_argument('--prefix-mib', type=int, default=128, help='zlib and lzma run on at most this prefix')
     parser.add_argument('--checkpoint', type=Path, help='a drum RNN checkpoint instead of a fresh state')
     args = parser.parse_args()
     table = codecs()
-    measure('drum RNN: model + Adam moments', flat(drum_state(args.checkpoint)), table, args.lzma_mib << 20)
+    measure('drum RNN: model + Adam moments', flat(drum_state(args.checkpoint)), table, args.prefix_mib << 20)
     if args.big_mib:
         torch.manual_seed(0)
         big = (torch.randn(args.big_mib << 18) * 0.02).numpy()
-        measure(f'{args.big_mib} MiB: randn * 0.02', big, table, args.lzma_mib << 20)
+        measure(f'{args.big_mib} MiB: randn * 0.02', big, table, args.prefix_mib << 20)
 
 
 if __name__ == '__main__':
