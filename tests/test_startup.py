@@ -36,3 +36,25 @@ def test_phases_add_up_to_the_time_since_the_process_started_and_are_logged_once
 def test_the_clock_starts_at_the_process_start_not_at_the_first_import():
     age = time.monotonic() - startup._process_start()  # the fallback (now) would give 0
     assert age > time.monotonic() - IMPORTED > 0  # the interpreter and pytest ran before this module
+
+
+def test_dora_composes_each_set_of_overrides_once_and_hands_out_copies(monkeypatch):
+    import dora.hydra
+
+    from solver.train import main
+    calls = []
+    compose = dora.hydra.compose
+
+    def counted(name, overrides):
+        calls.append(overrides)
+        return compose(name, overrides)
+
+    monkeypatch.setattr(dora.hydra, 'compose', counted)
+    argv = ['solver=drum_rnn/debug', 'optim.lr=0.00123']  # not composed by any other test
+    first = main.get_xp(argv)
+    composed = len(calls)
+    second = main.get_xp(argv)
+    assert 1 <= composed <= 2 and len(calls) == composed  # the config, and the groups alone
+    assert second.sig == first.sig and second.cfg == first.cfg and second.cfg.optim.lr == 0.00123
+    second.cfg.optim.lr = 1.0
+    assert main.get_xp(argv).cfg.optim.lr == 0.00123  # a copy each time
