@@ -19,8 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import builders, distrib, lineage, locations, rewind
+from . import builders, distrib, lineage, locations, rewind, startup
 from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
+from .cache import DataCache
+from .cache import from_config as data_cache
 from .checkpointing import envelope, partial, sharded
 from .checkpointing.manager import CheckpointManager, find_pretrained, versions
 from .checkpointing.partial import LoadReport
@@ -62,9 +64,14 @@ class StandardSolver(flashy.BaseSolver):
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
         self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`
         self.tensorboard: tp.Any = None  # with logging.log_tensorboard, a SummaryWriter for media
+        # What the task derives from its data files, kept for the next run (None: cache.use=false).
+        self.data_cache: DataCache | None = data_cache(cfg, locations.dora_dir())
+        startup.reached('setup')  # logging, distributed init, the lock, the solver's members
         self.build_dataloaders()
+        startup.reached('data')
         self.build_model()
         self.freeze.check()
+        startup.reached('model')
         self.register_stateful('best_state', 'rng', 'progress')
 
     # -- what a task provides ---------------------------------------------------------------
@@ -151,6 +158,7 @@ class StandardSolver(flashy.BaseSolver):
         self.show()
         self.restore()
         distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
+        startup.reached('state')
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
             self.tensorboard = open_tensorboard(self)
         if self.cfg.execute_only:
@@ -159,6 +167,7 @@ class StandardSolver(flashy.BaseSolver):
         if self.is_complete():
             return
         self.manager.prepare(self.full_state)  # async staging buffers, for Adam's moments too
+        startup.reached('staging')
         logger.info("Checkpoints: %s.", self.manager.describe())
         try:
             with self.preemption:
@@ -284,6 +293,7 @@ class StandardSolver(flashy.BaseSolver):
         self.progress['train_batches'] += 1
         self.progress['step'] += 1
         self.progress['epoch_step'] = done
+        startup.first_step()  # logs where the start of the run went, once
         if self.ema is not None:
             self.ema.step()
         if done < total:  # at the epoch's end, valid follows, then commit() saves

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from . import distrib, locations, validation
+from . import distrib, locations, startup, validation
 from .errors import ConfigError
 from .sampler import ResumableBatchSampler
 
@@ -45,11 +45,14 @@ def solver_class(name: tp.Any) -> tp.Any:
         raise ConfigError(f"solver_class={name!r} does not name a class; pick a solver config with "
                           f"solver=<name>, one of {known_solvers()}.")
     module_name, _, class_name = str(name).rpartition('.')
+    startup.reached('config')
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"solver_class={name}: cannot import it ({err}). Known solver configs: "
                           f"{known_solvers()}.") from err
+    finally:
+        startup.reached('imports')  # the task's modules (the first time)
 
 
 def get_optimizer(params: tp.Iterable[torch.nn.Parameter], optim: DictConfig) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -15,7 +16,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib, locations, preemption, slurm
+from . import builders, distrib, locations, preemption, slurm, startup
 from .checkpointing.fs import UnsafeFileError
 from .checkpointing.lock import ExperimentLock
 from .checkpointing.objectstore import secret_in
@@ -35,6 +36,7 @@ def seed_everything(seed: int) -> None:
 
 def run(cfg: DictConfig) -> None:
     """One `dora run` of any project: logging, distributed init, seeds, checks, then the solver."""
+    startup.reached('config')  # Dora's signature and folder, Hydra's composition
     xp = get_xp()
     try:
         flashy.setup_logging(level=getattr(logging, str(cfg.logging.level).upper()), log_name='solver.log.{rank}')
@@ -111,6 +113,7 @@ def project_main(module: str) -> tp.Any:
     the framework's own configs are found through Hydra's search path (`pkg://solver.config`).
     Experiments go to `outputs/` at the project's root (`solver.locations`) or $SOLVER_DORA_DIR.
     """
+    startup.reached('imports')  # the interpreter, Dora, torch and the framework
     refuse_secrets(sys.argv[1:])
     package = Path(str(sys.modules[module].__file__)).resolve().parent
     locations.use_project(package)
@@ -130,6 +133,7 @@ def project_main(module: str) -> tp.Any:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
     decorated = hydra_main(config_path=str(config.resolve()), config_name='config', version_base='1.3')(main)
+    compose_once(decorated)
     decorated.dora.dir = locations.dora_dir()
     init_xp = decorated.init_xp
 
@@ -147,6 +151,27 @@ def project_main(module: str) -> tp.Any:
     decorated.init_xp = checked_init_xp
     slurm.install(decorated)  # dora launch / grid: CPU jobs, per-experiment requests, no sacct needed
     return decorated
+
+
+def compose_once(decorated: tp.Any) -> None:
+    """Compose each set of overrides once per process, and hand out copies.
+
+    A `dora run` asks Dora for its experiment three times, and each asks Hydra to compose the
+    config twice (with all the overrides, and with the config groups alone): six compositions of
+    two configs, each a fifth of a second or more of YAML parsing (the `config` phase of the
+    startup line). The files do not change within a process, so the first composition of each
+    override list is kept; a copy is returned, as a composition is (callers may change it).
+    """
+    compose = decorated._get_config_noinit
+    composed: dict[tuple[str, ...], DictConfig] = {}
+
+    def once(overrides: tp.Sequence[str] = ()) -> DictConfig:
+        key = tuple(overrides)
+        if key not in composed:
+            composed[key] = compose(list(overrides))
+        return copy.deepcopy(composed[key])
+
+    decorated._get_config_noinit = once
 
 
 def __getattr__(name: str) -> tp.Any:

@@ -52,6 +52,8 @@ def check_config(cfg: tp.Any) -> None:
     number(cfg, 'early_stop.patience', 'null or an integer >= 0 (0: off)', lambda v: v >= 0, integer=True,
            optional=True)
     number(cfg, 'early_stop.min_delta', 'a number >= 0', lambda v: v >= 0, optional=True)
+    number(cfg, 'cache.max_mb', 'a number > 0 (cache.use=false turns the data cache off)', lambda v: v > 0,
+           optional=True)
     stage = cfg.get('execute_only')
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"execute_only={stage!r}: expected one of {', '.join(STAGES)} (or null).")

@@ -24,8 +24,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..cache import DataCache
+from . import track_cache
 from .encoding import NUM_EVENTS, SILENCE, STEPS_PER_BAR, check_events
-from .midi import DrumFileError, read_drum_track
+from .midi import DrumFileError, DrumTrack, read_drum_track
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ def load_corpus(
     min_bars: int = 7,
     window_steps: int = 512,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    cache: DataCache | None = None,
 ) -> Corpus:
     """Read every drum MIDI file under `root` into windows per split.
 
@@ -131,7 +134,8 @@ def load_corpus(
     (with a warning) only when nothing in it is usable. Files go to splits by the hash of their
     path; when that would leave a split empty or far from its fraction (a small collection),
     bar-aligned sections go to splits instead (`split_sections`). Raises NoDrumDataError if
-    nothing is usable.
+    nothing is usable. With a `cache`, the parsed files come from it when the files are the same
+    (`track_cache`): only the cutting into windows and splits, which is cheap, runs again.
     """
     if window_steps <= 0 or window_steps % STEPS_PER_BAR:
         raise ValueError(
@@ -149,7 +153,8 @@ def load_corpus(
         )
     corpus = Corpus(root=root, window_steps=window_steps)
     paths = find_midi_files(root)
-    usable = read_sections(corpus, paths, min_bars)
+    tracks = parse_files(root, paths) if cache is None else track_cache.get(cache, root, paths, parse_files)
+    usable = read_sections(corpus, tracks, min_bars)
     if not usable:
         raise NoDrumDataError(
             f"no usable drum data in {root}: found {len(paths)} MIDI files, skipped {len(corpus.skipped)}; "
@@ -174,19 +179,29 @@ def load_corpus(
     return sectioned
 
 
-def read_sections(corpus: Corpus, paths: Sequence[Path], min_bars: int) -> dict[str, list[np.ndarray]]:
+def parse_files(root: Path, paths: Sequence[Path]) -> dict[str, DrumTrack | str]:
+    """Each file's drum track, or why it has none, by path relative to `root`: the MIDI parsing,
+    which is what `load_corpus` spends its time on (and what the data cache keeps)."""
+    tracks: dict[str, DrumTrack | str] = {}
+    for path in paths:
+        relpath = path.relative_to(root).as_posix()
+        try:
+            tracks[relpath] = read_drum_track(path)
+        except DrumFileError as exc:
+            tracks[relpath] = exc.reason
+    return tracks
+
+
+def read_sections(corpus: Corpus, tracks: dict[str, DrumTrack | str], min_bars: int) -> dict[str, list[np.ndarray]]:
     """The sections of at least `min_bars` bars of each readable file, by relative path.
 
     Bars left out of a usable file are counted in `corpus.skipped_bars` by reason; a file with
     nothing usable is recorded in `corpus.skipped` with the reason instead.
     """
     usable: dict[str, list[np.ndarray]] = {}
-    for path in paths:
-        relpath = path.relative_to(corpus.root).as_posix()
-        try:
-            track = read_drum_track(path)
-        except DrumFileError as exc:
-            _skip(corpus, relpath, exc.reason)
+    for relpath, track in tracks.items():
+        if isinstance(track, str):
+            _skip(corpus, relpath, track)
             continue
         long_enough = [s for s in track.sections if len(s) >= min_bars * STEPS_PER_BAR]
         short = [len(s) // STEPS_PER_BAR for s in track.sections if len(s) < min_bars * STEPS_PER_BAR]
@@ -293,7 +308,9 @@ class DrumWindows(torch.utils.data.Dataset):
     """Event windows as int64 tensors; pass `collate` to the DataLoader to batch them."""
 
     def __init__(self, windows: Sequence[np.ndarray]):
-        self.windows = [check_events(w) for w in windows]
+        if len(windows):
+            check_events(np.concatenate(windows))  # all at once: a check per window costs seconds on a large corpus
+        self.windows = [np.asarray(w).astype(np.int64, copy=False) for w in windows]
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -329,8 +346,6 @@ def next_step_targets(batch: DrumBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def event_frequencies(windows: Iterable[np.ndarray | torch.Tensor]) -> np.ndarray:
     """Count of each of the NUM_EVENTS events over all windows (for a unigram baseline)."""
-    counts = np.zeros(NUM_EVENTS, dtype=np.int64)
-    for window in windows:
-        events = check_events(window.numpy() if isinstance(window, torch.Tensor) else window)
-        counts += np.bincount(events, minlength=NUM_EVENTS)
-    return counts
+    arrays = [window.numpy() if isinstance(window, torch.Tensor) else np.asarray(window) for window in windows]
+    events = check_events(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.int64)
+    return np.bincount(events, minlength=NUM_EVENTS).astype(np.int64)

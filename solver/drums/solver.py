@@ -83,7 +83,8 @@ class DrumRNNSolver(StandardSolver):
         cfg = self.cfg.dataset
         try:
             self.corpus = data.load_corpus(resolve_path(cfg.path), min_bars=cfg.min_bars,
-                                           window_steps=cfg.window_steps, fractions=tuple(cfg.splits))
+                                           window_steps=cfg.window_steps, fractions=tuple(cfg.splits),
+                                           cache=self.data_cache)
         except ValueError as err:  # no usable data, or dataset.* values that cannot work
             raise SolverError(str(err)) from err
         logger.info("%s", self.corpus.summary())

@@ -171,6 +171,15 @@ def test_collate_pads_with_silence_and_returns_lengths():
     assert lengths.tolist() == [3, 5]
 
 
+def test_windows_with_foreign_events_are_refused_whichever_window_holds_them():
+    for windows in ([np.array([513, 1])], [np.array([1, 2]), np.array([3, -1])]):
+        with pytest.raises(ValueError, match="out of range"):
+            DrumWindows(windows)
+    with pytest.raises(ValueError, match="integers"):
+        DrumWindows([np.array([1, 2]), np.array([0.5])])
+    assert all(w.dtype == np.int64 for w in DrumWindows([np.array([1, 2], dtype=np.uint16)]).windows)
+
+
 def test_next_step_targets_ignore_padding():
     batch = collate([torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])])
     inputs, targets = next_step_targets(batch)

@@ -1,0 +1,142 @@
+"""Candidate codecs for compressed checkpoints (issue 24, point 5), measured standalone: nothing
+here changes the checkpoint format.
+
+    python scripts/bench_compression.py                    # the drum RNN's state and 1 GiB of float32
+    python scripts/bench_compression.py --big-mib 256      # a smaller big state
+    python scripts/bench_compression.py --checkpoint outputs/xps/<sig>/checkpoint.th   # a real one
+
+For each state (the tensors' raw bytes, concatenated): zlib and lzma from the standard library and
+zstandard (if installed: `pip install zstandard`), each on the plain bytes and on byte-shuffled
+float32 (the 4 bytes of each float split into 4 planes, so that the exponents, which vary little,
+sit together); printed: bytes, ratio, compress and decompress MB/s (of the uncompressed size,
+shuffling included), every round trip checked. zlib and lzma are slow: on a big state they run on
+a prefix of `--prefix-mib` (named in the row). Then bf16 rounding (half the bytes; lossy): its error against float32.
+
+The drum RNN's state is Magenta's default model and its Adam moments after a few steps on random
+batches (or `--checkpoint`, read with the project's verified reader); the big state is
+`torch.randn * 0.02` (an initialisation's values: random mantissas, as trained weights have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import time
+import typing as tp
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Codec = tuple[tp.Callable[[bytes], bytes], tp.Callable[[bytes], bytes]]
+
+
+def codecs() -> dict[str, Codec]:
+    found: dict[str, Codec] = {
+        'zlib-1': (lambda b: zlib.compress(b, 1), zlib.decompress),
+        'zlib-6': (lambda b: zlib.compress(b, 6), zlib.decompress),
+        'lzma-0': (lambda b: lzma.compress(b, preset=0), lzma.decompress),
+    }
+    try:
+        import zstandard
+    except ImportError:
+        print("zstandard is not installed: its rows are left out (pip install zstandard)")
+        return found
+    for level in (1, 3, 9):
+        found[f'zstd-{level}'] = (lambda b, lv=level: zstandard.ZstdCompressor(level=lv).compress(b),
+                                  lambda b: zstandard.ZstdDecompressor().decompress(b))
+    return found
+
+
+def shuffle(data: np.ndarray) -> bytes:
+    return np.ascontiguousarray(data.view(np.uint8).reshape(-1, 4).T).tobytes()
+
+
+def unshuffle(data: bytes) -> np.ndarray:
+    return np.ascontiguousarray(np.frombuffer(data, np.uint8).reshape(4, -1).T).reshape(-1).view(np.float32)
+
+
+def drum_state(checkpoint: Path | None) -> list[torch.Tensor]:
+    """The float32 tensors of a drum RNN's model and Adam state."""
+    if checkpoint is not None:
+        from solver.checkpointing.format import read_checkpoint
+        found: list[torch.Tensor] = []
+
+        def walk(value: tp.Any) -> None:
+            if isinstance(value, torch.Tensor):
+                if value.dtype == torch.float32:
+                    found.append(value)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    walk(item)
+
+        walk(read_checkpoint(checkpoint).state)
+        return found
+    from solver.drums.model import DrumRNN, sequence_metrics
+    torch.manual_seed(0)
+    model = DrumRNN(hidden_size=256, num_layers=3, dropout=0.5, attention_length=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        events = torch.randint(0, 512, (8, 33))
+        logits, _ = model(events[:, :-1])
+        sums = sequence_metrics(logits, events[:, 1:])
+        optimizer.zero_grad()
+        (sums['loss_sum'] / sums['count']).backward()
+        optimizer.step()
+    moments = [t for s in optimizer.state.values() for t in s.values() if t.dtype == torch.float32 and t.dim()]
+    return [p.detach() for p in model.parameters()] + moments
+
+
+def flat(tensors: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat([t.reshape(-1) for t in tensors]).numpy()
+
+
+def measure(name: str, data: np.ndarray, table: dict[str, Codec], prefix_bytes: int) -> None:
+    print(f"\n{name}: {data.nbytes / 2**20:.1f} MiB of float32")
+    print(f"| {'codec':<15} | {'shuffled':<8} | {'bytes':>13} | {'ratio':>6} | {'compress MB/s':>13} | "
+          f"{'decompress MB/s':>15} |")
+    print(f"|{'-' * 17}|{'-' * 10}|{'-' * 15}|{'-' * 8}|{'-' * 15}|{'-' * 17}|")
+    for codec, (compress, decompress) in table.items():
+        slow = codec.startswith(('lzma', 'zlib')) and data.nbytes > prefix_bytes
+        part = data[:prefix_bytes // 4] if slow else data
+        for shuffled in (False, True):
+            start = time.perf_counter()
+            packed = compress(shuffle(part) if shuffled else part.tobytes())
+            middle = time.perf_counter()
+            raw = decompress(packed)
+            back = unshuffle(raw) if shuffled else np.frombuffer(raw, np.float32)
+            end = time.perf_counter()
+            assert np.array_equal(back.view(np.uint32), part.view(np.uint32)), f"{codec} round trip differs"
+            label = codec + (f' ({part.nbytes >> 20} MiB)' if part is not data else '')
+            mb = part.nbytes / 1e6
+            print(f"| {label:<15} | {'yes' if shuffled else 'no':<8} | {len(packed):>13,} | "
+                  f"{part.nbytes / len(packed):>6.3f} | {mb / (middle - start):>13.1f} | "
+                  f"{mb / (end - middle):>15.1f} |")
+    rounded = torch.from_numpy(data).to(torch.bfloat16).float().numpy()
+    error = np.abs(rounded - data)
+    relative = error / np.maximum(np.abs(data), np.finfo(np.float32).tiny)
+    print(f"bf16 rounding: {data.nbytes // 2:,} bytes (ratio 2.000); abs error max {error.max():.3g}, "
+          f"mean {error.mean():.3g}; relative error max {relative[data != 0].max():.3g}, "
+          f"RMS {np.sqrt(np.mean(relative[data != 0] ** 2)):.3g} (8 significant bits: at most 2^-8 = 0.0039 relative)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--big-mib', type=int, default=1024, help='size of the big float32 state (0: skip it)')
+    parser.add_argument('--prefix-mib', type=int, default=128, help='zlib and lzma run on at most this prefix')
+    parser.add_argument('--checkpoint', type=Path, help='a drum RNN checkpoint instead of a fresh state')
+    args = parser.parse_args()
+    table = codecs()
+    measure('drum RNN: model + Adam moments', flat(drum_state(args.checkpoint)), table, args.prefix_mib << 20)
+    if args.big_mib:
+        torch.manual_seed(0)
+        big = (torch.randn(args.big_mib << 18) * 0.02).numpy()
+        measure(f'{args.big_mib} MiB: randn * 0.02', big, table, args.prefix_mib << 20)
+
+
+if __name__ == '__main__':
+    main()
