@@ -164,9 +164,10 @@ def test_finetune_stops_when_its_valid_loss_stops_improving(debug_xp, dora_tools
     assert len(history) == 3 and history[-1]['early_stop']['patience'] == 2
 
 
-def test_the_attention_variant_trains_magentas_attention_layer(dora_tools, dora_dir):
+def test_the_attention_variant_trains_magentas_attention_layer_under_bfloat16_autocast(dora_tools, dora_dir):
     args = ('run', 'solver=drum_rnn/attention', 'model.hidden_size=16', 'model.num_layers=2',
             'dataset.batch_size=8', 'dataset.window_steps=32', 'optim.epochs=1', 'optim.updates_per_epoch=2',
+            'optim.autocast=bfloat16',
             'generate.num_steps=32', 'generate.num_samples=1', 'generate.wav=false')
     code, out = dora_tools.run(dora_dir, *args, timeout=300)
     assert code == 0, out[-2000:]
