@@ -8,6 +8,7 @@ ever make a round slower.
 
     python scripts/bench_attention.py                       # B=128, T=128, H=256, 3 layers
     python scripts/bench_attention.py --steps 5 --length 64
+    python scripts/bench_attention.py --batch 64 --length 63 --threads 1 --bf16   # the default run's step
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from solver.drums.model import NUM_EVENTS, DrumRNN  # noqa: E402
 
 
-def trainer(model: DrumRNN, batch: int, length: int) -> Callable[[], None]:
-    """One training step on random events; the first call is the untimed warm-up."""
+def trainer(model: DrumRNN, batch: int, length: int, bf16: bool = False) -> Callable[[], None]:
+    """One training step on random events (the forward under bfloat16 autocast with `bf16`, as
+    the solver's optim.autocast); the first call is the untimed warm-up."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     events = torch.randint(0, NUM_EVENTS, (batch, length + 1))
 
     def step() -> None:
-        logits, _ = model(events[:, :-1])
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model(events[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, NUM_EVENTS), events[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -57,15 +60,20 @@ def main() -> None:
     parser.add_argument('--attention_length', type=int, default=32, help="Magenta drum_kit's attn_length")
     parser.add_argument('--steps', type=int, default=2, help='timed steps per variant and round')
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=None, help='intra-op threads (default: torch\'s)')
+    parser.add_argument('--bf16', action='store_true', help='the forward under bfloat16 autocast (optim.autocast)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.attention_length <= 0:
         parser.error(f"--attention_length must be > 0 to compare with the plain model, got {args.attention_length}")
     torch.manual_seed(0)
     print(f"B={args.batch} T={args.length} H={args.hidden} layers={args.layers} "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'bfloat16' if args.bf16 else 'float32'}",
+          flush=True)
     lengths = (0, args.attention_length)
     steps = {length: trainer(DrumRNN(args.hidden, args.layers, dropout=0.5, attention_length=length),
-                             args.batch, args.length) for length in lengths}
+                             args.batch, args.length, args.bf16) for length in lengths}
     rates = {length: 0.0 for length in lengths}
     for round_ in range(args.rounds):
         for length in lengths:

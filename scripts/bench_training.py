@@ -1,8 +1,9 @@
 """Training throughput of the drum RNN: the solver beside a bare PyTorch loop, in one run.
 
 Both train the same model on the same batches (the solver's own training loader), with the
-same step (forward, cross-entropy, backward, clipping, Adam). The solver adds its bookkeeping:
-metrics, progress lines, EMA if on, data position, divergence checks. The ratio of the two
+same step (forward under optim.autocast, cross-entropy, backward, clipping, Adam) and the
+config's num_threads. The solver adds its bookkeeping: metrics, progress lines, EMA if on,
+data position, divergence checks. The ratio of the two
 rates is the framework's overhead. Variants alternate (bare, solver, bare, solver...) so that
 noise from a shared machine hits both alike; medians are reported.
 
@@ -35,7 +36,8 @@ def bare_loop(solver: tp.Any, steps: int) -> float:
     begin = time.perf_counter()
     for _ in range(steps):
         inputs, targets = data.next_step_targets(next(batches))
-        logits, _ = model(inputs)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=solver.cfg.optim.get('autocast') == 'bfloat16'):
+            logits, _ = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, NUM_EVENTS), targets.reshape(-1), ignore_index=data.IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -64,6 +66,8 @@ def main() -> None:
     from solver.train import main as dora_main
     dora_main.dora.dir = Path(os.environ.get('SOLVER_DORA_DIR') or tempfile.mkdtemp(prefix='bench-training-'))
     xp = dora_main.get_xp(['solver=drum_rnn', 'logging.log_updates=1000000', *args.overrides])
+    if xp.cfg.get('num_threads'):  # as `dora run` sets them (solver/train.py)
+        torch.set_num_threads(xp.cfg.num_threads)
     with xp.enter():
         solver = builders.get_solver(xp.cfg)
         cfg = solver.cfg

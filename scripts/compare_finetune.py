@@ -1,12 +1,14 @@
 """Fine-tuning a pretrained drum RNN against training from scratch, on a small folder: a table.
 
-Runs (or resumes, Dora finds finished experiments and does nothing) three experiments with the
-real `dora run` and prints their final evaluate metrics beside the two baselines:
+Runs (or resumes, Dora finds finished experiments and does nothing) these experiments with the
+real `dora run` and prints their final evaluate metrics, with 95% bootstrap intervals, beside the
+two baselines:
 
   pretrained   `solver=drum_rnn` on the bundled corpus, evaluated as is on the small folder
   fine-tuned   `solver=drum_rnn/finetune continue_from=//sig/<pretrained> dataset.path=<folder>`
-  scratch      `solver=drum_rnn dataset.path=<folder>` with the fine-tune's number of updates
-               (and, with --scratch-epochs, a longer one)
+               (until early_stop ends it)
+  default      `solver=drum_rnn dataset.path=<folder>`: the default command from scratch
+  scratch      with --scratch-epochs N...: from scratch for N epochs of the fine-tune's length
 
     python scripts/make_small_drum_set.py --out /tmp/my_drums
     python scripts/compare_finetune.py /tmp/my_drums
@@ -61,13 +63,13 @@ def main() -> None:
         sig = xp_folder(*pretrain).name
     else:
         sig = args.pretrained_sig
-    finetune_cfg = OmegaConf.load(ROOT / 'config' / 'solver' / 'drum_rnn' / 'finetune.yaml')
-    epochs, updates = finetune_cfg.optim.epochs, finetune_cfg.optim.updates_per_epoch
+    finetune = ('solver=drum_rnn/finetune', f'continue_from=//sig/{sig}', data)
+    updates = OmegaConf.load(ROOT / 'config' / 'solver' / 'drum_rnn' / 'finetune.yaml').optim.updates_per_epoch
     runs = {'pretrained, not fine-tuned': ('solver=drum_rnn', f'continue_from=//sig/{sig}', data,
                                             'execute_only=evaluate'),
-            f'fine-tuned ({epochs * updates} updates)': ('solver=drum_rnn/finetune',
-                                                         f'continue_from=//sig/{sig}', data)}
-    for scratch_epochs in sorted({epochs, *args.scratch_epochs}):
+            'fine-tuned': finetune,
+            'default command from scratch': ('solver=drum_rnn', data)}
+    for scratch_epochs in sorted(set(args.scratch_epochs)):
         runs[f'from scratch ({scratch_epochs * updates} updates)'] = (
             'solver=drum_rnn', data, f'optim.epochs={scratch_epochs}', f'optim.updates_per_epoch={updates}')
     rows = {}
@@ -77,11 +79,20 @@ def main() -> None:
             line = next(ln for ln in out.splitlines() if 'Evaluate Summary' in ln)
             rows[name] = {k.strip(): float(v) for k, v in (p.split('=') for p in line.split('|')[2:] if '=' in p)}
         else:
-            rows[name] = last_evaluate(xp_folder(*overrides))
+            history = json.loads((xp_folder(*overrides) / 'history.json').read_text())
+            rows[f'{name} ({len(history)} epochs)'] = last_evaluate(xp_folder(*overrides))
     print('| run | ' + ' | '.join(COLUMNS) + ' |')
     print('|' + '---|' * (len(COLUMNS) + 1))
     for name, metrics in rows.items():
-        print(f'| {name} | ' + ' | '.join(f"{metrics.get(c, float('nan')):.3f}" for c in COLUMNS) + ' |')
+        print(f'| {name} | ' + ' | '.join(cell(metrics, c) for c in COLUMNS) + ' |')
+
+
+def cell(metrics: dict[str, float], name: str) -> str:
+    """`value [low, high]` where the metric has a bootstrap interval, else the value."""
+    value = f"{metrics.get(name, float('nan')):.3f}"
+    if f'{name}_ci_low' in metrics:
+        value += f" [{metrics[f'{name}_ci_low']:.3f}, {metrics[f'{name}_ci_high']:.3f}]"
+    return value
 
 
 if __name__ == '__main__':

@@ -36,7 +36,8 @@ def config(*overrides: str, solver: str = 'regression') -> tp.Any:
     return cfg
 
 
-@pytest.mark.parametrize('solver', ['regression', 'drum_rnn', 'drum_rnn/debug'])
+@pytest.mark.parametrize('solver', ['regression', 'drum_rnn', 'drum_rnn/debug', 'drum_rnn/attention',
+                                    'drum_rnn/finetune'])
 def test_the_shipped_configs_pass(solver):
     builders.check_config(config(solver=solver))
 
@@ -112,8 +113,9 @@ def test_a_config_without_save_last_passes_when_something_else_saves_or_it_is_me
     ('generate.primer_drums=[36]', "give it as a quoted string"),
     (f'generate.primer_drums="{[(36,)] * 33}"', "has 33 steps, more than generate.num_steps=32"),
     (('generate.primer_drums="[(36,)]"', 'generate.primer=x.mid'), "are both set"),
+    ('optim.autocast=float16', "optim.autocast='float16' cannot work: give null (float32) or bfloat16"),
 ])
-def test_the_drum_solver_refuses_generate_settings_before_training(override, message):
+def test_the_drum_solver_refuses_generate_and_precision_settings_before_training(override, message):
     overrides = override if isinstance(override, tuple) else (override,)
     with pytest.raises(ConfigError) as err:
         builders.check_config(config(*overrides, solver='drum_rnn/debug'))

@@ -39,6 +39,7 @@ def split_summary(totals: dict[str, float]) -> dict[str, float]:
 
 
 SEARCH_KEYS = ('beam_size', 'branch_factor', 'steps_per_iteration')  # Magenta's beam search flags
+AUTOCAST = (None, 'bfloat16')  # optim.autocast: the precision of the training forward
 
 
 def primer_drums(cfg: tp.Any) -> np.ndarray | None:
@@ -68,6 +69,9 @@ class DrumRNNSolver(StandardSolver):
         """generate.* is used only after a whole epoch: refuse what cannot work before training."""
         validation.number(cfg, 'generate.temperature', "a number > 0 (1.0 samples the model's "
                           "distribution; lower is more conservative)", lambda v: v > 0)
+        if cfg.optim.get('autocast') not in AUTOCAST:
+            raise ConfigError(f"optim.autocast={cfg.optim.autocast!r} cannot work: give null (float32) or "
+                              f"bfloat16 (the training forward in bfloat16, weights and Adam in float32).")
         for key in SEARCH_KEYS:
             validation.number(cfg, f'generate.{key}', 'an integer >= 1 (1/1/1: plain sampling)',
                               lambda v: v >= 1, integer=True, optional=True)
@@ -113,7 +117,11 @@ class DrumRNNSolver(StandardSolver):
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict[str, float]) -> dict[str, float]:
         inputs, targets = (t.to(self.device) for t in data.next_step_targets(batch))
-        logits, _ = self.model(inputs)
+        # optim.autocast=bfloat16: the LSTM and output matmuls in bfloat16 (oneDNN's kernels),
+        # the loss, weights, gradients and Adam in float32; valid and evaluate stay float32.
+        low = self.is_training and self.cfg.optim.get('autocast') == 'bfloat16'
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):
+            logits, _ = self.model(inputs)
         sums = sequence_metrics(logits, targets)
         loss = sums['loss_sum'] / sums['count']
         if self.is_training:

@@ -148,6 +148,34 @@ def test_finetune_continues_from_the_pretrained_best_state_on_a_messy_folder(deb
     assert {'accuracy_from_bar_2', 'baseline_repeat_bar_accuracy'} <= set(history[-1]['evaluate'])
 
 
+
+def test_finetune_stops_when_its_valid_loss_stops_improving(debug_xp, dora_tools, band_song, tmp_path):
+    dora_dir, xp, _ = debug_xp
+    mine = band_song(tmp_path / 'mine' / 'song.mid', intro_bars=0, groove_bars=16).parent
+    # lr 0: the valid loss never improves after the first epoch, so early_stop (patience 2 in
+    # finetune.yaml) ends the run at epoch 3 of at most 20
+    args = ('run', 'solver=drum_rnn/finetune', f'continue_from=//sig/{xp.name}', f'dataset.path={mine}',
+            'model.hidden_size=32', 'model.num_layers=1', 'dataset.batch_size=16', 'dataset.window_steps=32',
+            'optim.updates_per_epoch=2', 'optim.lr=0', 'evaluate.every=0', 'generate.every=0')
+    code, out = dora_tools.run(dora_dir, *args, timeout=300)
+    assert code == 0, out[-2000:]
+    assert 'Early stop at epoch 3' in out
+    history = json.loads((dora_tools.folder(dora_dir, *args[1:]) / 'history.json').read_text())
+    assert len(history) == 3 and history[-1]['early_stop']['patience'] == 2
+
+
+def test_the_attention_variant_trains_magentas_attention_layer_under_bfloat16_autocast(dora_tools, dora_dir):
+    args = ('run', 'solver=drum_rnn/attention', 'model.hidden_size=16', 'model.num_layers=2',
+            'dataset.batch_size=8', 'dataset.window_steps=32', 'optim.epochs=1', 'optim.updates_per_epoch=2',
+            'optim.autocast=bfloat16',
+            'generate.num_steps=32', 'generate.num_samples=1', 'generate.wav=false')
+    code, out = dora_tools.run(dora_dir, *args, timeout=300)
+    assert code == 0, out[-2000:]
+    ckpt = read_checkpoint(dora_tools.folder(dora_dir, *args[1:]) / 'checkpoint.th')
+    assert ckpt.meta['config']['model']['attention_length'] == 32
+    assert ckpt.state['model']['first.key.weight'].shape == (16, 16)  # the attention's key projection
+    assert json.loads((dora_tools.folder(dora_dir, *args[1:]) / 'history.json').read_text())[0]['evaluate']
+
 @pytest.fixture(scope='module')
 def tiny_xp(tmp_path_factory: pytest.TempPathFactory, dora_tools, band_song) -> tuple[Path, Path, tuple[str, ...]]:
     """A debug run on one 12-bar song: 4 training windows for a batch of 16."""

@@ -200,3 +200,18 @@ def test_metrics_add_up_over_batches():
     halves = [sequence_metrics(logits[:, :2], labels[:, :2]), sequence_metrics(logits[:, 2:], labels[:, 2:])]
     totals = {key: sum(float(half[key]) for half in halves) for key in halves[0]}
     assert finalize_metrics(totals) == pytest.approx(finalize_metrics(sequence_metrics(logits, labels)))
+
+
+@pytest.mark.parametrize('attention_length', [0, 4])
+def test_a_bfloat16_autocast_forward_gives_the_float32_loss_to_within_a_percent(attention_length):
+    torch.manual_seed(0)
+    model = DrumRNN(hidden_size=64, num_layers=3, attention_length=attention_length).eval()
+    events = torch.randint(0, NUM_EVENTS, (8, 33))
+    inputs, labels = events[:, :-1], events[:, 1:].reshape(-1)
+    with torch.no_grad():
+        exact = F.cross_entropy(model(inputs)[0].reshape(-1, NUM_EVENTS), labels)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            logits = model(inputs)[0]
+    assert logits.dtype == torch.bfloat16  # the matmuls really ran in bfloat16
+    low = F.cross_entropy(logits.float().reshape(-1, NUM_EVENTS), labels)
+    assert float(low) == pytest.approx(float(exact), rel=0.01) and float(low) != float(exact)
