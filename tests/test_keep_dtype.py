@@ -25,7 +25,10 @@ KEPT = (*REGRESSION, 'optim.epochs=4', 'checkpoint.keep_every=2', 'checkpoint.ke
 
 @pytest.fixture(scope='module')
 def kept(dora_tools, tmp_path_factory) -> SimpleNamespace:
-    return run_xp(tmp_path_factory.mktemp('keep_dtype') / 'dora', *KEPT)
+    root = tmp_path_factory.mktemp('keep_dtype')  # mirrored too (checkpoint.remote: not in the signature)
+    found = run_xp(root / 'dora', *KEPT, f'checkpoint.remote=file://{root}/remote')
+    found.remote = root / 'remote' / found.folder.name
+    return found
 
 
 def solver(dora_tools, dora_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -44,6 +47,10 @@ def test_a_file_kept_for_good_is_its_best_state_alone_in_bf16_marked_weights_onl
     newest = envelope.read_checkpoint(kept.folder / 'checkpoint_4.th')  # among keep_last: whole
     assert {'model', 'optimizer', 'best_state'} <= set(newest.state) and 'weights_only' not in newest.meta
     assert 'Kept checkpoint_2.th for good as weights only' in kept.output
+
+
+def test_the_remote_mirror_holds_the_weights_only_file_as_it_now_is(kept):
+    assert (kept.remote / 'checkpoint_2.th').read_bytes() == (kept.folder / 'checkpoint_2.th').read_bytes()
 
 
 def test_solver_ls_says_which_files_are_weights_only(dora_tools, kept):
