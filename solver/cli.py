@@ -54,7 +54,7 @@ EXAMPLES = {
     'prune': "solver prune 8f56f142 --keep-last 2        # dry run; add --yes to delete",
     'new': "solver new my_task --dir ~/code   # then: cd ~/code/my_task && pip install -e . && dora run solver=my_task",
 }
-DTYPES = ('float32', 'bf16', 'fp16')  # export.DTYPES' names, here so that --help needs no torch
+DTYPES = ('float32', 'bf16', 'fp16')  # weights.DTYPES' names, here so that --help needs no torch
 
 
 def _dora_dir() -> Path:
@@ -107,14 +107,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         raise xps.ExperimentError(f"{xp.folder} holds no checkpoint (checkpoint.th or checkpoint_<epoch>.th).")
     damage = dict(xps.verify(xp)) if args.verify else {}
     records: list[dict[str, tp.Any]] = [
-        {'file': c.path.name, 'epoch': c.epoch, 'step': c.step, 'size': c.size, 'mtime': c.mtime,
+        {'file': c.path.name, 'epoch': c.epoch, 'step': c.step, 'size': c.size, 'mtime': c.mtime, 'holds': c.holds,
          **({'damage': damage[c.path]} if args.verify else {})} for c in files]
     if args.json:
         _emit(records)
     else:
-        header = ['FILE', 'EPOCH', 'STEP', 'SIZE', 'AGE'] + (['STATUS'] if args.verify else [])
+        header = ['FILE', 'EPOCH', 'STEP', 'SIZE', 'AGE', 'HOLDS'] + (['STATUS'] if args.verify else [])
         _table([[r['file'], _fmt(r['epoch'] if r['epoch'] is not None else '?'),
-                 _fmt(r['step'] if r['step'] is not None else '?'), _size(r['size']), _age(r['mtime'])]
+                 _fmt(r['step'] if r['step'] is not None else '?'), _size(r['size']), _age(r['mtime']), r['holds']]
                 + (['intact' if r['damage'] is None else f"DAMAGED: {r['damage']}"] if args.verify else [])
                 for r in records], header)
     return 1 if any(damage.values()) else 0

@@ -101,6 +101,17 @@ class CheckpointFile:
         """A full state saved at the end of an epoch: a point a run can go on from."""
         return bool(self.meta) and not self.meta.get('partial') and not self.meta.get('epoch_step')
 
+    @property
+    def holds(self) -> str:
+        """What the file holds, as `solver ls` says it: full, weights only (`checkpoint.keep_dtype`),
+        some states (`checkpoint.keep_every_states`), or ? (unreadable)."""
+        if not self.meta:
+            return '?'
+        if self.meta.get('weights_only'):
+            return f"weights only ({self.meta['weights_only']}), not resumable"
+        partial = self.meta.get('partial')
+        return f"only {','.join(map(str, partial))}" if partial else 'full'
+
 
 def shard_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f'{sharded.folder_prefix(path)}*') if p.is_dir())

@@ -12,10 +12,9 @@ import torch
 
 from .checkpointing import blobs, envelope, naming
 from .checkpointing.fs import atomic_open
+from .checkpointing.weights import DTYPES, cast
 from .compare import flatten
 from .experiment import ExperimentError
-
-DTYPES = {'float32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def export(source: envelope.Checkpoint, target: Path, which: str = 'best', fmt: str = 'th',
@@ -36,8 +35,7 @@ def export(source: envelope.Checkpoint, target: Path, which: str = 'best', fmt: 
         raise ExperimentError(f"{source.path} does not hold the live {missing} (a partial epoch file?): "
                               "export --best, or --latest from checkpoint.th.")
     states = best['states'] if which == 'best' else {name: source.state[name] for name in names}
-    cast = DTYPES[dtype]
-    states = {name: _cast(state, cast) for name, state in states.items()}
+    states = {name: cast(state, DTYPES[dtype]) for name, state in states.items()}
     meta = {k: v for k, v in source.meta.items() if k != 'config'}
     provenance = {
         'exported_from': str(source.path), 'exported': which, 'dtype': dtype,
@@ -77,13 +75,3 @@ def check_export_target(target: Path) -> None:
             f"{target} is a checkpoint name inside the experiment folder {folder}: exporting there would replace "
             "its checkpoint with a best-state-only file, and the experiment could no longer resume. Write the "
             "export elsewhere (e.g. pretrained/NAME.th, then continue_from=//pretrained/NAME).")
-
-
-def _cast(state: tp.Any, dtype: torch.dtype) -> tp.Any:
-    if isinstance(state, torch.Tensor):
-        return state.to(dtype) if state.is_floating_point() else state
-    if isinstance(state, dict):
-        return {key: _cast(value, dtype) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cast(value, dtype) for value in state)
-    return state

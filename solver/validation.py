@@ -57,6 +57,13 @@ def check_config(cfg: tp.Any) -> None:
     stage = cfg.get('execute_only')
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"execute_only={stage!r}: expected one of {', '.join(STAGES)} (or null).")
+    keep_dtype, allowed = lookup(cfg, 'checkpoint.keep_dtype'), checkpoint_config.KEEP_DTYPES
+    if keep_dtype is not None and keep_dtype not in allowed:
+        raise ConfigError(f"checkpoint.keep_dtype={keep_dtype!r}: expected one of {', '.join(allowed)} "
+                          "(or null: epoch files kept for good stay whole).")
+    if keep_dtype is not None and lookup(cfg, 'fsdp.use'):
+        raise ConfigError("checkpoint.keep_dtype cannot reduce sharded (fsdp.use=true) checkpoints: "
+                          "set checkpoint.keep_dtype=null, or export the kept files (solver export --dtype bf16).")
     if lookup(cfg, 'checkpoint.incremental') and lookup(cfg, 'fsdp.use'):  # [incremental]
         raise ConfigError("checkpoint.incremental=true cannot store sharded (fsdp.use=true) checkpoints: "
                           "set one of them to false.")

@@ -24,6 +24,7 @@ from solver.checkpointing.policy import (
     SaveContext,
     best_epochs,
     rank,
+    retention_from_config,
 )
 
 
@@ -152,6 +153,16 @@ def test_retention_says_why_each_file_stays_and_lists_the_rest():
     assert decision.kept == {6: 'newest', 5: 'among the newest 2', 4: 'among the best 1 (checkpoint.keep_best)',
                              3: 'a multiple of 3 epochs'}
     assert decision.removed == [1, 2]
+
+
+def test_files_kept_for_good_are_those_only_keep_every_or_keep_best_keep():
+    # checkpoint.keep_dtype reduces these: no run goes on from them again
+    retention = Retention((KeepLatest(1), KeepLatest(2), KeepBest(1), KeepEveryN(3)))
+    assert retention.for_good(KeepContext(files())) == {3, 4}
+    # the scheduled files of save_every without keep_last are points a run goes on from
+    assert Retention((KeepLatest(1), KeepEveryN(2, for_good=False))).for_good(KeepContext(files())) == set()
+    assert retention_from_config(checkpoint_cfg(save_every=2)).for_good(KeepContext(files())) == set()
+    assert retention_from_config(checkpoint_cfg(keep_every=2, keep_last=1)).for_good(KeepContext(files())) == {2, 4}
 
 
 # -- from the config -----------------------------------------------------------------------------

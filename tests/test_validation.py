@@ -135,3 +135,13 @@ def test_every_user_error_kind_derives_from_user_error():
     kinds = [SolverError, ConfigError, CheckpointError, CorruptCheckpointError, UnsafeCheckpointError,
              ExperimentLockedError, RankMismatchError]
     assert all(issubclass(kind, UserError) for kind in kinds)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (('checkpoint.keep_dtype=float32',), "checkpoint.keep_dtype='float32': expected one of bf16, fp16"),
+    (('checkpoint.keep_dtype=bf16', 'fsdp.use=true'), 'checkpoint.keep_dtype cannot reduce sharded'),
+])
+def test_keep_dtype_is_refused_naming_the_key_for_a_dtype_it_does_not_reduce_to_or_sharded_states(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        builders.check_config(config(*overrides))
+    assert message in str(err.value) and '\n' not in str(err.value)

@@ -15,5 +15,6 @@ but `solver.errors` (tests/test_imports.py); ranks reach it as an argument (`ran
     remote       the object-storage mirror;  fetch  fetching back;  objectstore  URLs, retries
     fs, lock, ranks, tree, digest   durable file helpers, the experiment lock, the ranks that
                  save together, the walker over nested states, tensor digests
+    weights      weights-only files: export's format, and `checkpoint.keep_dtype`'s kept files
     examine      `solver-inspect`: a command-line look at one file
 """

@@ -26,6 +26,7 @@ class Rule:
     integer: bool = False
 
 
+KEEP_DTYPES = ('bf16', 'fp16')  # the values of `checkpoint.keep_dtype` (`weights`)
 AT_LEAST_0 = Rule('null or an integer >= 0', lambda v: v >= 0, integer=True)
 AT_LEAST_1 = Rule('null or an integer >= 1', lambda v: v >= 1, integer=True)
 
@@ -54,6 +55,7 @@ class CheckpointConfig:
     keep_every: int | None = key(None, AT_LEAST_1, saving=True)
     keep_best: int | None = key(None, AT_LEAST_0, saving=True)
     keep_every_states: list[str] | None = key(None)
+    keep_dtype: str | None = key(None)
     ignore_state_keys: list[str] = field(default_factory=list, metadata={'rule': None, 'saving': False})
     strict: bool = key(True)
     async_save: bool = key(True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SolverError
-from . import envelope, faults, fetch, fs, listing, naming, objectstore, policy, recovery, remote, sharded
+from . import envelope, faults, fetch, fs, listing, naming, objectstore, policy, recovery, remote, sharded, weights
 from .config import CheckpointConfig
 from .fs import fsync_dir
 from .ranks import DEFAULT_RANKS, Ranks
@@ -107,6 +107,10 @@ class CheckpointManager:
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
                                        staging_max_mb=cfg.staging_max_mb, ranks=ranks)
         self.writer.listeners.append(self._after_durable)
+        if cfg.keep_dtype is not None:  # [keep_dtype] refused here too for a manager made without validation
+            weights.check_dtype(cfg.keep_dtype)
+        self.keep_dtype = cfg.keep_dtype
+        self.reduced: list[Path] = []  # [keep_dtype] the files the last prune made weights-only
         if cfg.incremental:  # [incremental] equal tensors stored once (store.py)
             self.writer.store = IncrementalStore(self.folder)
         # checkpoint.remote: each durable save mirrored to <url>/<sig> off the training thread (rank 0)
@@ -214,8 +218,8 @@ class CheckpointManager:
         pending = self._on_durable.popleft() if self._on_durable else _Pending(None, ())
         if self.ranks.is_rank_zero():
             self.prune(pending.scores)
-            if self.remote is not None:
-                self.remote.notify(paths, pending.scores)
+            if self.remote is not None:  # a file made weights-only is mirrored again, as it now is
+                self.remote.notify(paths + self.reduced, pending.scores)
         if pending.on_durable is not None:
             pending.on_durable()
 
@@ -225,6 +229,8 @@ class CheckpointManager:
         removed = prune(self.folder, self.policies.retention, history).removed
         for path in removed:
             logger.info("Removed old checkpoint %s (kept: %s)", path.name, self.policies.retention.why())
+        if self.keep_dtype is not None:  # [keep_dtype] files kept for good: weights only (weights.py)
+            self.reduced = weights.reduce_kept(self.folder, self.policies.retention, self.keep_dtype, history)
         if self.writer.store is not None:  # [incremental] blobs no checkpoint references any more
             self.writer.store.collect()
         return removed

@@ -140,6 +140,11 @@ class KeepContext:
 
 
 class KeepPolicy(tp.Protocol):
+    @property
+    def for_good(self) -> bool:
+        """Whether what it keeps stays for good (never deleted by it later): what
+        `checkpoint.keep_dtype` may reduce to weights only."""
+
     def keep(self, ctx: KeepContext) -> set[int]: ...
 
     def why(self) -> str: ...
@@ -150,6 +155,7 @@ class KeepLatest:
     """The newest `n` epoch checkpoints."""
 
     n: int
+    for_good: tp.ClassVar[bool] = False
 
     def keep(self, ctx: KeepContext) -> set[int]:
         return set(ctx.epochs[-self.n:]) if self.n > 0 else set()
@@ -160,9 +166,11 @@ class KeepLatest:
 
 @dataclass(frozen=True)
 class KeepEveryN:
-    """Epoch checkpoints of epochs that are multiples of `n`, for good."""
+    """Epoch checkpoints of epochs that are multiples of `n`, for good (`for_good=False`: the
+    scheduled files of `save_every` without `keep_last`, points a run goes on from)."""
 
     n: int
+    for_good: bool = True
 
     def keep(self, ctx: KeepContext) -> set[int]:
         return {epoch for epoch in ctx.epochs if epoch % self.n == 0}
@@ -178,6 +186,7 @@ class KeepBest:
 
     k: int
     lower_is_better: bool = True
+    for_good: tp.ClassVar[bool] = True
 
     def keep(self, ctx: KeepContext) -> set[int]:
         ranked = rank([(file.epoch, file.metric) for file in ctx.files], self.lower_is_better)
@@ -231,6 +240,12 @@ class Retention:
 
     def why(self) -> str:
         return ', '.join(policy.why() for policy in self.policies)
+
+    def for_good(self, ctx: KeepContext) -> set[int]:
+        """The epochs kept only by policies that keep for good (`keep_every`, `keep_best`): no
+        longer among the newest, never points a run goes on from again."""
+        transient = set().union(*(policy.keep(ctx) for policy in self.policies if not policy.for_good))
+        return self.keep(ctx) - transient
 
     def decide(self, files: tp.Iterable[EpochFile]) -> Decision:
         """Given the epoch checkpoints there are (any order) and their metrics: which stay, which go."""
@@ -289,7 +304,7 @@ def retention_from_config(cfg: CheckpointConfig, lower_is_better: bool = True) -
     good; the best `keep_best`."""
     keep: list[KeepPolicy] = [KeepLatest(1)]
     if cfg.save_every and not cfg.keep_last:
-        keep.append(KeepEveryN(int(cfg.save_every)))
+        keep.append(KeepEveryN(int(cfg.save_every), for_good=False))
     elif cfg.keep_last:
         keep.append(KeepLatest(int(cfg.keep_last)))
     if cfg.keep_every:

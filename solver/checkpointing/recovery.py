@@ -35,7 +35,8 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
     `like`, `into` and `ranks` as in `read_checkpoint`. A file passed over after its bytes went into the
     live state must be replaced entirely by the one used, else this raises: the live state is
     never half of one checkpoint and half of another. With `resumable`, epoch files that hold only some states
-    (`checkpoint.keep_every_states`) are passed over: they cannot resume a run. Returns None
+    (`checkpoint.keep_every_states`, or weights only: `checkpoint.keep_dtype`) are passed over: they
+    cannot resume a run. Returns None
     when the folder has no checkpoint at all. Raises when checkpoints exist but none is usable:
     a damaged experiment never silently restarts from scratch.
     """
@@ -52,8 +53,10 @@ def load_newest_intact(folder: Path, resumable: bool = True, like: tp.Any = None
             dirty.update({t.data_ptr(): path for t in getattr(err, 'live', [])})
             continue
         if resumable and found.meta.get('partial'):
-            message = (f"{path} holds only {found.meta['partial']} (checkpoint.keep_every_states): "
-                       "it cannot resume a run.")
+            holds = (f"is weights only (its best state in {found.meta['weights_only']}, checkpoint.keep_dtype)"
+                     if found.meta.get('weights_only') else
+                     f"holds only {found.meta['partial']} (checkpoint.keep_every_states)")
+            message = f"{path} {holds}: it cannot resume a run."
             logger.warning("Skipping %s", message)
             errors.append(message)
             dirty.update({t.data_ptr(): path for t in found.live})
