@@ -179,21 +179,22 @@ class CheckpointManager:
 
         Every rank calls this. The policies are asked once; the ranks agree on the latest file
         (time policies differ; a stop asked on any rank saves it on all) and on a failed
-        background save (which stops the run). `snapshot()` makes the state and metadata, only when something is saved.
-        `on_durable` (Dora's history) runs once the save is durable, or at once at an epoch end
-        when no policy saves periodically (then no save will ever hold it)."""
+        background save (which stops the run). `snapshot()` makes the state and metadata, only
+        when something is saved. `on_durable` (Dora's history) runs once the save is durable, or
+        right away at an epoch end when no policy saves periodically (no save will hold it)."""
         ctx = self.context(step, len(scores), moment is Moment.EPOCH_END, moment is Moment.STOP, scores)
         due = self.plan(ctx)
         stop, latest, failed = self.agree(self.latest_path in due, self.writer.failed())
         self.raise_if_save_failed(failed)
-        if moment is Moment.EPOCH_END and not self.policies.periodic and on_durable is not None:
-            on_durable()
         if stop or latest:  # a stop asked anywhere saves the latest file (`OnPreemption`), on every rank
             due = {self.latest_path: None, **due}
-        if not due:
-            return None
-        state, meta = snapshot()
-        return self.save(state, due, meta, on_durable=on_durable)
+        stats = None
+        if due:
+            state, meta = snapshot()
+            stats = self.save(state, due, meta, on_durable=on_durable)
+        if moment is Moment.EPOCH_END and not self.policies.periodic and on_durable is not None:
+            on_durable()
+        return stats
 
     def wait(self) -> None:
         """Block until the save in flight is durable (its error raised if it failed)."""
