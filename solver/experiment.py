@@ -215,11 +215,13 @@ class Experiment:
 
     @functools.cached_property
     def _best_metric(self) -> tuple[str, bool]:  # read once per view: `solver ls` asks several times
-        for path in naming.candidates(self.folder):
+        for path in naming.candidates(self.folder):  # the newest readable file: older ones are older still
             meta = read_meta(path)
             name, lower = meta.get('metric_name'), meta.get('lower_is_better')
             if isinstance(name, str) and isinstance(lower, bool):
                 return name, lower
+            if meta:
+                break
         from . import builders
         try:
             klass = builders.solver_class(self.config.get('solver_class'))
