@@ -95,6 +95,7 @@ def rollback_times(dora_dir: Path, overrides: tuple[str, ...], folder: Path, epo
 
     from solver import builders
     from solver.base import DivergenceError
+    from solver.checkpointing.manager import Moment
     from solver.checkpointing.writer import SaveMode
     from solver.train import main
 
@@ -109,7 +110,7 @@ def rollback_times(dora_dir: Path, overrides: tuple[str, ...], folder: Path, epo
         solver.restore()
         nbytes = sum(t.numel() * t.element_size() for t in _tensors(solver.state_dict()))
         writer.prepare(solver.full_state())
-        solver.save_checkpoint(epoch_end=True)  # the staged copy: the state just loaded, saved again
+        solver.save_checkpoint(Moment.EPOCH_END)  # the staged copy: the state just loaded, saved again
         writer.wait()
         times = {}
         for source in ('memory', 'disk'):

@@ -4,7 +4,8 @@ A task fills in `build_model`, `build_dataloaders`, `run_step`, `evaluate`, `gen
 `show`, `check_config`); this class owns the rest. One epoch reads as the recipe itself
 (`run_epoch`): train, valid under EMA weights, update the best state, evaluate and generate under
 the best weights, then `commit()`. Checkpoints belong to a `CheckpointManager` (`self.manager`):
-the solver only asks it to save, restore and roll back.
+the solver tells it what happened (a step, an epoch end, a stop) and asks it to restore and roll
+back; what to save, when, and what follows a durable save are the manager's.
 """
 
 from __future__ import annotations
@@ -20,21 +21,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import builders, distrib, lineage, locations, rewind, startup
-from .best_state import BestState, best_state_target, early_stop_record, log_early_stop, take_best_state
+from .best_state import BestState, best_state_target, take_best_state
 from .cache import DataCache
 from .cache import from_config as data_cache
 from .checkpointing import envelope, partial, sharded
-from .checkpointing.manager import CheckpointManager, find_pretrained, versions
+from .checkpointing.manager import CheckpointManager, Moment, find_pretrained, versions
 from .checkpointing.partial import LoadReport
 from .divergence import LossWatch
+from .early_stop import EarlyStop
 from .ema import ModuleDictEMA
 from .errors import DivergenceError, SolverError
 from .logs import ProgressLog, describe_modules, replay_history, write_history
 from .preemption import PreemptionHandler, StopRequested
+from .progress import Progress
 from .rng import RNGState
 from .sampler import ResumableBatchSampler
 from .stateful import full_state, load_states, swapped
-from .tensorboard import open_for as open_tensorboard
+from .tensorboard import open_writer as open_tensorboard
 
 __all__ = ['StandardSolver', 'SolverError', 'DivergenceError']
 logger = logging.getLogger(__name__)
@@ -56,11 +59,12 @@ class StandardSolver(flashy.BaseSolver):
         self.best_state = BestState(lower_is_better=self.best_metric_lower_is_better)
         self.ema: ModuleDictEMA | None = None
         self.rng = RNGState()
-        # Position of the run: steps, batches drawn (steps + skipped by rollbacks), the partial epoch.
-        self.progress: dict[str, tp.Any] = {'step': 0, 'train_batches': 0, 'epoch_step': 0, 'sums': {}}
-        self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better,
-                                         ranks=distrib.checkpoint_ranks())
+        self.progress = Progress()  # steps, batches drawn, the partial epoch: where a resume goes on
         self.preemption = PreemptionHandler()
+        self.manager = CheckpointManager(self.folder, cfg.checkpoint, self.xp.sig, self.best_metric_lower_is_better,
+                                         ranks=distrib.checkpoint_ranks(), metric_name=self.best_metric_name,
+                                         agree=self.preemption.agree)
+        self.early_stop = EarlyStop.from_config(cfg.get('early_stop'), self.best_metric_lower_is_better)
         self.loss_watch = LossWatch(cfg.checkpoint.rollback.spike_factor)
         self.freeze = builders.Freeze(cfg.optim)  # optim.freeze, applied in `distribute`
         self.tensorboard: tp.Any = None  # with logging.log_tensorboard, a SummaryWriter for media
@@ -157,10 +161,11 @@ class StandardSolver(flashy.BaseSolver):
         next step or batch and leaves (`preemption`)."""
         self.show()
         self.restore()
-        distrib.check_agreement({'epoch': self.epoch, 'step': self.progress['step']})
+        distrib.check_agreement({'epoch': self.epoch, 'step': self.progress.step})
         startup.reached('state')
         if self.cfg.logging.log_tensorboard and flashy.distrib.is_rank_zero():
-            self.tensorboard = open_tensorboard(self)
+            self.init_tensorboard()  # flashy's stage metrics; the writer below is for the task's media
+            self.tensorboard = open_tensorboard(self.folder, self.cfg, [f'valid/{self.best_metric_name}'])
         if self.cfg.execute_only:
             self.run_one_stage(self.cfg.execute_only)
             return
@@ -175,7 +180,7 @@ class StandardSolver(flashy.BaseSolver):
                     try:
                         self.run_epoch()
                     except StopRequested:  # the train stage is done, the epoch is not committed
-                        self.save_checkpoint()
+                        self.save_checkpoint(Moment.STOP)
                         self.leave_after_save()
                     stop = self.check_early_stop()
                     self.commit()
@@ -233,14 +238,15 @@ class StandardSolver(flashy.BaseSolver):
         return [entry.get('valid', {}).get(self.best_metric_name) for entry in self.history]
 
     def check_early_stop(self) -> bool:
-        """Whether `early_stop.patience` ends the run at this epoch (the reason goes into its history)."""
-        cfg = self.cfg.get('early_stop') or {}
-        scores = [*self.scores(), self._pending_metrics.get('valid', {}).get(self.best_metric_name)]
-        record = early_stop_record(scores, cfg.get('patience'), cfg.get('min_delta'), self.best_metric_lower_is_better)
-        if record is not None:
-            self._pending_metrics['early_stop'] = record
-            log_early_stop(record, self.epoch, self.best_metric_name, self.best_state.metric)
-        return record is not None
+        """Whether `early_stop` ends the run at this epoch (the reason goes into its history)."""
+        now = self._pending_metrics.get('valid', {}).get(self.best_metric_name)  # this epoch, not committed yet
+        stop = self.early_stop.decide([*self.scores(), now])
+        if stop is not None:
+            self._pending_metrics['early_stop'] = stop.record()
+            logger.info("Early stop at epoch %d: valid %s has not improved (by more than %s) for %d epochs "
+                        "(early_stop.patience); best %.4g. The experiment is complete.", self.epoch,
+                        self.best_metric_name, stop.min_delta, stop.patience, self.best_state.metric)
+        return stop is not None
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -269,8 +275,8 @@ class StandardSolver(flashy.BaseSolver):
             total = self.cfg.optim.updates_per_epoch or total
             sampler = getattr(loader, 'batch_sampler', None)
             if isinstance(sampler, ResumableBatchSampler):
-                sampler.position = self.progress['train_batches']
-            sums, done = self.progress['sums'], self.progress['epoch_step']
+                sampler.position = self.progress.train_batches
+            sums, done = self.progress.sums, self.progress.epoch_step
             if done:
                 logger.info("Resuming the train stage at step %d of %d.", done, total)
         progress = ProgressLog(stage, self.epoch, total, self.cfg.logging.log_updates, start=done)
@@ -290,9 +296,7 @@ class StandardSolver(flashy.BaseSolver):
 
     def after_train_step(self, done: int, total: int) -> None:
         """Bookkeeping after an optimizer step; mid-epoch checkpoint or preemption save."""
-        self.progress['train_batches'] += 1
-        self.progress['step'] += 1
-        self.progress['epoch_step'] = done
+        self.progress.stepped(done)
         startup.first_step()  # logs where the start of the run went, once
         if self.ema is not None:
             self.ema.step()
@@ -309,50 +313,44 @@ class StandardSolver(flashy.BaseSolver):
 
     def rollback(self, err: DivergenceError) -> None:
         """Reload the newest intact checkpoint and skip the batches that led to the divergence."""
-        bad_batch = self.progress['train_batches']  # the batch whose step diverged
-        ckpt = self.manager.rollback(str(err), self.progress['step'] + 1, like=self.load_template(),
+        bad_batch = self.progress.train_batches  # the batch whose step diverged
+        ckpt = self.manager.rollback(str(err), self.progress.step + 1, like=self.load_template(),
                                      into=self.state_dict())  # read into the live tensors (issue 16)
         load_states(self.stateful.sources, ckpt.state, ckpt.path)
-        skipped = (self.progress['train_batches'], bad_batch)
-        self.progress['train_batches'] = bad_batch + 1
+        skipped = self.progress.skip_to(bad_batch)
         self.loss_watch.reset()
         logger.warning("Rollback %d/%d: %s. Reloaded %s (step %d) and skipped training batches %d-%d.",
                        self.manager.rollbacks, self.cfg.checkpoint.rollback.max_rollbacks, err, ckpt.path,
-                       self.progress['step'], *skipped)
+                       self.progress.step, *skipped)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def commit(self, save_checkpoint: bool = True) -> None:
-        """Close the epoch: history += metrics, then save; Dora's history.json follows once durable."""
+        """Close the epoch: history += metrics, then tell the manager; Dora's history.json follows
+        once a save holding it is durable (at once without `save_checkpoint`)."""
         self.history.append(self._pending_metrics)
         self._start_epoch()
-        self.progress.update(epoch_step=0, sums={})
+        self.progress.new_epoch()
         if save_checkpoint:
-            self.save_checkpoint(epoch_end=True)
-        if not (save_checkpoint and self.manager.policies.periodic):
+            self.save_checkpoint(Moment.EPOCH_END)
+        else:
             self.publish_history(list(self.history))
 
-    def save_checkpoint(self, epoch_end: bool = False) -> None:
-        """Save what the manager's policies ask for now. Every rank calls this: the ranks agree on
-        whether to save; rank 0 writes a replicated state, each rank its shards of a sharded one."""
-        ctx = self.manager.context(self.progress['step'], len(self.history), epoch_end,
-                                   self.preemption.requested, self.scores())
-        # Ranks agree on the latest file (time policies differ) and on a failed background save.
-        ctx.preempted, latest, failed = self.preemption.agree(self.manager.latest_path in self.manager.plan(ctx),
-                                                              self.manager.writer.failed())
-        self.manager.raise_if_save_failed(failed)
-        targets = self.manager.plan(ctx, latest=latest)
-        if not targets:
-            return
-        if not epoch_end:  # rank 0's running sums are saved: make them the mean over ranks, which
-            sums = self.progress['sums']  # leaves the epoch's averaged metrics as they were
-            sums.update(distrib.average_metrics(sums))
-        self.manager.save(self.state_dict(), targets, self.checkpoint_meta(),
-                          on_durable=functools.partial(self.publish_history, list(self.history)))
+    def save_checkpoint(self, moment: Moment = Moment.STEP) -> None:
+        """Tell the manager that `moment` happened; it saves what its policies ask for. Every rank
+        calls this; rank 0 writes a replicated state, each rank its shards of a sharded one."""
+        self.manager.on_moment(moment, self.progress.step, self.scores(), self.snapshot,
+                               on_durable=functools.partial(self.publish_history, list(self.history)))
+
+    def snapshot(self) -> tuple[dict[str, tp.Any], dict[str, tp.Any]]:
+        """The state and metadata of a save now (every rank). Rank 0's running sums are saved: they
+        are made the mean over ranks first, which leaves the epoch's averaged metrics as they were."""
+        self.progress.sums.update(distrib.average_metrics(self.progress.sums))
+        return self.state_dict(), self.checkpoint_meta()
 
     def checkpoint_meta(self) -> dict[str, tp.Any]:
         """The metadata of a save now: position, config, the parameter name of each optimizer index."""
-        return {'epoch': len(self.history), 'step': self.progress['step'], 'epoch_step': self.progress['epoch_step'],
+        return {'epoch': len(self.history), 'step': self.progress.step, 'epoch_step': self.progress.epoch_step,
                 'config': OmegaConf.to_container(self.cfg, resolve=True),
                 'param_names': self.param_names()}
 
@@ -379,7 +377,7 @@ class StandardSolver(flashy.BaseSolver):
                             "which wins.", self.cfg.continue_from, own.path)
             load_states(self.stateful.sources, own.state, own.path)
             logger.info("Resumed from %s (epoch %d, step %d). %d tensors read straight into the live "
-                        "state.", own.path, len(self.history), self.progress['step'], len(own.live))
+                        "state.", own.path, len(self.history), self.progress.step, len(own.live))
             self.publish_history(self.history)  # a kill between save and history update
             replay_history(self.history)
             return True
@@ -422,7 +420,7 @@ class StandardSolver(flashy.BaseSolver):
         """Return the entries `only` names (`model.layers.2`: parameters and buffers, their optimizer,
         EMA and best-state entries; `checkpointing.partial`) to the end of `epoch` (or to 'start', 'best'),
         in this process; the rest stays as it is. This epoch's history records it; the next save writes it."""
-        self.manager.writer.wait()
+        self.manager.wait()
         state = self.state_dict()
         merged, report, older = rewind.take_from(self.folder, epoch, state, list(only), self.param_names(),
                                                  like=self.load_template())

@@ -1,10 +1,9 @@
-"""Copies of the best-scoring states, kept apart from the live ones; what decides and loads them
-(early stopping's count, `checkpoint.ignore_state_keys` for `continue_from`)."""
+"""Copies of the best-scoring states, kept apart from the live ones, and what loads them
+(`checkpoint.ignore_state_keys` for `continue_from`)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import typing as tp
 from pathlib import Path
 
@@ -75,44 +74,6 @@ class BestState:
         if unknown:
             raise KeyError(f"best state has entries {sorted(unknown)} that this solver does not register")
         self.states.update(copy_into(self.states, state['states']))
-
-
-def epochs_without_improvement(scores: tp.Sequence[float | None], lower_is_better: bool = True,
-                               min_delta: float = 0.0) -> int:
-    """Epochs since the best score last improved by more than `min_delta` (for early stopping).
-
-    `scores` is the best metric of each epoch in order (None where an epoch has none). The
-    count comes from the history alone, so it survives a resume.
-    """
-    best: float | None = None
-    since = 0
-    for score in scores:
-        since += 1
-        if score is None:
-            continue
-        gain = (best - score if lower_is_better else score - best) if best is not None else math.inf
-        if gain > min_delta:
-            best, since = score, 0
-    return since
-
-
-def early_stop_record(scores: tp.Sequence[float | None], patience: int | None, min_delta: float | None,
-                      lower_is_better: bool = True) -> dict[str, tp.Any] | None:
-    """With `early_stop.patience`: why the epoch of the last score ends the run (for its history
-    entry and the log), or None to go on."""
-    if not patience:
-        return None
-    since = epochs_without_improvement(scores, lower_is_better, min_delta or 0.0)
-    if since < patience:
-        return None
-    return {'epochs_without_improvement': since, 'patience': patience, 'min_delta': min_delta or 0.0}
-
-
-def log_early_stop(record: dict[str, tp.Any], epoch: int, metric: str, best: float | None) -> None:
-    """Say in the log why the run stops at `epoch` (`record` from `early_stop_record`)."""
-    logger.info("Early stop at epoch %d: valid %s has not improved (by more than %s) for %d epochs "
-                "(early_stop.patience); best %.4g. The experiment is complete.", epoch, metric,
-                record['min_delta'], record['patience'], best)
 
 
 def best_state_target(best: BestState, sources: tp.Mapping[str, tp.Any], ignored: tp.Any) -> dict[str, tp.Any]:

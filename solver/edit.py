@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpointing import blobs, envelope, faults, lock, manager, naming, policy, store
+from .checkpointing import blobs, envelope, faults, lock, manager, naming, policy, remote, store
 from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir
 from .experiment import ROLLED_BACK, CheckpointFile, Experiment, ExperimentError, shard_folders
@@ -39,8 +39,10 @@ def rollback(xp: Experiment, to: str) -> Rollback:
     """Return `xp` to the end of an epoch (`epoch:N` or `best`) so the next run goes on from there.
 
     The history (Dora's `history.json` too) is cut to that epoch; later checkpoints and samples
-    move to `<xp>/rolled_back/<time>/` with a note, never deleted. Refused while the experiment
-    runs, or when no kept, intact, full checkpoint holds the point asked for.
+    move to `<xp>/rolled_back/<time>/` with a note, never deleted. With `checkpoint.remote`, their
+    names are recorded first for the mirror, whose next sync deletes them remotely
+    (`remote.record_abandoned`). Refused while the experiment runs, or when no kept, intact, full
+    checkpoint holds the point asked for.
     """
     epoch = epoch_asked(xp, to)
     with lock.ExperimentLock(xp.folder):
@@ -55,9 +57,12 @@ def rollback(xp: Experiment, to: str) -> Rollback:
         while dest.exists():
             dest = dest.with_name(dest.name + '+')
         moved: list[Path] = []
+        abandoned = [c.path for c in reversed(files) if c.path != chosen.path and _after(c, epoch)]
+        if (xp.config.get('checkpoint') or {}).get('remote'):  # before the moves: a kill between leaves
+            remote.record_abandoned(xp.folder, [path.name for path in abandoned])  # the remote to delete
         # Newest first: interrupted anywhere, the folder resumes from a point at or after `epoch`,
         # and a resume rewrites history.json from its checkpoint.
-        for path in [c.path for c in reversed(files) if c.path != chosen.path and _after(c, epoch)]:
+        for path in abandoned:
             moved += [_move(shards, dest) for shards in shard_folders(path)] + [_move(path, dest)]
         for folder in sorted((xp.folder / 'samples').glob('epoch_*')):
             if folder.name[len('epoch_'):].isdigit() and int(folder.name[len('epoch_'):]) > epoch:

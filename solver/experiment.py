@@ -219,7 +219,20 @@ class Experiment:
         return found
 
     def best_metric(self) -> tuple[str, bool]:
-        """The valid metric that picks the best state, and whether lower is better (the solver's)."""
+        """The valid metric that picks the best state, and whether lower is better: as the newest
+        checkpoint that records them says (`meta['metric_name']`, `meta['lower_is_better']`), so
+        that ranking needs no config; for older files, the class the config names says."""
+        return self._best_metric
+
+    @functools.cached_property
+    def _best_metric(self) -> tuple[str, bool]:  # read once per view: `solver ls` asks several times
+        for path in naming.candidates(self.folder):  # the newest readable file: older ones are older still
+            meta = read_meta(path)
+            name, lower = meta.get('metric_name'), meta.get('lower_is_better')
+            if isinstance(name, str) and isinstance(lower, bool):
+                return name, lower
+            if meta:
+                break
         from . import builders
         try:
             klass = builders.solver_class(self.config.get('solver_class'))

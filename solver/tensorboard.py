@@ -18,13 +18,6 @@ if tp.TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 
-def open_for(solver: tp.Any) -> SummaryWriter:
-    """TensorBoard for a solver (`logging.log_tensorboard`): flashy's stage metrics per epoch in
-    `<xp>/tensorboard`, and a writer there holding the config, for the media the task logs."""
-    solver.init_tensorboard()
-    return open_writer(solver.folder, solver.cfg, [f'valid/{solver.best_metric_name}'])
-
-
 def open_writer(folder: Path, cfg: DictConfig, metric_tags: list[str]) -> SummaryWriter:
     """A writer in `<folder>/tensorboard` that has recorded the config as hyperparameters.
 

@@ -53,7 +53,7 @@ class FaultySolver(RegressionSolver):
         """Append this rank's sample indices at this position of the stream."""
         folder = os.environ.get(RECORD_SAMPLES_ENV)
         if folder:
-            line = {'batch': self.progress['train_batches'], 'rank': distrib.rank(),
+            line = {'batch': self.progress.train_batches, 'rank': distrib.rank(),
                     'world_size': distrib.world_size(), 'samples': indices.tolist()}
             with open(Path(folder) / f'rank{distrib.rank()}.jsonl', 'a') as f:
                 f.write(json.dumps(line) + '\n')
@@ -63,7 +63,7 @@ class FaultySolver(RegressionSolver):
 
     def train(self) -> dict[str, float]:
         asked = self.fault('partial_rollback')
-        if asked and self.epoch == asked['epoch'] and not self.progress['epoch_step']:
+        if asked and self.epoch == asked['epoch'] and not self.progress.epoch_step:
             self.rollback_partial([str(prefix) for prefix in asked['only']], int(asked['to']))
         return super().train()
 
@@ -72,7 +72,7 @@ class FaultySolver(RegressionSolver):
             x, y, indices = batch
             self.record_samples(indices)
             batch = (x, y)
-            position = self.progress['train_batches']
+            position = self.progress.train_batches
             if position in self.fault('sigterm_batches', []):
                 os.kill(os.getpid(), signal.SIGTERM)
             if position in self.fault('nan_batches', []):

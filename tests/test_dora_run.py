@@ -94,6 +94,22 @@ def test_resumed_run_reproduces_the_uninterrupted_metrics(resumed, trained):
     assert without_durations(history(resumed.folder)) == without_durations(history(trained.folder))
 
 
+def test_a_checkpoint_whose_progress_is_the_plain_dict_of_before_resumes_as_it_did(dora_tools, trained, tmp_path):
+    # Checkpoints written while the run's position was an untyped dict hold it as this dict.
+    xp = copy_xp(trained, tmp_path)
+    epoch1 = envelope.read_checkpoint(xp.folder / 'checkpoint_1.th')
+    step = int(epoch1.state['progress']['step'])
+    old = {'step': step, 'train_batches': step, 'epoch_step': 0, 'sums': {}}
+    envelope.write_checkpoint(xp.folder / 'checkpoint.th', {**epoch1.state, 'progress': old}, epoch1.meta)
+    for epoch in (2, 3):
+        (xp.folder / f'checkpoint_{epoch}.th').unlink()
+    code, output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
+    assert code == 0, output
+    assert without_durations(history(xp.folder)) == without_durations(history(trained.folder))
+    final = envelope.read_checkpoint(xp.folder / 'checkpoint.th').state['progress']
+    assert final == envelope.read_checkpoint(trained.folder / 'checkpoint.th').state['progress']
+
+
 def test_rerun_repairs_a_history_json_left_behind_by_a_kill_after_the_save(dora_tools, trained, tmp_path):
     xp = copy_xp(trained, tmp_path)
     full = history(xp.folder)

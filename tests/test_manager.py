@@ -14,10 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from solver import edit
 from solver.checkpointing import envelope, listing, naming
 from solver.checkpointing.config import CheckpointConfig, RollbackConfig
-from solver.checkpointing.manager import CheckpointManager
+from solver.checkpointing.faults import CheckpointError
+from solver.checkpointing.manager import CheckpointManager, Moment
 from solver.errors import SolverError, UserError
+from solver.experiment import Experiment
 
 STATE = {'model': {'weight': torch.arange(4.0)}, 'progress': {'step': 0}}
 
@@ -258,3 +261,95 @@ def test_describe_names_what_is_saved_and_kept(tmp_path):
     line = manager(tmp_path, save_every=2, keep_last=3, keep_best=1, every_steps=50).describe()
     assert 'checkpoint_<epoch>.th every 2 epochs (newest 3 kept)' in line
     assert 'best 1' in line and 'every 50 steps' in line and 'up to 2 times' in line
+
+
+# -- the name and direction of the metric travel with each file ---------------------------------------
+
+def test_each_file_records_the_name_and_direction_of_its_metric(tmp_path):
+    m = CheckpointManager(tmp_path, config(save_every=1), 'abc123', lower_is_better=False, metric_name='accuracy')
+    save_epoch(m, 1, [0.5])
+    m.close()
+    meta = envelope.read_checkpoint(tmp_path / 'checkpoint_1.th').meta
+    assert (meta['metric'], meta['metric_name'], meta['lower_is_better']) == (0.5, 'accuracy', False)
+
+
+def test_prune_ranks_by_the_recorded_direction_not_the_solver_class_the_config_names(tmp_path):
+    # The config names a solver whose metric is lower-is-better; the run recorded higher-is-better.
+    m = CheckpointManager(tmp_path, config(save_every=1, keep_last=None), 'abc123',  # keeps every file
+                          lower_is_better=False, metric_name='accuracy')
+    scores = [0.5, 0.9, 0.7]
+    for epoch in range(1, 4):
+        save_epoch(m, epoch, scores[:epoch])
+    m.close()
+    (tmp_path / '.hydra').mkdir()
+    (tmp_path / '.hydra' / 'config.yaml').write_text(
+        'solver_class: solver.regression.RegressionSolver\ncheckpoint:\n  save_every: 1\n  keep_best: 1\n')
+    xp = Experiment(tmp_path)
+    assert xp.best_metric() == ('accuracy', False)
+    removed, kept = edit.prune(xp, keep_last=1, apply=True)
+    assert names(tmp_path) == ['checkpoint.th', 'checkpoint_2.th', 'checkpoint_3.th']
+    assert 'best' in kept[tmp_path / 'checkpoint_2.th'] and removed == [tmp_path / 'checkpoint_1.th']
+
+
+def test_files_that_record_no_metric_name_are_ranked_as_the_solver_class_says(tmp_path):
+    envelope.write_checkpoint(tmp_path / 'checkpoint_1.th', STATE, {'epoch': 1, 'metric': 1.0})
+    (tmp_path / '.hydra').mkdir()
+    (tmp_path / '.hydra' / 'config.yaml').write_text('solver_class: solver.regression.RegressionSolver\n')
+    assert Experiment(tmp_path).best_metric() == ('loss', True)
+
+
+# -- the save protocol: the solver tells a moment, the manager decides -------------------------------
+
+class Snapshots:
+    """The solver's side of `on_moment`: counts the snapshots taken, each of the state at a step."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def __call__(self) -> tuple[dict, dict]:
+        self.taken += 1
+        return STATE, {'epoch': 0, 'step': self.taken}
+
+
+def test_a_moment_when_no_policy_saves_takes_no_snapshot(tmp_path):
+    m, snapshot = manager(tmp_path, every_steps=4), Snapshots()
+    saved = [step for step in range(1, 10) if m.on_moment(Moment.STEP, step, [], snapshot) is not None]
+    m.close()
+    assert saved == [4, 8] and snapshot.taken == 2
+
+
+def test_a_stop_moment_saves_the_latest_file_and_an_epoch_end_the_files_its_policies_ask(tmp_path):
+    m = manager(tmp_path, save_last=False, save_every=2)
+    assert m.on_moment(Moment.EPOCH_END, 10, [1.0], Snapshots()) is None
+    m.on_moment(Moment.STOP, 15, [1.0], Snapshots())
+    assert names(tmp_path) == ['checkpoint.th']
+    m.on_moment(Moment.EPOCH_END, 20, [1.0, 1.0], Snapshots())
+    m.close()
+    assert names(tmp_path) == ['checkpoint.th', 'checkpoint_2.th']
+
+
+def test_a_stop_asked_on_another_rank_saves_the_latest_file_here_too(tmp_path):
+    m = CheckpointManager(tmp_path, config(save_last=False), 'abc123', agree=lambda *flags: (True, *flags))
+    m.on_moment(Moment.STEP, 3, [], Snapshots())
+    m.close()
+    assert names(tmp_path) == ['checkpoint.th']
+
+
+def test_a_save_failed_on_another_rank_stops_the_run_before_anything_is_written(tmp_path):
+    m = CheckpointManager(tmp_path, config(), 'abc123', agree=lambda latest, failed: (False, latest, True))
+    snapshot = Snapshots()
+    with pytest.raises(CheckpointError, match='failed on another rank'):
+        m.on_moment(Moment.EPOCH_END, 10, [1.0], snapshot)
+    assert snapshot.taken == 0 and names(tmp_path) == []
+
+
+def test_the_durable_callback_follows_the_save_or_comes_at_once_when_nothing_saves_periodically(tmp_path):
+    calls: list[str] = []
+    m = manager(tmp_path / 'periodic')
+    m.on_moment(Moment.EPOCH_END, 10, [1.0], Snapshots(), on_durable=lambda: calls.append('saved'))
+    m.close()
+    assert calls == ['saved'] and names(tmp_path / 'periodic') == ['checkpoint.th']
+    m = manager(tmp_path / 'only-on-stop', save_last=False)
+    m.on_moment(Moment.EPOCH_END, 10, [1.0], Snapshots(), on_durable=lambda: calls.append('at once'))
+    m.close()
+    assert calls == ['saved', 'at once'] and names(tmp_path / 'only-on-stop') == []

@@ -24,9 +24,11 @@ from types import SimpleNamespace
 import pytest
 from helpers import damage_a_tensor, free_port
 
+from solver import edit
 from solver.checkpointing import envelope, fetch, manager, naming, objectstore, policy, recovery, remote
 from solver.checkpointing.config import CheckpointConfig
 from solver.checkpointing.manager import CheckpointManager
+from solver.experiment import Experiment
 
 BUCKET = 'solver-tests'
 SECRET = 'sEcReT-never-logged-7f3a'
@@ -467,3 +469,38 @@ def test_sharded_checkpoint_uploads_its_shards_before_the_file_that_names_them(s
     assert remote_names(f'sharded/{folder.name}') == sorted([naming.LATEST, *files])  # superseded: gone
     fetched = fetch.download_newest_intact(f's3://{BUCKET}/sharded/{folder.name}', tmp_path / 'fresh')
     assert fetched is not None and fetched.meta['epoch'] == 3  # shards downloaded and verified
+
+
+# -- rollback ----------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_after_a_rollback_the_next_sync_leaves_the_remote_holding_the_files_local_holds(s3, tmp_path):
+    url = f's3://{BUCKET}/unit-rollback'
+    folder = tmp_path / 'rollb01'
+    folder.mkdir()
+    config = CheckpointConfig(save_every=1, async_save=False, remote=url)
+    first = CheckpointManager(folder, config, 'rollb01')
+    run_epochs(first, range(1, 5))
+    first.close()
+    assert remote_names('unit-rollback/rollb01') == ['checkpoint.th', *(f'checkpoint_{e}.th' for e in range(1, 5))]
+    (folder / 'history.json').write_text(json.dumps([{'valid': {'loss': score}} for score in WAVY[:4]]))
+    (folder / '.hydra').mkdir()
+    (folder / '.hydra' / 'config.yaml').write_text(f'checkpoint:\n  remote: {url}\n')
+    edit.rollback(Experiment(folder), 'epoch:2')  # epochs 3 and 4 abandoned
+    second = CheckpointManager(folder, config, 'rollb01')  # the next run: one epoch of the new branch
+    assert second.restore().meta['epoch'] == 2
+    run_epochs(second, range(3, 4))
+    second.close()
+    local = sorted(path.name for path in naming.candidates(folder))
+    assert local == ['checkpoint.th', 'checkpoint_1.th', 'checkpoint_2.th', 'checkpoint_3.th']
+    assert remote_names('unit-rollback/rollb01') == local  # not checkpoint_4.th of the abandoned branch
+    assert not (folder / remote.ABANDONED).exists()
+
+
+def test_a_record_of_abandoned_checkpoints_that_is_not_ours_is_refused_naming_it(tmp_path):
+    remote.record_abandoned(tmp_path, ['checkpoint_4.th'])
+    remote.record_abandoned(tmp_path, [naming.LATEST])
+    assert remote.read_abandoned(tmp_path) == {'checkpoint_4.th', naming.LATEST}
+    (tmp_path / remote.ABANDONED).write_text(json.dumps(['../../etc/passwd']))
+    with pytest.raises(objectstore.RemoteError, match=remote.ABANDONED):
+        remote.read_abandoned(tmp_path)

@@ -1,10 +1,12 @@
 """CheckpointManager: the one owner of an experiment's checkpoints.
 
-The solver asks it three things: save (at a moment of the run; the policies decide which files),
-restore (the newest intact checkpoint of this experiment, else `continue_from`), and roll back
-(after a divergence). It owns the writer (sync or async), the save and keep policies
-(`policy`), the save statistics, and the durability callbacks: what must only happen once a
-save is on disk (Dora's history) is handed to `save(on_durable=...)`.
+The solver tells it what happened (`on_moment`: a training step, an epoch end, a stop asked) and
+hands over a callable producing the state and metadata; the manager owns the rest of the save
+protocol: which files (the policies, asked once), the ranks' agreement on them and on a failed
+background save, writing (sync or async), pruning once a save is durable, the remote mirror, and
+the durability callback (Dora's history is named only once a save holding it is on disk). It also
+restores (the newest intact checkpoint of this experiment, else `continue_from`) and rolls back
+(after a divergence).
 
 It knows no solver: it saves and loads dicts of states with metadata.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import functools
 import logging
 import subprocess
@@ -34,6 +37,21 @@ from .writer import CheckpointWriter, SaveMode, SaveStats
 
 logger = logging.getLogger(__name__)
 Targets = dict[Path, tp.Optional[tp.Sequence[str]]]
+Snapshot = tp.Callable[[], tuple[dict[str, tp.Any], dict[str, tp.Any]]]  # () -> (state, meta), at a save
+Agree = tp.Callable[..., tuple[bool, ...]]  # (latest, failed) -> (stop asked, latest, failed), over ranks
+
+
+class Moment(enum.Enum):
+    """What just happened in the run, as the solver tells the manager (`on_moment`)."""
+
+    STEP = 'step'            # an optimizer step, within an epoch
+    EPOCH_END = 'epoch end'  # the epoch was committed to the history
+    STOP = 'stop'            # a stop was asked (preemption) after the train stage; the epoch is not committed
+
+
+def _alone(*flags: bool) -> tuple[bool, ...]:
+    """The agreement of a single process: no stop asked by anyone else, its own flags."""
+    return (False, *flags)
 
 
 class _Pending(tp.NamedTuple):
@@ -92,17 +110,22 @@ class CheckpointManager:
 
     `cfg` is the `checkpoint` config section (a DictConfig, a dict or a `CheckpointConfig`);
     `sig` the experiment's signature, recorded in every checkpoint and checked on resume;
-    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`); `ranks` the
-    ranks that save and load together (`ranks.Ranks`, from the caller: this package sets up none).
+    `lower_is_better` the direction of the best metric (for `checkpoint.keep_best`) and
+    `metric_name` its name, both recorded in every checkpoint beside its metric; `ranks` the
+    ranks that save and load together (`ranks.Ranks`, from the caller: this package sets up none);
+    `agree(latest, failed)` returns (stop asked, latest due, a save failed), each true if true on
+    any rank (the caller's preemption handler: one collective per moment).
     """
 
     def __init__(self, folder: Path, cfg: tp.Any, sig: str, lower_is_better: bool = True,
-                 ranks: Ranks = DEFAULT_RANKS) -> None:
+                 ranks: Ranks = DEFAULT_RANKS, metric_name: str = 'loss', agree: Agree = _alone) -> None:
         self.folder = Path(folder)
         self.ranks = ranks
         self.cfg = cfg = CheckpointConfig.parse(cfg)
         self.sig = sig
         self.lower_is_better = lower_is_better
+        self.metric_name = metric_name
+        self.agree = agree
         self.policies = policy.from_config(cfg, lower_is_better)
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
                                        staging_max_mb=cfg.staging_max_mb, ranks=ranks)
@@ -153,6 +176,34 @@ class CheckpointManager:
 
     # -- saving ------------------------------------------------------------------------------------
 
+    def on_moment(self, moment: Moment, step: int, scores: tp.Sequence[float | None], snapshot: Snapshot,
+                  on_durable: tp.Callable[[], None] | None = None) -> SaveStats | None:
+        """`moment` happened at optimizer step `step`, after the epochs whose best metrics are
+        `scores` (one per committed epoch): save what the policies ask for now (None: nothing).
+
+        Every rank calls this. The policies are asked once; the ranks agree on the latest file
+        (time policies differ; a stop asked on any rank saves it on all) and on a failed
+        background save (which stops the run). `snapshot()` makes the state and metadata, only
+        when something is saved. `on_durable` (Dora's history) runs once the save is durable, or
+        right away at an epoch end when no policy saves periodically (no save will hold it)."""
+        ctx = self.context(step, len(scores), moment is Moment.EPOCH_END, moment is Moment.STOP, scores)
+        due = self.plan(ctx)
+        stop, latest, failed = self.agree(self.latest_path in due, self.writer.failed())
+        self.raise_if_save_failed(failed)
+        if stop or latest:  # a stop asked anywhere saves the latest file (`OnPreemption`), on every rank
+            due = {self.latest_path: None, **due}
+        stats = None
+        if due:
+            state, meta = snapshot()
+            stats = self.save(state, due, meta, on_durable=on_durable)
+        if moment is Moment.EPOCH_END and not self.policies.periodic and on_durable is not None:
+            on_durable()
+        return stats
+
+    def wait(self) -> None:
+        """Block until the save in flight is durable (its error raised if it failed)."""
+        self.writer.wait()
+
     def context(self, step: int, epoch: int, epoch_end: bool = False, preempted: bool = False,
                 scores: tp.Sequence[float | None] = ()) -> policy.SaveContext:
         """This moment of the run, as the save policies see it. `scores` (the best metric of each
@@ -194,6 +245,8 @@ class CheckpointManager:
             self._on_durable.append(_Pending(on_durable, scores))
         meta = dict(meta, sig=self.sig, versions=versions())
         meta.setdefault('metric', listing.history_metric(scores, int(meta.get('epoch') or 0)))
+        meta.setdefault('metric_name', self.metric_name)  # what `metric` is and its direction: readers
+        meta.setdefault('lower_is_better', self.lower_is_better)  # rank as the run did, without the config
         try:
             stats = self.writer.save(state, targets, meta)
         except BaseException:

@@ -23,6 +23,11 @@ Retention. The remote copy keeps what the local folder keeps: the same `policy.R
 over the remote and local epoch files, each ranked by the metric its local copy records (or, for
 a file with no local copy, as from another machine, by the history handed over with each notice).
 
+Rollback. `solver rollback` moves the abandoned branch's checkpoints aside locally and records
+their names in the experiment folder (`record_abandoned`, `.remote_abandoned.json`); the mirror's
+next sync deletes them remotely before it uploads anything, then removes the record. Without it
+the store would keep (and a fresh machine fetch back) the branch the user abandoned.
+
 Faults. The mirror runs on a thread of its own (nice 19): `notify` only records which files
 changed. Failures are retried with exponential backoff, logged, never raised into training, and
 never touch the local files; `close` waits at most `close_timeout` and sums up what is not
@@ -32,6 +37,7 @@ mirrored. Successive saves while the store is down coalesce: only the newest fil
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -42,6 +48,7 @@ from pathlib import Path
 
 from . import envelope, listing, naming, policy
 from .fetch import download_newest_intact
+from .fs import atomic_open, read_file, unlink
 from .objectstore import SHARDS_RE, TMP_RE, RemoteError, check_url, filesystem, list_folder, named_shard_folder, redact
 from .writer import background_priority
 
@@ -62,7 +69,38 @@ def _inode(path: Path) -> int | None:
         return None
 
 
-# -- downloading -----------------------------------------------------------------------------------
+# -- rollbacks -------------------------------------------------------------------------------------
+
+ABANDONED = '.remote_abandoned.json'  # checkpoint names a rollback abandoned, for the mirror to delete
+_ABANDONED_BYTES = 1 << 20
+
+
+def record_abandoned(folder: Path, names: tp.Iterable[str]) -> None:
+    """Tell the experiment's remote mirror (at its next sync) that these checkpoint files of
+    `folder` belong to a branch a rollback abandoned: they are deleted remotely before any upload."""
+    names = set(names) | read_abandoned(folder)
+    if names:
+        with atomic_open(Path(folder) / ABANDONED) as f:
+            f.write(json.dumps(sorted(names)).encode())
+
+
+def read_abandoned(folder: Path) -> set[str]:
+    """The checkpoint names recorded by `record_abandoned` (none if there is no record). A record
+    that is not ours (not a list of checkpoint names) is refused, naming the file."""
+    path = Path(folder) / ABANDONED
+    try:
+        names = json.loads(read_file(path, _ABANDONED_BYTES, inside=Path(folder)))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as err:
+        raise RemoteError(f"{path}: not a record of abandoned checkpoints ({err}); remove it, then check that "
+                          "the remote copy holds no checkpoint newer than the local ones.") from err
+    named = isinstance(names, list) and all(
+        isinstance(name, str) and (name == naming.LATEST or naming.epoch_of(name) is not None) for name in names)
+    if not named:
+        raise RemoteError(f"{path}: not a list of checkpoint names; remove it, then check that the remote copy "
+                          "holds no checkpoint newer than the local ones.")
+    return set(names)
 
 
 # -- mirroring -------------------------------------------------------------------------------------
@@ -224,6 +262,7 @@ class RemoteMirror:
         if not self._cleaned:
             self._clean_stray_keys()
             self._cleaned = True
+        self._forget_abandoned()
         remote = list_folder(self.fs, self.root)
         local = [path.name for path in reversed(naming.candidates(self.folder))]  # checkpoint.th last
         dropped = self._not_kept(set(remote) | set(local))
@@ -241,6 +280,18 @@ class RemoteMirror:
                     continue
                 self._done(name, dirty)
         self._apply_retention(dropped)
+
+    def _forget_abandoned(self) -> None:
+        """Delete remotely the checkpoints a rollback abandoned (`record_abandoned`), then the
+        record; before any upload, so a name the new branch saves again is uploaded afresh."""
+        names = read_abandoned(self.folder)
+        if not names:
+            return
+        remote = list_folder(self.fs, self.root)
+        for name in sorted(names & set(remote)):
+            self.fs.rm_file(f'{self.root}/{name}')
+            logger.info("Removed %s/%s: abandoned by a rollback.", redact(self.url), name)
+        unlink(self.folder / ABANDONED, inside=self.folder)  # its shard folders go with `_apply_retention`
 
     def _upload_checkpoint(self, name: str) -> None:
         path = self.folder / name
