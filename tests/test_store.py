@@ -41,7 +41,8 @@ def make_state(seed: int = 0) -> dict:
 
 
 def blob_names(folder: Path) -> set[str]:
-    return {p.name for p in (folder / blobs.BLOBS).iterdir()}
+    """The blobs of the store `<folder>/blobs`."""
+    return {p.name for p in (folder / blobs.BLOBS).iterdir() if blobs.KEY.match(p.name)}
 
 
 def flip_byte(path: Path, offset: int = 100) -> None:
@@ -362,9 +363,112 @@ def test_the_command_line_rolls_back_prunes_and_exports_an_incremental_experimen
     run_xp(dora_dir, *overrides)  # goes on from epoch 1; its collections keep the moved files' blobs
     solver('prune', str(xp.folder), '--keep-last', '1', '--yes')
     assert [epoch for epoch, _ in naming.epoch_checkpoints(xp.folder)] == [3]
-    assert blob_names(xp.folder) == store.referenced(xp.folder)
+    assert blob_names(dora_dir) == store.IncrementalStore(xp.folder).referenced()  # the Dora folder's store
     for path in store.checkpoint_files(xp.folder):
         envelope.read_checkpoint(path)
     solver('export', str(xp.folder), str(tmp_path / 'model.th'))
-    shutil.rmtree(xp.folder / blobs.BLOBS)
+    shutil.rmtree(dora_dir / blobs.BLOBS)
     assert 'model' in envelope.read_checkpoint(tmp_path / 'model.th').state['best_state']['states']
+
+
+# -- one store for the Dora folder ----------------------------------------------------------------
+
+def dora_xp(dora_dir: Path, sig: str) -> Path:
+    """An experiment folder of a Dora folder: its incremental checkpoints use `<dora>/blobs`."""
+    folder = dora_dir / blobs.XPS / sig
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_experiments_of_a_dora_folder_store_equal_tensors_once_in_its_store(tmp_path, assert_same):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    state = make_state()
+    IncrementalStore(a).write(a / 'checkpoint.th', state, META)
+    second = IncrementalStore(b)  # another experiment, another process
+    second.write(b / 'checkpoint.th', state, META)
+    assert second.last.written == 0 and not (a / blobs.BLOBS).exists() and not (b / blobs.BLOBS).exists()
+    assert len(blob_names(tmp_path)) == 3
+    assert envelope.read_unverified(b / 'checkpoint.th')['blobs']['store'] == blobs.SHARED
+    moved = b / 'rolled_back' / '20260101-000000'
+    moved.mkdir(parents=True)
+    os.replace(b / 'checkpoint.th', moved / 'checkpoint.th')
+    assert_same(envelope.read_checkpoint(moved / 'checkpoint.th').state, state)
+
+
+def test_collecting_one_experiment_keeps_every_blob_another_experiment_references(tmp_path):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    IncrementalStore(a).write(a / 'checkpoint_1.th', make_state(1), META)
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(2), META)
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(1), META)  # b started from a's epoch 1
+    (a / 'checkpoint_1.th').unlink()
+    assert IncrementalStore(a).collect() == []  # every blob of epoch 1 is b's too
+    (b / 'checkpoint.th').unlink()
+    assert len(IncrementalStore(a).collect()) == 3
+    assert blob_names(tmp_path) == store.referenced(a, shared=True)
+    envelope.read_checkpoint(a / 'checkpoint.th')
+
+
+def test_a_checkpoint_of_another_experiment_that_cannot_be_read_stops_collection(tmp_path, caplog):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(1), META)
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(2), META)
+    (a / 'checkpoint.th').unlink()
+    (b / 'checkpoint.th').write_bytes(b'damaged')
+    before = blob_names(tmp_path)
+    assert IncrementalStore(a).collect() == [] and blob_names(tmp_path) == before
+    assert f"{b / 'checkpoint.th'} cannot be read" in caplog.text
+
+
+def test_a_save_holds_the_store_so_a_collection_beside_it_deletes_nothing_it_reuses(tmp_path, monkeypatch):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    state = make_state()
+    IncrementalStore(a).write(a / 'checkpoint.th', state, META)
+    (a / 'checkpoint.th').unlink()  # a's blobs are unreferenced now, and b is about to reuse them
+    collected: list[list[str]] = []
+    write_file = envelope._write_file
+
+    def collect_then_write(*args, **kwargs):  # a's collection runs after b decided to reuse, before b's file
+        collected.append(IncrementalStore(a).collect())
+        return write_file(*args, **kwargs)
+
+    monkeypatch.setattr(envelope, '_write_file', collect_then_write)
+    saver = IncrementalStore(b)
+    saver.write(b / 'checkpoint.th', state, META)
+    assert collected == [[]] and saver.last.written == 0
+    envelope.read_checkpoint(b / 'checkpoint.th')
+    monkeypatch.undo()
+    assert IncrementalStore(a).collect() == []  # the store free again: b references them all
+
+
+def test_a_collection_waits_for_a_rollback_moving_files_then_runs(tmp_path):
+    a = dora_xp(tmp_path, 'aaaa')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(), META)
+    (a / 'checkpoint.th').unlink()
+    with IncrementalStore(a).referencing():
+        assert IncrementalStore(a).collect(wait=0.2) == []
+        assert len(blob_names(tmp_path)) == 3
+    assert len(IncrementalStore(a).collect()) == 3
+
+
+def test_an_experiment_store_of_the_old_layout_is_still_read_and_collected(tmp_path, assert_same):
+    old = tmp_path / 'old'  # written before the shared store: <xp>/blobs, files without the mark
+    IncrementalStore(old).write(old / 'checkpoint_1.th', make_state(1), META)
+    xp = dora_xp(tmp_path, 'aaaa')
+    xp.rmdir()
+    os.replace(old, xp)
+    assert 'store' not in envelope.read_unverified(xp / 'checkpoint_1.th')['blobs']
+    IncrementalStore(xp).write(xp / 'checkpoint.th', make_state(1), META)  # a resume: the shared store
+    assert_same(envelope.read_checkpoint(xp / 'checkpoint_1.th').state, make_state(1))
+    assert_same(envelope.read_checkpoint(xp / 'checkpoint.th').state, make_state(1))
+    (xp / 'checkpoint_1.th').unlink()
+    assert len(IncrementalStore(xp).collect()) == 3 and blob_names(xp) == set()
+    assert blob_names(tmp_path) == store.referenced(xp, shared=True)
+
+
+def test_a_shared_checkpoint_copied_out_of_its_dora_folder_says_to_consolidate(tmp_path):
+    a = dora_xp(tmp_path / 'dora', 'aaaa')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(), META)
+    (tmp_path / 'elsewhere').mkdir()
+    shutil.copy(a / 'checkpoint.th', tmp_path / 'elsewhere' / 'model.th')
+    with pytest.raises(faults.CorruptCheckpointError, match="no 'xps' folder of a Dora folder holds it.*consolidate"):
+        envelope.read_checkpoint(tmp_path / 'elsewhere' / 'model.th')

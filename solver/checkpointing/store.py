@@ -58,7 +58,18 @@ from pathlib import Path
 import torch
 
 from . import envelope, faults, sharded, tree
-from .blobs import BLOBS, KEY, SHARED, XPS, blob_key, clean_stray_blobs, is_incremental, read_blob, store_root
+from .blobs import (
+    BLOBS,
+    KEY,
+    SHARED,
+    XPS,
+    blob_key,
+    clean_stray_blobs,
+    is_incremental,
+    is_shared,
+    read_blob,
+    store_root,
+)
 from .digest import flat_bytes
 from .fs import fsync_dir, unlink
 from .lock import StoreBusyError, StoreLock, held_or_taken
@@ -171,7 +182,7 @@ class IncrementalStore:
         target = self.blobs / key
         if key in self._trusted and target.exists():
             return True
-        if target.exists() and _intact(target, key, self.folder):
+        if target.exists() and _intact(target, key, self.root):
             self._trusted.add(key)
             return True
         return False
@@ -238,7 +249,7 @@ class IncrementalStore:
     def referenced(self) -> set[str] | None:
         """Keys of the blobs some checkpoint file that may use this store names (every
         experiment's of the Dora folder); None when one cannot be read (see `referenced`)."""
-        return referenced(self.root / XPS if self.shared else self.folder)
+        return referenced(self.root / XPS, shared=True) if self.shared else referenced(self.folder)
 
     def nbytes(self) -> int:
         """Bytes of the blobs on disk."""
@@ -255,21 +266,23 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _refs(path: Path) -> list[str]:
-    """The blob keys a checkpoint file names (read without its tensors' bytes)."""
+def _refs(path: Path, shared: bool) -> list[str]:
+    """The blob keys a checkpoint file names in the Dora folder's store (`shared`) or in a store
+    of its experiment's (read without its tensors' bytes)."""
     payload = envelope.read_unverified(path)
-    if not is_incremental(payload):
+    if not is_incremental(payload) or is_shared(payload) != shared:
         return []
     return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
 
 
-def referenced(folder: Path) -> set[str] | None:
-    """Keys of the blobs some checkpoint file under `folder` names; None (and a warning) if a
-    file cannot be read: then nothing may be collected."""
+def referenced(folder: Path, shared: bool = False) -> set[str] | None:
+    """Keys of the blobs some checkpoint file under `folder` names in the Dora folder's store
+    (`shared`), else in the store of its experiment; None (and a warning) if a file cannot be
+    read: then nothing may be collected."""
     used: set[str] = set()
     for path in checkpoint_files(folder):
         try:
-            used.update(_refs(path))
+            used.update(_refs(path, shared))
         except Exception as err:  # damaged or foreign: its references are unknown
             if not os.path.lexists(path):  # deleted since it was listed (a prune): it names nothing now
                 continue
