@@ -472,3 +472,93 @@ def test_a_shared_checkpoint_copied_out_of_its_dora_folder_says_to_consolidate(t
     shutil.copy(a / 'checkpoint.th', tmp_path / 'elsewhere' / 'model.th')
     with pytest.raises(faults.CorruptCheckpointError, match="no 'xps' folder of a Dora folder holds it.*consolidate"):
         envelope.read_checkpoint(tmp_path / 'elsewhere' / 'model.th')
+
+
+@pytest.mark.integration
+def test_a_pretrain_and_its_frozen_fine_tune_pruned_and_rolled_back_at_once_both_verify_and_resume(
+        dora_tools, dora_dir):
+    common = (*REGRESSION, *INCREMENTAL, 'checkpoint.save_every=1')
+    pretrain = run_xp(dora_dir, *common)
+    tune = (*common, 'optim.epochs=4', f'continue_from=//sig/{pretrain.folder.name}', 'optim.freeze=[0]')
+    fine_tune = run_xp(dora_dir, *tune)
+    a, b = IncrementalStore(pretrain.folder), IncrementalStore(fine_tune.folder)
+    assert a.blobs == b.blobs == dora_dir / blobs.BLOBS
+    shared = set(store.referenced(pretrain.folder, shared=True) or ()) & set(
+        store.referenced(fine_tune.folder, shared=True) or ())
+    assert shared  # the frozen layer (and the weights b started from) stored once for both
+
+    def solver(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([*SOLVER, *args], cwd=ROOT, env=dora_tools.env(dora_dir), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    a_sig, b_sig = pretrain.folder.name, fine_tune.folder.name
+    for both in ([('rollback', a_sig, '--to', 'epoch:1'), ('prune', b_sig, '--keep-last', '2', '--yes')],
+                 [('prune', a_sig, '--keep-last', '1', '--yes'), ('rollback', b_sig, '--to', 'epoch:3')]):
+        procs = [solver(*args) for args in both]  # two processes at once, on two experiments
+        for proc in procs:
+            output, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, output
+    assert blob_names(dora_dir) == a.referenced()
+    for xp in (pretrain, fine_tune):
+        verified = subprocess.run([*SOLVER, 'verify', str(xp.folder)], cwd=ROOT, env=dora_tools.env(dora_dir),
+                                  capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        for path in store.checkpoint_files(xp.folder):  # those moved aside too
+            envelope.read_checkpoint(path)
+    resumed = [run_xp(dora_dir, *overrides).output for overrides in (common, tune)]
+    assert f"Resumed from {naming.epoch_checkpoint_path(pretrain.folder, 1)}" in resumed[0]
+    assert f"Resumed from {naming.epoch_checkpoint_path(fine_tune.folder, 3)}" in resumed[1]
+    assert blob_names(dora_dir) == a.referenced()
+
+
+SHARING = """
+import sys, torch
+from pathlib import Path
+from solver.checkpointing import manager, naming, policy
+from solver.checkpointing.config import CheckpointConfig
+from solver.checkpointing.lock import ExperimentLock
+from solver.checkpointing.store import IncrementalStore
+folder = Path(sys.argv[1])
+retention = policy.retention_from_config(CheckpointConfig(save_every=1, keep_last=1))
+generator = torch.Generator().manual_seed(int(sys.argv[2]))
+frozen = torch.ones(128, 128)  # the same bytes in both experiments
+with ExperimentLock(folder):
+    incremental = IncrementalStore(folder)
+    for epoch in range(1, 10**6):
+        state = {'frozen': frozen, 'live': {str(i): torch.randn(160, generator=generator) for i in range(40)}}
+        incremental.write(folder / 'checkpoint.th', state, {'epoch': epoch})
+        incremental.write(naming.epoch_checkpoint_path(folder, epoch), state, {'epoch': epoch})
+        manager.prune(folder, retention)
+        print('collecting', epoch, flush=True)
+        incremental.collect(wait=1.0)
+"""
+
+
+@pytest.mark.integration
+def test_kill_9_during_collections_of_two_experiments_sharing_a_store_loses_no_referenced_blob(tmp_path):
+    rng = random.Random(11)
+    folders = [tmp_path / blobs.XPS / sig for sig in ('aaaa', 'bbbb')]
+    epochs = []
+    for life in range(5):
+        procs = [subprocess.Popen([sys.executable, '-c', SHARING, str(folder), str(10 * life + i)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                 for i, folder in enumerate([*folders])]
+        assert procs[0].stdout is not None
+        for _ in range(rng.randint(1, 3)):  # into the collection of epoch 1-3 of one, the other anywhere
+            assert procs[0].stdout.readline().startswith('collecting')
+        time.sleep(rng.uniform(0.0, 0.02))
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for folder in folders:
+            for path in store.checkpoint_files(folder):
+                envelope.read_checkpoint(path)  # raises, naming the file and the damage
+            recovery.clean_stray_files(folder)
+        epochs.append(envelope.read_checkpoint(folders[0] / 'checkpoint.th').meta['epoch'])
+    assert len(set(epochs)) > 1
+    IncrementalStore(folders[0]).collect()  # a later collection finishes
+    assert blob_names(tmp_path) == store.referenced(tmp_path / blobs.XPS, shared=True)
+    assert not [p for p in (tmp_path / blobs.BLOBS).iterdir() if '.tmp.' in p.name]
+    for folder in folders:
+        for path in store.checkpoint_files(folder):
+            envelope.read_checkpoint(path)
