@@ -116,7 +116,8 @@ def shared_store(dora_root: Path, common: tuple[str, ...], model: tuple[str, ...
     print(f"\n(c) a pretrain + 3 fine-tunes with optim.freeze=[first,layers.0] ({' '.join(model) or 'default model'}):"
           " bytes on disk of every *.th under xps/ and of the blobs")
     rows = [('full files', full), ('per-experiment stores', files + per_xp),
-            ('one store for the Dora folder', files + sum(on_disk.values())), ('  each blob counted once', files + once)]
+            ('one store for the Dora folder', files + sum(on_disk.values())),
+            ('  each blob counted once', files + once)]
     for name, nbytes in rows:
         print(f"  {name:32} {nbytes / 2**20:8.2f}MB {nbytes / full:6.2f}x")
     print(f"  (checkpoint files alone {files / 2**20:.2f}MB; {len(on_disk)} blobs in {shared_dir}; "
