@@ -562,3 +562,15 @@ def test_kill_9_during_collections_of_two_experiments_sharing_a_store_loses_no_r
     for folder in folders:
         for path in store.checkpoint_files(folder):
             envelope.read_checkpoint(path)
+
+
+def test_a_shared_checkpoint_does_not_read_its_blobs_through_a_linked_store(tmp_path):
+    a = dora_xp(tmp_path / 'dora', 'aaaa')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(), META)
+    (tmp_path / 'other').mkdir()
+    os.replace(tmp_path / 'dora' / blobs.BLOBS, tmp_path / 'other' / blobs.BLOBS)
+    (tmp_path / 'dora' / blobs.BLOBS).symlink_to(tmp_path / 'other' / blobs.BLOBS)
+    with pytest.raises(faults.CorruptCheckpointError, match='blobs is a symbolic link'):
+        envelope.read_checkpoint(a / 'checkpoint.th')
+    with pytest.raises(faults.CheckpointError, match='is a symbolic link'):
+        IncrementalStore(a).collect()

@@ -266,7 +266,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _refs(path: Path, shared: bool) -> list[str]:
+def _refs(path: Path, shared: bool = False) -> list[str]:
     """The blob keys a checkpoint file names in the Dora folder's store (`shared`) or in a store
     of its experiment's (read without its tensors' bytes)."""
     payload = envelope.read_unverified(path)
