@@ -30,7 +30,18 @@ class ExperimentLockedError(UserError, RuntimeError):
     """Another live process holds the experiment."""
 
 
-class ExperimentLock:
+class _Flock:
+    """A lock held by an open file descriptor: closing it (or the process dying) releases it."""
+
+    _fd: int | None = None
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | types.TracebackType | None) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class ExperimentLock(_Flock):
     """An exclusive `flock` on `<xp>/.lock`, holding the owner's pid for the error message.
 
     flock locks belong to the open file, so a process killed with SIGKILL releases its lock with
@@ -61,11 +72,6 @@ class ExperimentLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | types.TracebackType | None) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def holder(folder: Path) -> int | None:
@@ -122,7 +128,7 @@ class StoreBusyError(RuntimeError):
     """A save or rollback holds the blob store: no collection now."""
 
 
-class StoreLock:
+class StoreLock(_Flock):
     """A `flock` on `<root>/.blobs.lock` (`root`: the folder holding the store's `blobs/`), shared
     (saves, rollbacks: any number at once) or exclusive (a collection), waiting at most `wait`
     seconds (None: as long as it takes) for the other kind. Never opened through a link.
@@ -155,7 +161,3 @@ class StoreLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | types.TracebackType | None) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
