@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--updates', type=int, default=2, help='updates per epoch')
     parser.add_argument('--keep', action='store_true', help='keep the Dora folder (printed)')
     parser.add_argument('--only', choices=['all', 'shared'], default='all', help="'shared': (c) alone")
+    parser.add_argument('--latest-only', action='store_true',
+                        help="(c) with checkpoint.th alone (the default config), not an epoch file per epoch")
     parser.add_argument('--model', default='', help="model overrides for (c), e.g. 'model.hidden_size=128'")
     return parser.parse_args()
 
@@ -113,8 +115,9 @@ def shared_store(dora_root: Path, common: tuple[str, ...], model: tuple[str, ...
     own = [store.referenced(folder, shared=True) or set() for folder in xps]
     per_xp = sum(on_disk[key] for keys in own for key in keys)
     once = sum(on_disk[key] for key in set().union(*own))
-    print(f"\n(c) a pretrain + 3 fine-tunes with optim.freeze=[first,layers.0] ({' '.join(model) or 'default model'}):"
-          " bytes on disk of every *.th under xps/ and of the blobs")
+    files_kept = 'an epoch file per epoch' if any('save_every' in o for o in common) else 'checkpoint.th alone'
+    print(f"\n(c) a pretrain + 3 fine-tunes with optim.freeze=[first,layers.0] ({' '.join(model) or 'default model'}, "
+          f"{files_kept}): bytes on disk of every *.th under xps/ (start.th included) and of the blobs")
     rows = [('full files', full), ('per-experiment stores', files + per_xp),
             ('one store for the Dora folder', files + sum(on_disk.values())),
             ('  each blob counted once', files + once)]
@@ -233,7 +236,8 @@ def main() -> None:
     common = ('solver=drum_rnn', f'optim.epochs={args.epochs}', f'optim.updates_per_epoch={args.updates}',
               'checkpoint.save_every=1', 'checkpoint.async_save=false', 'evaluate.every=0', 'generate.every=0')
     print(f"drum RNN, {args.epochs} epochs of {args.updates} updates; Dora folder {dora_dir}")
-    shared_store(dora_dir.parent / 'shared', common, tuple(args.model.split()))
+    shared_store(dora_dir.parent / 'shared', tuple(o for o in common if not (args.latest_only and 'save_every' in o)),
+                 tuple(args.model.split()))
     if args.only == 'shared':
         return None if args.keep else shutil.rmtree(dora_dir.parent)
     source = compare('(a) drum RNN, an epoch file per epoch', common, dora_dir)

@@ -486,6 +486,7 @@ def test_a_pretrain_and_its_frozen_fine_tune_pruned_and_rolled_back_at_once_both
     shared = set(store.referenced(pretrain.folder, shared=True) or ()) & set(
         store.referenced(fine_tune.folder, shared=True) or ())
     assert shared  # the frozen layer (and the weights b started from) stored once for both
+    assert envelope.read_unverified(fine_tune.folder / 'start.th')['blobs']['store'] == blobs.SHARED  # lineage
 
     def solver(*args: str) -> subprocess.Popen:
         return subprocess.Popen([*SOLVER, *args], cwd=ROOT, env=dora_tools.env(dora_dir), text=True,
