@@ -93,6 +93,7 @@ def compare(name: str, base: tuple[str, ...], dora_dir: Path) -> Path:
 
 def shared_store(dora_root: Path, common: tuple[str, ...], model: tuple[str, ...]) -> None:
     """(c): a pretrain and three frozen fine-tunes, full files in one Dora folder, incremental in another."""
+    from solver import lineage
     from solver.checkpointing import blobs, store
 
     tunes = [f'optim.lr={lr}' for lr in ('1e-3', '5e-4', '2e-4')]
@@ -115,10 +116,17 @@ def shared_store(dora_root: Path, common: tuple[str, ...], model: tuple[str, ...
     own = [store.referenced(folder, shared=True) or set() for folder in xps]
     per_xp = sum(on_disk[key] for keys in own for key in keys)
     once = sum(on_disk[key] for key in set().union(*own))
+    # Before this change a fine-tune's start.th was a full file: its blobs counted out, the full file in.
+    before = [{key for path in store.checkpoint_files(folder) if path.name != lineage.START
+               for key in store._refs(path, shared=True)} for folder in xps]
+    files_before = blocks(p for folder in xps for p in store.checkpoint_files(folder) if p.name != lineage.START)
+    starts = blocks(p for folder in folders['full'] for p in store.checkpoint_files(folder) if p.name == lineage.START)
+    per_xp_before = files_before + starts + sum(on_disk[key] for keys in before for key in keys)
     files_kept = 'an epoch file per epoch' if any('save_every' in o for o in common) else 'checkpoint.th alone'
     print(f"\n(c) a pretrain + 3 fine-tunes with optim.freeze=[first,layers.0] ({' '.join(model) or 'default model'}, "
           f"{files_kept}): bytes on disk of every *.th under xps/ (start.th included) and of the blobs")
-    rows = [('full files', full), ('per-experiment stores', files + per_xp),
+    rows = [('full files', full), ('per-experiment stores, start.th full', per_xp_before),
+            ('per-experiment stores', files + per_xp),
             ('one store for the Dora folder', files + sum(on_disk.values())),
             ('  each blob counted once', files + once)]
     for name, nbytes in rows:
