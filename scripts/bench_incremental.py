@@ -130,7 +130,7 @@ def shared_store(dora_root: Path, common: tuple[str, ...], model: tuple[str, ...
             ('one store for the Dora folder', files + sum(on_disk.values())),
             ('  each blob counted once', files + once)]
     for name, nbytes in rows:
-        print(f"  {name:32} {nbytes / 2**20:8.2f}MB {nbytes / full:6.2f}x")
+        print(f"  {name:38} {nbytes / 2**20:8.2f}MB {nbytes / full:6.2f}x")
     print(f"  (checkpoint files alone {files / 2**20:.2f}MB; {len(on_disk)} blobs in {shared_dir}; "
           f"{sum(len(keys) for keys in own)} blob references counted per experiment)")
 
