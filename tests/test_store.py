@@ -575,3 +575,20 @@ def test_a_shared_checkpoint_does_not_read_its_blobs_through_a_linked_store(tmp_
         envelope.read_checkpoint(a / 'checkpoint.th')
     with pytest.raises(faults.CheckpointError, match='is a symbolic link'):
         IncrementalStore(a).collect()
+
+
+def test_collection_reads_again_only_the_checkpoint_files_that_changed_since_the_last(tmp_path, monkeypatch):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    incremental = IncrementalStore(a)
+    incremental.write(a / 'checkpoint.th', make_state(1), META)
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(2), META)
+    read: list[Path] = []
+    read_unverified = envelope.read_unverified
+    monkeypatch.setattr(envelope, 'read_unverified', lambda path: read.append(path) or read_unverified(path))
+    incremental.collect()
+    assert sorted(read) == [a / 'checkpoint.th', b / 'checkpoint.th']
+    read.clear()
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(3), META)  # replaced: a new file
+    assert len(incremental.collect()) == 3 and read == [b / 'checkpoint.th']  # make_state(2)'s blobs
+    (a / 'checkpoint.th').unlink()
+    assert len(incremental.collect()) == 3 and blob_names(tmp_path) == store.referenced(b, shared=True)

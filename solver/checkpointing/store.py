@@ -106,6 +106,7 @@ class IncrementalStore:
         self.blobs = self.root / BLOBS
         self._mutex = threading.Lock()
         self._trusted: set[str] = set()  # written or verified by this process
+        self._seen: Seen = {}  # the blob keys of the checkpoint files collection has read
         self.last = WriteStats()
 
     def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -249,7 +250,9 @@ class IncrementalStore:
     def referenced(self) -> set[str] | None:
         """Keys of the blobs some checkpoint file that may use this store names (every
         experiment's of the Dora folder); None when one cannot be read (see `referenced`)."""
-        return referenced(self.root / XPS, shared=True) if self.shared else referenced(self.folder)
+        if self.shared:
+            return referenced(self.root / XPS, shared=True, seen=self._seen)
+        return referenced(self.folder, seen=self._seen)
 
     def nbytes(self) -> int:
         """Bytes of the blobs on disk."""
@@ -275,14 +278,28 @@ def _refs(path: Path, shared: bool = False) -> list[str]:
     return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
 
 
-def referenced(folder: Path, shared: bool = False) -> set[str] | None:
+Seen = dict[Path, tuple[tuple[int, ...], list[str]]]  # a file's identity (device, inode, size, mtime) -> its keys
+
+
+def referenced(folder: Path, shared: bool = False, seen: Seen | None = None) -> set[str] | None:
     """Keys of the blobs some checkpoint file under `folder` names in the Dora folder's store
     (`shared`), else in the store of its experiment; None (and a warning) if a file cannot be
-    read: then nothing may be collected."""
+    read: then nothing may be collected. `seen`: the keys of files read before, reused while a
+    file is the same (same inode, size and modification time: every save replaces a file by a
+    new one), so that a collection after each save does not read every file of the Dora folder."""
     used: set[str] = set()
-    for path in checkpoint_files(folder):
+    listed = checkpoint_files(folder)
+    for gone in set(seen or ()) - set(listed):
+        del tp.cast(Seen, seen)[gone]
+    for path in listed:
         try:
-            used.update(_refs(path, shared))
+            info = os.lstat(path)
+            identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            known = seen.get(path) if seen is not None else None
+            keys = known[1] if known is not None and known[0] == identity else _refs(path, shared)
+            if seen is not None:
+                seen[path] = (identity, keys)
+            used.update(keys)
         except Exception as err:  # damaged or foreign: its references are unknown
             if not os.path.lexists(path):  # deleted since it was listed (a prune): it names nothing now
                 continue
