@@ -1,6 +1,8 @@
 """Incremental checkpoints (solver/checkpointing/store.py): equal bytes stored once, read back
 transparently and verified, collected only when unreferenced and under the experiment lock, a
-kill -9 at any moment harmless; and the writer's staged copy, used by rollbacks from memory.
+kill -9 at any moment harmless; one store for the experiments of a Dora folder (saves and
+rollbacks against collections, two experiments edited at once); and the writer's staged copy,
+used by rollbacks from memory.
 
 The runs of the whole solver in this mode are in test_reliability.py (kill -9 loop, damaged files).
 """
