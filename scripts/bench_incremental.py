@@ -6,6 +6,12 @@
    (b) a `continue_from` fine-tune of (a)'s result with `optim.freeze=[first,layers.0]`
        (the first two of the three LSTM layers).
    Bytes on disk are the blocks the checkpoint files and blobs take (`st_blocks`), after the run.
+   (c) one Dora folder's store (issue 24): a pretrain and three `continue_from` fine-tunes of it
+       with `optim.freeze=[first,layers.0]` (learning rates 1e-3, 5e-4, 2e-4), all full files in
+       one Dora folder and all incremental in another: bytes of every `*.th` under `xps/` (lineage
+       `start.th` included) and of the shared store, against the per-experiment stores the same
+       files would have (each experiment's blobs, those its own files name, counted per
+       experiment), and against counting each blob once.
 2. Rollback times for one state (run (a)'s last checkpoint), through the solver's own
    `rollback()` (built in process from the same config): from the async writer's staged copy
    (memory), from disk with the page cache of the files dropped (posix_fadvise DONTNEED),
@@ -14,6 +20,7 @@
 
     python scripts/bench_incremental.py                 # 10 epochs of 2 updates: ~10 min on 2 cores
     python scripts/bench_incremental.py --epochs 4      # a quicker look
+    python scripts/bench_incremental.py --only shared   # (c) alone
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--epochs', type=int, default=10)
     parser.add_argument('--updates', type=int, default=2, help='updates per epoch')
     parser.add_argument('--keep', action='store_true', help='keep the Dora folder (printed)')
+    parser.add_argument('--only', choices=['all', 'shared'], default='all', help="'shared': (c) alone")
+    parser.add_argument('--latest-only', action='store_true',
+                        help="(c) with checkpoint.th alone (the default config), not an epoch file per epoch")
+    parser.add_argument('--model', default='', help="model overrides for (c), e.g. 'model.hidden_size=128'")
     return parser.parse_args()
 
 
@@ -78,6 +89,50 @@ def compare(name: str, base: tuple[str, ...], dora_dir: Path) -> Path:
     print(f"  {'ratio':12} {inc[2][0] / full[2][0]:9.2f}x {inc[2][1] / full[2][1]:9.2f}x "
           f"{sum(inc[1]) / sum(full[1]):9.2f}x")
     return full[0]
+
+
+def shared_store(dora_root: Path, common: tuple[str, ...], model: tuple[str, ...]) -> None:
+    """(c): a pretrain and three frozen fine-tunes, full files in one Dora folder, incremental in another."""
+    from solver import lineage
+    from solver.checkpointing import blobs, store
+
+    tunes = [f'optim.lr={lr}' for lr in ('1e-3', '5e-4', '2e-4')]
+    folders: dict[str, list[Path]] = {}
+    for mode in ('full', 'incremental'):
+        dora_dir = dora_root / mode
+        base = (*common, *model, f'checkpoint.incremental={mode == "incremental"}')
+        pretrain, _ = run(dora_dir, *base)
+        folders[mode] = [pretrain] + [run(dora_dir, *base, f'continue_from={pretrain}', 'optim.freeze=[first,layers.0]',
+                                          tune)[0] for tune in tunes]
+
+    def blocks(paths: tp.Iterable[Path]) -> int:
+        return sum(p.stat().st_blocks * 512 for p in paths)
+
+    full = blocks(p for folder in folders['full'] for p in store.checkpoint_files(folder))
+    xps = folders['incremental']
+    files = blocks(p for folder in xps for p in store.checkpoint_files(folder))
+    shared_dir = store.IncrementalStore(xps[0]).blobs
+    on_disk = {p.name: p.stat().st_blocks * 512 for p in shared_dir.iterdir() if blobs.KEY.match(p.name)}
+    own = [store.referenced(folder, shared=True) or set() for folder in xps]
+    per_xp = sum(on_disk[key] for keys in own for key in keys)
+    once = sum(on_disk[key] for key in set().union(*own))
+    # Before this change a fine-tune's start.th was a full file: its blobs counted out, the full file in.
+    before = [{key for path in store.checkpoint_files(folder) if path.name != lineage.START
+               for key in store._refs(path, shared=True)} for folder in xps]
+    files_before = blocks(p for folder in xps for p in store.checkpoint_files(folder) if p.name != lineage.START)
+    starts = blocks(p for folder in folders['full'] for p in store.checkpoint_files(folder) if p.name == lineage.START)
+    per_xp_before = files_before + starts + sum(on_disk[key] for keys in before for key in keys)
+    files_kept = 'an epoch file per epoch' if any('save_every' in o for o in common) else 'checkpoint.th alone'
+    print(f"\n(c) a pretrain + 3 fine-tunes with optim.freeze=[first,layers.0] ({' '.join(model) or 'default model'}, "
+          f"{files_kept}): bytes on disk of every *.th under xps/ (start.th included) and of the blobs")
+    rows = [('full files', full), ('per-experiment stores, start.th full', per_xp_before),
+            ('per-experiment stores', files + per_xp),
+            ('one store for the Dora folder', files + sum(on_disk.values())),
+            ('  each blob counted once', files + once)]
+    for name, nbytes in rows:
+        print(f"  {name:38} {nbytes / 2**20:8.2f}MB {nbytes / full:6.2f}x")
+    print(f"  (checkpoint files alone {files / 2**20:.2f}MB; {len(on_disk)} blobs in {shared_dir}; "
+          f"{sum(len(keys) for keys in own)} blob references counted per experiment)")
 
 
 class Capture(logging.Handler):
@@ -190,6 +245,10 @@ def main() -> None:
     common = ('solver=drum_rnn', f'optim.epochs={args.epochs}', f'optim.updates_per_epoch={args.updates}',
               'checkpoint.save_every=1', 'checkpoint.async_save=false', 'evaluate.every=0', 'generate.every=0')
     print(f"drum RNN, {args.epochs} epochs of {args.updates} updates; Dora folder {dora_dir}")
+    shared_store(dora_dir.parent / 'shared', tuple(o for o in common if not (args.latest_only and 'save_every' in o)),
+                 tuple(args.model.split()))
+    if args.only == 'shared':
+        return None if args.keep else shutil.rmtree(dora_dir.parent)
     source = compare('(a) drum RNN, an epoch file per epoch', common, dora_dir)
     compare('(b) continue_from (a) with optim.freeze=[first,layers.0]',
             (*common, f'continue_from={source}', 'optim.freeze=[first,layers.0]'), dora_dir)

@@ -414,7 +414,7 @@ class StandardSolver(flashy.BaseSolver):
         entry = lineage.record(str(self.cfg.continue_from), source, report, state, ignored, strict)
         if sharded.has_dtensors(state) or distrib.is_rank_zero():
             lineage.write_start(self.folder, state, {**self.checkpoint_meta(), 'sig': self.xp.sig,
-                                                     'versions': versions()}, entry)
+                                                     'versions': versions()}, entry, self.manager.writer.store)
 
     def rollback_partial(self, only: tp.Sequence[str], epoch: int | str) -> LoadReport:
         """Return the entries `only` names (`model.layers.2`: parameters and buffers, their optimizer,

@@ -1,6 +1,8 @@
 """Edits of an experiment folder at rest (`solver rollback`, `solver prune`): both hold the
 experiment's lock, so they are refused while it runs, and never delete what a user could want
-back: a rollback moves the abandoned branch aside; prune asks the run's retention.
+back: a rollback moves the abandoned branch aside; prune asks the run's retention. A rollback
+moves its files under the blob store's lock held shared, so that no collection of the Dora
+folder's store lists the files meanwhile; prune collects the store once its files are deleted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from .checkpointing import blobs, envelope, faults, lock, manager, naming, polic
 from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir
 from .experiment import ROLLED_BACK, CheckpointFile, Experiment, ExperimentError, shard_folders
+
+COLLECT_WAIT = 60.0  # seconds prune waits for the saves and rollbacks of other experiments to let it collect
 
 
 @dataclass
@@ -45,7 +49,7 @@ def rollback(xp: Experiment, to: str) -> Rollback:
     checkpoint holds the point asked for.
     """
     epoch = epoch_asked(xp, to)
-    with lock.ExperimentLock(xp.folder):
+    with lock.ExperimentLock(xp.folder), store.IncrementalStore(xp.folder).referencing():
         files = xp.checkpoints()
         chosen = return_point(xp, files, epoch)
         try:
@@ -130,6 +134,7 @@ def prune(xp: Experiment, keep_last: int, apply: bool = False) -> tuple[list[Pat
     with lock.ExperimentLock(xp.folder):
         store.IncrementalStore(xp.folder).check_own()  # a blob folder that is a link: refused before any delete
         pruned = manager.prune(xp.folder, retention, xp.scores(), apply=apply)
-        if apply and (xp.folder / blobs.BLOBS).is_dir():  # [incremental] blobs no checkpoint references now
-            store.IncrementalStore(xp.folder).collect()
+        incremental = store.IncrementalStore(xp.folder)
+        if apply and (incremental.blobs.is_dir() or (xp.folder / blobs.BLOBS).is_dir()):
+            incremental.collect(wait=COLLECT_WAIT)  # [incremental] blobs no checkpoint references now
     return pruned.removed, pruned.kept

@@ -27,6 +27,7 @@ from .checkpointing.fs import atomic_open, read_file
 from .checkpointing.partial import LoadReport
 
 if tp.TYPE_CHECKING:
+    from .checkpointing.store import IncrementalStore
     from .experiment import Experiment
 
 LINEAGE = 'lineage.json'
@@ -47,10 +48,14 @@ def record(continue_from: str, source: envelope.Checkpoint, report: LoadReport, 
             'ignore_state_keys': list(ignored), 'strict': strict, 'time': time.strftime('%Y-%m-%d %H:%M:%S')}
 
 
-def write_start(folder: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any], entry: dict[str, tp.Any]) -> None:
+def write_start(folder: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any], entry: dict[str, tp.Any],
+                store: IncrementalStore | None = None) -> None:
     """`start.th` (the state at the start, `meta` plus the lineage record), then `lineage.json`:
-    both atomically; the lineage file last, so that it never names a start that is not on disk."""
-    envelope.write_checkpoint(Path(folder) / START, state, {**meta, 'lineage': entry})
+    both atomically; the lineage file last, so that it never names a start that is not on disk.
+    With the run's blob `store` (checkpoint.incremental), `start.th` keeps its tensors there: the
+    weights it took from its source are the source's blobs, not a copy."""
+    write = store.write if store is not None else envelope.write_checkpoint
+    write(Path(folder) / START, state, {**meta, 'lineage': entry})
     if distrib.is_rank_zero():
         with atomic_open(Path(folder) / LINEAGE) as f:
             f.write(json.dumps(entry, indent=2).encode())

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import edit, experiment, lineage
-from .checkpointing import envelope, lock, naming, partial, recovery, sharded
+from .checkpointing import envelope, lock, naming, partial, recovery, sharded, store
 from .checkpointing.faults import CheckpointError
 from .checkpointing.fs import fsync_dir
 from .experiment import Experiment, ExperimentError
@@ -105,7 +105,8 @@ def rollback_partial(xp: Experiment, to: str, only: str | tp.Sequence[str]) -> P
     the experiment runs, and, naming the reason, when a prefix matches nothing or an entry's
     shape differs between the two points."""
     prefixes = parse_only(only)
-    with lock.ExperimentLock(xp.folder):
+    # the blob store's lock shared: no collection of the Dora folder lists files while one is moved aside
+    with lock.ExperimentLock(xp.folder), store.IncrementalStore(xp.folder).referencing():
         newest = recovery.load_newest_intact(xp.folder)
         if newest is None:
             raise ExperimentError(f"{xp.folder} holds no checkpoint: nothing to roll back.")

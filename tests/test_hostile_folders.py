@@ -133,18 +133,28 @@ def test_1_a_lock_that_is_a_link_is_refused_and_its_target_untouched(dora_dir, t
 
 # -- 2. `blobs/` that is a link to another experiment's store ---------------------------------------------
 
-def test_2_prune_refuses_a_blob_folder_linked_to_another_experiment_and_deletes_nothing(dora_dir, capsys):
+def test_2_prune_refuses_a_blob_folder_linked_to_another_store_and_deletes_nothing(dora_dir, tmp_path, capsys):
     a = experiment(dora_dir, 'aaaa', epochs=2, incremental=True)
-    b = experiment(dora_dir, 'bbbb', epochs=1, incremental=True)
-    before = sorted(os.listdir(b / 'blobs'))
-    for blob in (a / 'blobs').iterdir():
-        blob.unlink()
-    (a / 'blobs').rmdir()
-    (a / 'blobs').symlink_to(b / 'blobs')
+    b = experiment(tmp_path / 'other-dora', 'bbbb', epochs=1, incremental=True)
+    theirs = store.IncrementalStore(b).blobs
+    before = sorted(os.listdir(theirs))
+    shutil.rmtree(dora_dir / 'blobs')
+    (dora_dir / 'blobs').symlink_to(theirs)
+    code, output = solver(capsys, 'prune', a, '--keep-last', '1', '--yes')
+    assert code == 2 and f"{dora_dir / 'blobs'} is a symbolic link" in output
+    assert sorted(os.listdir(theirs)) == before and (a / 'checkpoint_1.th').exists()
+    assert envelope.read_checkpoint(b / 'checkpoint_1.th').meta['sig'] == 'bbbb'
+
+
+def test_2_prune_refuses_an_experiment_blob_folder_of_the_old_layout_linked_elsewhere(dora_dir, tmp_path, capsys):
+    a = experiment(dora_dir, 'aaaa', epochs=2, incremental=True)
+    elsewhere = tmp_path / 'elsewhere'
+    store.IncrementalStore(elsewhere).write(elsewhere / 'checkpoint.th', state(), META)
+    (a / 'blobs').symlink_to(elsewhere / 'blobs')
+    before = sorted(os.listdir(elsewhere / 'blobs'))
     code, output = solver(capsys, 'prune', a, '--keep-last', '1', '--yes')
     assert code == 2 and f"{a / 'blobs'} is a symbolic link" in output
-    assert sorted(os.listdir(b / 'blobs')) == before and (a / 'checkpoint_1.th').exists()
-    assert envelope.read_checkpoint(b / 'checkpoint_1.th').meta['sig'] == 'bbbb'
+    assert sorted(os.listdir(elsewhere / 'blobs')) == before and (a / 'checkpoint_1.th').exists()
 
 
 def test_2_a_checkpoint_does_not_read_its_blobs_through_a_linked_blob_folder(tmp_path):

@@ -297,7 +297,8 @@ def test_fault_injection_kill_at_random_moments_then_resume_ends_as_if_never_kil
     assert temporary_files(run.folder) == []
     assert_same_run(run.folder, fault_reference)
     if mode == 'incremental':  # every blob left is used by a kept checkpoint
-        assert set(os.listdir(run.folder / blobs.BLOBS)) == store.referenced(run.folder)
+        shared = store.IncrementalStore(run.folder)  # the Dora folder's store
+        assert {p.name for p in shared.blobs.iterdir() if blobs.KEY.match(p.name)} == shared.referenced()
 
 
 # -- damaged files at resume -----------------------------------------------------------------------
@@ -339,7 +340,8 @@ def flip_tensor_byte(path: Path) -> None:
     for an incremental checkpoint)."""
     weight = envelope.read_checkpoint(path).state['model']['0.weight'].numpy().tobytes()
     if weight[:64] not in path.read_bytes():
-        path = blobs.blob_folder(path) / blobs.blob_key(torch.frombuffer(bytearray(weight), dtype=torch.uint8))
+        key = blobs.blob_key(torch.frombuffer(bytearray(weight), dtype=torch.uint8))
+        path = blobs.blob_folder(path, shared=True) / key  # the Dora folder's store
     flip_byte_at(path, path.read_bytes().find(weight[:64]) + len(weight) // 2)
 
 
@@ -374,9 +376,9 @@ def test_a_rerun_reports_each_damaged_checkpoint_and_resumes_from_the_newest_int
 def files_on_disk(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Content and modification time of the files a run owns (not Dora's and Hydra's per-launch
     files: .argv.json, .hydra/, the lock, the log)."""
-    owned = [p for p in [*folder.iterdir(), *folder.glob(f'{blobs.BLOBS}/*')]
+    owned = [p for p in [*folder.iterdir(), *store.IncrementalStore(folder).blobs.glob('*')]
              if p.is_file() and not p.name.startswith(('.', 'solver.log'))]
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in owned}
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in owned}
 
 
 @integration

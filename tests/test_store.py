@@ -1,6 +1,8 @@
 """Incremental checkpoints (solver/checkpointing/store.py): equal bytes stored once, read back
 transparently and verified, collected only when unreferenced and under the experiment lock, a
-kill -9 at any moment harmless; and the writer's staged copy, used by rollbacks from memory.
+kill -9 at any moment harmless; one store for the experiments of a Dora folder (saves and
+rollbacks against collections, two experiments edited at once); and the writer's staged copy,
+used by rollbacks from memory.
 
 The runs of the whole solver in this mode are in test_reliability.py (kill -9 loop, damaged files).
 """
@@ -41,7 +43,8 @@ def make_state(seed: int = 0) -> dict:
 
 
 def blob_names(folder: Path) -> set[str]:
-    return {p.name for p in (folder / blobs.BLOBS).iterdir()}
+    """The blobs of the store `<folder>/blobs`."""
+    return {p.name for p in (folder / blobs.BLOBS).iterdir() if blobs.KEY.match(p.name)}
 
 
 def flip_byte(path: Path, offset: int = 100) -> None:
@@ -362,9 +365,235 @@ def test_the_command_line_rolls_back_prunes_and_exports_an_incremental_experimen
     run_xp(dora_dir, *overrides)  # goes on from epoch 1; its collections keep the moved files' blobs
     solver('prune', str(xp.folder), '--keep-last', '1', '--yes')
     assert [epoch for epoch, _ in naming.epoch_checkpoints(xp.folder)] == [3]
-    assert blob_names(xp.folder) == store.referenced(xp.folder)
+    assert blob_names(dora_dir) == store.IncrementalStore(xp.folder).referenced()  # the Dora folder's store
     for path in store.checkpoint_files(xp.folder):
         envelope.read_checkpoint(path)
     solver('export', str(xp.folder), str(tmp_path / 'model.th'))
-    shutil.rmtree(xp.folder / blobs.BLOBS)
+    shutil.rmtree(dora_dir / blobs.BLOBS)
     assert 'model' in envelope.read_checkpoint(tmp_path / 'model.th').state['best_state']['states']
+
+
+# -- one store for the Dora folder ----------------------------------------------------------------
+
+def dora_xp(dora_dir: Path, sig: str) -> Path:
+    """An experiment folder of a Dora folder: its incremental checkpoints use `<dora>/blobs`."""
+    folder = dora_dir / blobs.XPS / sig
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_experiments_of_a_dora_folder_store_equal_tensors_once_in_its_store(tmp_path, assert_same):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    state = make_state()
+    IncrementalStore(a).write(a / 'checkpoint.th', state, META)
+    second = IncrementalStore(b)  # another experiment, another process
+    second.write(b / 'checkpoint.th', state, META)
+    assert second.last.written == 0 and not (a / blobs.BLOBS).exists() and not (b / blobs.BLOBS).exists()
+    assert len(blob_names(tmp_path)) == 3
+    assert envelope.read_unverified(b / 'checkpoint.th')['blobs']['store'] == blobs.SHARED
+    moved = b / 'rolled_back' / '20260101-000000'
+    moved.mkdir(parents=True)
+    os.replace(b / 'checkpoint.th', moved / 'checkpoint.th')
+    assert_same(envelope.read_checkpoint(moved / 'checkpoint.th').state, state)
+
+
+def test_collecting_one_experiment_keeps_every_blob_another_experiment_references(tmp_path):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    IncrementalStore(a).write(a / 'checkpoint_1.th', make_state(1), META)
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(2), META)
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(1), META)  # b started from a's epoch 1
+    (a / 'checkpoint_1.th').unlink()
+    assert IncrementalStore(a).collect() == []  # every blob of epoch 1 is b's too
+    (b / 'checkpoint.th').unlink()
+    assert len(IncrementalStore(a).collect()) == 3
+    assert blob_names(tmp_path) == store.referenced(a, shared=True)
+    envelope.read_checkpoint(a / 'checkpoint.th')
+
+
+def test_a_checkpoint_of_another_experiment_that_cannot_be_read_stops_collection(tmp_path, caplog):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(1), META)
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(2), META)
+    (a / 'checkpoint.th').unlink()
+    (b / 'checkpoint.th').write_bytes(b'damaged')
+    before = blob_names(tmp_path)
+    assert IncrementalStore(a).collect() == [] and blob_names(tmp_path) == before
+    assert f"{b / 'checkpoint.th'} cannot be read" in caplog.text
+
+
+def test_a_save_holds_the_store_so_a_collection_beside_it_deletes_nothing_it_reuses(tmp_path, monkeypatch):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    state = make_state()
+    IncrementalStore(a).write(a / 'checkpoint.th', state, META)
+    (a / 'checkpoint.th').unlink()  # a's blobs are unreferenced now, and b is about to reuse them
+    collected: list[list[str]] = []
+    write_file = envelope._write_file
+
+    def collect_then_write(*args, **kwargs):  # a's collection runs after b decided to reuse, before b's file
+        collected.append(IncrementalStore(a).collect())
+        return write_file(*args, **kwargs)
+
+    monkeypatch.setattr(envelope, '_write_file', collect_then_write)
+    saver = IncrementalStore(b)
+    saver.write(b / 'checkpoint.th', state, META)
+    assert collected == [[]] and saver.last.written == 0
+    envelope.read_checkpoint(b / 'checkpoint.th')
+    monkeypatch.undo()
+    assert IncrementalStore(a).collect() == []  # the store free again: b references them all
+
+
+def test_a_collection_waits_for_a_rollback_moving_files_then_runs(tmp_path):
+    a = dora_xp(tmp_path, 'aaaa')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(), META)
+    (a / 'checkpoint.th').unlink()
+    with IncrementalStore(a).referencing():
+        assert IncrementalStore(a).collect(wait=0.2) == []
+        assert len(blob_names(tmp_path)) == 3
+    assert len(IncrementalStore(a).collect()) == 3
+
+
+def test_an_experiment_store_of_the_old_layout_is_still_read_and_collected(tmp_path, assert_same):
+    old = tmp_path / 'old'  # written before the shared store: <xp>/blobs, files without the mark
+    IncrementalStore(old).write(old / 'checkpoint_1.th', make_state(1), META)
+    xp = dora_xp(tmp_path, 'aaaa')
+    xp.rmdir()
+    os.replace(old, xp)
+    assert 'store' not in envelope.read_unverified(xp / 'checkpoint_1.th')['blobs']
+    IncrementalStore(xp).write(xp / 'checkpoint.th', make_state(1), META)  # a resume: the shared store
+    assert_same(envelope.read_checkpoint(xp / 'checkpoint_1.th').state, make_state(1))
+    assert_same(envelope.read_checkpoint(xp / 'checkpoint.th').state, make_state(1))
+    (xp / 'checkpoint_1.th').unlink()
+    assert len(IncrementalStore(xp).collect()) == 3 and blob_names(xp) == set()
+    assert blob_names(tmp_path) == store.referenced(xp, shared=True)
+
+
+def test_a_shared_checkpoint_copied_out_of_its_dora_folder_says_to_consolidate(tmp_path):
+    a = dora_xp(tmp_path / 'dora', 'aaaa')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(), META)
+    (tmp_path / 'elsewhere').mkdir()
+    shutil.copy(a / 'checkpoint.th', tmp_path / 'elsewhere' / 'model.th')
+    with pytest.raises(faults.CorruptCheckpointError, match="no 'xps' folder of a Dora folder holds it.*consolidate"):
+        envelope.read_checkpoint(tmp_path / 'elsewhere' / 'model.th')
+
+
+@pytest.mark.integration
+def test_a_pretrain_and_its_frozen_fine_tune_pruned_and_rolled_back_at_once_both_verify_and_resume(
+        dora_tools, dora_dir):
+    common = (*REGRESSION, *INCREMENTAL, 'checkpoint.save_every=1')
+    pretrain = run_xp(dora_dir, *common)
+    tune = (*common, 'optim.epochs=4', f'continue_from=//sig/{pretrain.folder.name}', 'optim.freeze=[0]')
+    fine_tune = run_xp(dora_dir, *tune)
+    a, b = IncrementalStore(pretrain.folder), IncrementalStore(fine_tune.folder)
+    assert a.blobs == b.blobs == dora_dir / blobs.BLOBS
+    shared = set(store.referenced(pretrain.folder, shared=True) or ()) & set(
+        store.referenced(fine_tune.folder, shared=True) or ())
+    assert shared  # the frozen layer (and the weights b started from) stored once for both
+    assert envelope.read_unverified(fine_tune.folder / 'start.th')['blobs']['store'] == blobs.SHARED  # lineage
+
+    def solver(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([*SOLVER, *args], cwd=ROOT, env=dora_tools.env(dora_dir), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    a_sig, b_sig = pretrain.folder.name, fine_tune.folder.name
+    for both in ([('rollback', a_sig, '--to', 'epoch:1'), ('prune', b_sig, '--keep-last', '2', '--yes')],
+                 [('prune', a_sig, '--keep-last', '1', '--yes'), ('rollback', b_sig, '--to', 'epoch:3')]):
+        procs = [solver(*args) for args in both]  # two processes at once, on two experiments
+        for proc in procs:
+            output, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, output
+    assert blob_names(dora_dir) == a.referenced()
+    for xp in (pretrain, fine_tune):
+        verified = subprocess.run([*SOLVER, 'verify', str(xp.folder)], cwd=ROOT, env=dora_tools.env(dora_dir),
+                                  capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        for path in store.checkpoint_files(xp.folder):  # those moved aside too
+            envelope.read_checkpoint(path)
+    resumed = [run_xp(dora_dir, *overrides).output for overrides in (common, tune)]
+    assert f"Resumed from {naming.epoch_checkpoint_path(pretrain.folder, 1)}" in resumed[0]
+    assert f"Resumed from {naming.epoch_checkpoint_path(fine_tune.folder, 3)}" in resumed[1]
+    assert blob_names(dora_dir) == a.referenced()
+
+
+SHARING = """
+import sys, torch
+from pathlib import Path
+from solver.checkpointing import manager, naming, policy
+from solver.checkpointing.config import CheckpointConfig
+from solver.checkpointing.lock import ExperimentLock
+from solver.checkpointing.store import IncrementalStore
+folder = Path(sys.argv[1])
+retention = policy.retention_from_config(CheckpointConfig(save_every=1, keep_last=1))
+generator = torch.Generator().manual_seed(int(sys.argv[2]))
+frozen = torch.ones(128, 128)  # the same bytes in both experiments
+with ExperimentLock(folder):
+    incremental = IncrementalStore(folder)
+    for epoch in range(1, 10**6):
+        state = {'frozen': frozen, 'live': {str(i): torch.randn(160, generator=generator) for i in range(40)}}
+        incremental.write(folder / 'checkpoint.th', state, {'epoch': epoch})
+        incremental.write(naming.epoch_checkpoint_path(folder, epoch), state, {'epoch': epoch})
+        manager.prune(folder, retention)
+        print('collecting', epoch, flush=True)
+        incremental.collect(wait=1.0)
+        print('collected', epoch, flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_kill_9_during_collections_of_two_experiments_sharing_a_store_loses_no_referenced_blob(tmp_path):
+    rng = random.Random(11)
+    folders = [tmp_path / blobs.XPS / sig for sig in ('aaaa', 'bbbb')]
+    epochs, during = [], []
+    for life in range(5):
+        procs = [subprocess.Popen([sys.executable, '-c', SHARING, str(folder), str(10 * life + i)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                 for i, folder in enumerate([*folders])]
+        assert procs[0].stdout is not None
+        for _ in range(rng.randint(1, 3)):  # into the collection of epoch 1-3 of one, the other anywhere
+            while not (line := procs[0].stdout.readline()).startswith('collecting'):
+                assert line, 'the saving process ended'
+        time.sleep(rng.uniform(0.0, 0.02))
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        during.append(not procs[0].stdout.read())  # killed before it printed 'collected'
+        for folder in folders:
+            for path in store.checkpoint_files(folder):
+                envelope.read_checkpoint(path)  # raises, naming the file and the damage
+            recovery.clean_stray_files(folder)
+        epochs.append(envelope.read_checkpoint(folders[0] / 'checkpoint.th').meta['epoch'])
+    assert len(set(epochs)) > 1 and any(during)  # at least one life ended in the middle of a collection
+    IncrementalStore(folders[0]).collect()  # a later collection finishes
+    assert blob_names(tmp_path) == store.referenced(tmp_path / blobs.XPS, shared=True)
+    assert not [p for p in (tmp_path / blobs.BLOBS).iterdir() if '.tmp.' in p.name]
+    for folder in folders:
+        for path in store.checkpoint_files(folder):
+            envelope.read_checkpoint(path)
+
+
+def test_a_shared_checkpoint_does_not_read_its_blobs_through_a_linked_store(tmp_path):
+    a = dora_xp(tmp_path / 'dora', 'aaaa')
+    IncrementalStore(a).write(a / 'checkpoint.th', make_state(), META)
+    (tmp_path / 'other').mkdir()
+    os.replace(tmp_path / 'dora' / blobs.BLOBS, tmp_path / 'other' / blobs.BLOBS)
+    (tmp_path / 'dora' / blobs.BLOBS).symlink_to(tmp_path / 'other' / blobs.BLOBS)
+    with pytest.raises(faults.CorruptCheckpointError, match='blobs is a symbolic link'):
+        envelope.read_checkpoint(a / 'checkpoint.th')
+    with pytest.raises(faults.CheckpointError, match='is a symbolic link'):
+        IncrementalStore(a).collect()
+
+
+def test_collection_reads_again_only_the_checkpoint_files_that_changed_since_the_last(tmp_path, monkeypatch):
+    a, b = dora_xp(tmp_path, 'aaaa'), dora_xp(tmp_path, 'bbbb')
+    incremental = IncrementalStore(a)
+    incremental.write(a / 'checkpoint.th', make_state(1), META)
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(2), META)
+    read: list[Path] = []
+    read_unverified = envelope.read_unverified
+    monkeypatch.setattr(envelope, 'read_unverified', lambda path: read.append(path) or read_unverified(path))
+    incremental.collect()
+    assert sorted(read) == [a / 'checkpoint.th', b / 'checkpoint.th']
+    read.clear()
+    IncrementalStore(b).write(b / 'checkpoint.th', make_state(3), META)  # replaced: a new file
+    assert len(incremental.collect()) == 3 and read == [b / 'checkpoint.th']  # make_state(2)'s blobs
+    (a / 'checkpoint.th').unlink()
+    assert len(incremental.collect()) == 3 and blob_names(tmp_path) == store.referenced(b, shared=True)

@@ -11,9 +11,10 @@ but `solver.errors` (tests/test_imports.py); ranks reach it as an argument (`ran
     archive      the fast torch-zip writer/reader;  directio  O_DIRECT and flush-behind sinks
     unpickler    the restricted unpickler a checkpoint from elsewhere is read with
     sharded      DCP shard folders for FSDP;  dcp_reader  the hardened reader of such folders
-    writer       sync/async saving, staging buffers          store, blobs  incremental storage
+    writer       sync/async saving, staging buffers
+    store, blobs incremental storage: one blob store per Dora folder (<dora>/blobs), collection
     remote       the object-storage mirror;  fetch  fetching back;  objectstore  URLs, retries
-    fs, lock, ranks, tree, digest   durable file helpers, the experiment lock, the ranks that
+    fs, lock, ranks, tree, digest   durable file helpers, the experiment and store locks, the ranks that
                  save together, the walker over nested states, tensor digests
     weights      weights-only files: export's format, and `checkpoint.keep_dtype`'s kept files
     examine      `solver-inspect`: a command-line look at one file

@@ -1,9 +1,17 @@
-"""The blob folder of incremental checkpoints: how a blob is named, found and read back.
+"""The blob folder of incremental checkpoints: how a blob is named, where it is, how it is read back.
 
-`store.IncrementalStore` writes blobs (`<xp>/blobs/<key>`) and collects them; this module is the
-read side the file format needs: `resolve` gives a loaded payload its tensors back, each read
-through no link and checked against its key (`<xxh3-128 hex>-<nbytes>`), so that a reader of
-checkpoints (`envelope`) depends on the blobs, and nothing here on the envelope.
+Where. An experiment of a Dora folder (`<dora>/xps/<sig>/`) keeps its blobs in the Dora folder's
+store, `<dora>/blobs/<key>`, shared by every experiment there (`store_root`); its files say so
+(`'store': 'dora'` beside their references) and are read from the `blobs/` beside the nearest
+`xps/` above them, wherever in the experiment they were moved (`rolled_back/<time>/`). Files
+without that mark were written to a store of their own experiment (`<xp>/blobs`, the layout
+before the shared store, and any folder outside a Dora folder) and are read from the nearest
+`blobs/` above them, as before.
+
+`store.IncrementalStore` writes blobs and collects them; this module is the read side the file
+format needs: `resolve` gives a loaded payload its tensors back, each read through no link and
+checked against its key (`<xxh3-128 hex>-<nbytes>`), so that a reader of checkpoints
+(`envelope`) depends on the blobs, and nothing here on the envelope.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from .faults import CorruptCheckpointError
 from .fs import open_file
 
 BLOBS = 'blobs'
+XPS = 'xps'           # Dora's folder of experiments: <dora>/xps/<sig>
+SHARED = 'dora'       # payload['blobs']['store'] of a file whose blobs are in the Dora folder's store
 KEY = re.compile(r'^[0-9a-f]{32}-[0-9]{1,15}$')  # what a blob may be called: nothing else is read or collected
-_SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs
+_SEARCH_UP = 3        # a checkpoint moved into <xp>/rolled_back/<time>/ still finds <xp>/blobs (or xps/)
 
 
 def blob_key(tensor: torch.Tensor) -> str:
@@ -56,12 +66,27 @@ def read_blob(blob: Path, key: str, inside: Path) -> torch.Tensor:
     return data
 
 
-def blob_folder(path: Path) -> Path | None:
-    """The blob folder of a checkpoint file: beside it, or in a folder above it."""
+def store_root(folder: Path) -> Path:
+    """The folder whose `blobs/` is the store of experiment `folder`: the Dora folder for an
+    experiment of one (`<dora>/xps/<sig>`), else the experiment folder itself."""
+    folder = Path(folder)
+    return folder.parent.parent if folder.parent.name == XPS else folder
+
+
+def blob_folder(path: Path, shared: bool = False) -> Path | None:
+    """The blob folder of a checkpoint file: with `shared` (the file says 'dora'), the `blobs/`
+    of the Dora folder holding it; else the nearest `blobs/` beside it or above it."""
     for parent in [Path(path).parent, *Path(path).parent.parents][:_SEARCH_UP + 1]:
-        if (parent / BLOBS).is_dir():
+        if shared and parent.name == XPS:
+            return parent.parent / BLOBS
+        if not shared and (parent / BLOBS).is_dir():
             return parent / BLOBS
     return None
+
+
+def is_shared(payload: dict[str, tp.Any]) -> bool:
+    """Whether a loaded incremental payload keeps its blobs in the Dora folder's store."""
+    return payload['blobs'].get('store') == SHARED
 
 
 def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -73,11 +98,12 @@ def resolve(path: Path, payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
     tree.skeleton(content, tensors)
     if not isinstance(refs, list) or len(refs) != len(tensors):
         raise CorruptCheckpointError(f"{path} is damaged: its blob references do not match its state.")
-    folder = blob_folder(path)
+    folder = blob_folder(path, is_shared(payload))
     if folder is None and any(ref is not None for ref in refs):
+        where = f"no '{XPS}' folder of a Dora folder holds it" if is_shared(payload) else \
+            f"no '{BLOBS}' folder holds its tensors (looked in {path.parent} and above)"
         raise CorruptCheckpointError(
-            f"{path} is an incremental checkpoint and no '{BLOBS}' folder holds its tensors (looked in "
-            f"{path.parent} and above). Copy a checkpoint elsewhere with "
+            f"{path} is an incremental checkpoint and {where}. Copy a checkpoint elsewhere with "
             "solver.checkpointing.store.consolidate (or `solver export`), not cp.")
     index = iter(range(len(refs)))
 

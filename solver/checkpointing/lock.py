@@ -1,9 +1,13 @@
-"""The experiment lock: one process writes an experiment folder, and the OS releases the lock
-when that process dies.
+"""The locks of checkpoint folders; the OS releases each when its process dies.
 
-`ExperimentLock` is taken by a run (`train.py`) and by the commands that change a folder
-(`solver rollback`, `solver prune`); the blob store's collection (`store.collect`) runs only
-under it (`held_or_taken`).
+`ExperimentLock`: one process writes an experiment folder. Taken by a run (`train.py`) and by the
+commands that change a folder (`solver rollback`, `solver prune`); the blob store's collection
+(`store.collect`) runs only under it (`held_or_taken`).
+
+`StoreLock`: a blob store, shared by the experiments of a Dora folder (`<dora>/.blobs.lock`).
+Whatever adds or moves references to blobs (a save, a rollback) holds it shared for that
+moment; a collection holds it exclusive, so it never deletes a blob a save is about to reuse,
+nor misses a file being moved while it lists them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 import types
 import typing as tp
 from pathlib import Path
@@ -25,7 +30,18 @@ class ExperimentLockedError(UserError, RuntimeError):
     """Another live process holds the experiment."""
 
 
-class ExperimentLock:
+class _Flock:
+    """A lock held by an open file descriptor: closing it (or the process dying) releases it."""
+
+    _fd: int | None = None
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | types.TracebackType | None) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class ExperimentLock(_Flock):
     """An exclusive `flock` on `<xp>/.lock`, holding the owner's pid for the error message.
 
     flock locks belong to the open file, so a process killed with SIGKILL releases its lock with
@@ -56,11 +72,6 @@ class ExperimentLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | types.TracebackType | None) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def holder(folder: Path) -> int | None:
@@ -111,3 +122,42 @@ def _locked(lock_path: Path) -> bool:
     finally:
         os.close(fd)  # (releases the probe's lock, if it got one)
     return False
+
+
+class StoreBusyError(RuntimeError):
+    """A save or rollback holds the blob store: no collection now."""
+
+
+class StoreLock(_Flock):
+    """A `flock` on `<root>/.blobs.lock` (`root`: the folder holding the store's `blobs/`), shared
+    (saves, rollbacks: any number at once) or exclusive (a collection), waiting at most `wait`
+    seconds (None: as long as it takes) for the other kind. Never opened through a link.
+    """
+
+    def __init__(self, root: Path, exclusive: bool = False, wait: float | None = None) -> None:
+        self.path = Path(root) / '.blobs.lock'
+        self.exclusive = exclusive
+        self.wait = wait
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreLock:
+        # (a link or FIFO planted under its name: `UnsafeFileError`, naming it)
+        fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, limit=_LOCK_BYTES)
+        kind = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        deadline = None if self.wait is None else time.monotonic() + self.wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, kind | (fcntl.LOCK_NB if deadline is not None else 0))
+                    break
+                except BlockingIOError:
+                    if deadline is None or time.monotonic() >= deadline:
+                        raise StoreBusyError(f"the blob store of {self.path.parent} is in use (a save or "
+                                             "rollback is writing to it)") from None
+                    time.sleep(0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+

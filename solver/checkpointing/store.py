@@ -1,14 +1,17 @@
-"""Incremental checkpoints: each tensor's bytes stored once per experiment (content-addressed).
+"""Incremental checkpoints: each tensor's bytes stored once per Dora folder (content-addressed).
 
 With `checkpoint.incremental=true` a checkpoint file (`checkpoint.th`, `checkpoint_<epoch>.th`)
 keeps its format (header, meta, digests of the whole state) but holds only small tensors
 itself; every tensor of `INLINE_BYTES` or more is a 0-element placeholder in the file and its
-bytes live in `<xp>/blobs/<key>`, written once and shared by every checkpoint that holds the
-same bytes: the best state equal to the live model, EMA weights equal to them, the latest and
-the epoch file of one save, frozen layers and unchanged buffers across epochs.
+bytes live in `<dora>/blobs/<key>` (`blobs.store_root`; `<folder>/blobs` for a folder outside a
+Dora folder), written once and shared by every checkpoint that holds the same bytes: the best
+state equal to the live model, EMA weights equal to them, the latest and the epoch file of one
+save, frozen layers and unchanged buffers across epochs, and across experiments a fine-tune's
+frozen layers, a grid's shared initialisation, the pretrained weights.
 
     {'format': ..., 'version': ..., 'meta': ..., 'state': <placeholders>,
-     'blobs': {'refs': [None | (key, dtype, shape), ...]},   # one per tensor, traversal order
+     'blobs': {'refs': [None | (key, dtype, shape), ...],    # one per tensor, traversal order
+               'store': 'dora'},                             # in the Dora folder's store
      'digests': <of the real state: what verify() checks once the blobs are in>}
 
 Keys. `<xxh3-128 hex>-<nbytes>`: the 128-bit xxh3 of the bytes (without the GIL, like
@@ -22,11 +25,20 @@ against the file's 64-bit digests (`envelope.verify`), as for a single-file chec
 
 Order. Blobs are written to temporary files, fsynced, renamed, and the folder fsynced; the
 checkpoint file, which is what makes a checkpoint exist, is written after (atomically, by
-`envelope`). Collection (`collect`) removes blobs that no checkpoint file under the experiment
-folder references (the `rolled_back/` ones included), only while the experiment lock (`lock`) is
-held and never during a save of the same store; a checkpoint file that cannot be read stops
-it (its blobs cannot be known). A kill -9 at any moment leaves at worst unreferenced blobs or
-temporary files, removed later.
+`envelope`). Collection (`collect`) removes blobs that no checkpoint file references: every
+`*.th` under `<dora>/xps/` (every experiment's, `rolled_back/` and lineage `start.th` included;
+for a store of one folder, those under it); a checkpoint file that cannot be read stops it (its
+blobs cannot be known). A kill -9 at any moment leaves at worst unreferenced blobs or
+temporary files, removed by a later collection.
+
+Locking. A save holds the store's lock shared (`lock.StoreLock`) from the moment it decides
+which blobs already exist until its file is written, and so do rollbacks while they move or
+replace checkpoint files (`referencing`); a collection holds it exclusive, so it never deletes
+a blob that a save of any experiment is reusing, and never lists the files while one is being
+moved. A run's collection does not wait: while any save of the Dora folder is under way it is
+skipped (the next one collects); `solver prune` waits a while. It also runs only under the
+experiment lock of the caller's experiment, whose own store of the layout before the shared
+one (`<xp>/blobs`, still read) it collects as before.
 
 Sharded (FSDP) states are refused: their shards are DCP files of their own (`sharded`).
 `consolidate` turns an incremental checkpoint into one self-contained file.
@@ -46,10 +58,21 @@ from pathlib import Path
 import torch
 
 from . import envelope, faults, sharded, tree
-from .blobs import BLOBS, KEY, blob_key, is_incremental, read_blob
+from .blobs import (
+    BLOBS,
+    KEY,
+    SHARED,
+    XPS,
+    blob_key,
+    clean_stray_blobs,
+    is_incremental,
+    is_shared,
+    read_blob,
+    store_root,
+)
 from .digest import flat_bytes
 from .fs import fsync_dir, unlink
-from .lock import held_or_taken
+from .lock import StoreBusyError, StoreLock, held_or_taken
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +91,22 @@ class WriteStats:
 
 
 class IncrementalStore:
-    """The blob store of one experiment folder: writes incremental checkpoints, collects blobs.
+    """The blob store an experiment folder writes to: its Dora folder's (`<dora>/blobs`, shared
+    with the other experiments there) or, outside a Dora folder, its own (`<folder>/blobs`).
+    Writes the folder's incremental checkpoints and collects the store's blobs.
 
-    One instance per folder and process: `write` and `collect` exclude each other, so a
-    collection running beside a save never sees that save's blobs as unreferenced.
+    One instance per folder and process; `write` and `collect` exclude each other in the
+    process (a mutex) and across processes (`lock.StoreLock`).
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.blobs = self.folder / BLOBS
+        self.root = store_root(self.folder)
+        self.shared = self.root != self.folder
+        self.blobs = self.root / BLOBS
         self._mutex = threading.Lock()
         self._trusted: set[str] = set()  # written or verified by this process
+        self._seen: Seen = {}  # the blob keys of the checkpoint files collection has read
         self.last = WriteStats()
 
     def write(self, path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -112,38 +140,50 @@ class IncrementalStore:
             refs.append((key, str(tensor.dtype), tuple(tensor.shape)))
             return torch.empty(0, dtype=tensor.dtype)
 
+        where = {'store': SHARED} if self.shared else {}
         with self._mutex:
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
                 self.check_own()
-                skeleton = tree.map_tensors(content, to_ref)
-                # Written and fsynced a few at a time: the file system commits their fsyncs together.
-                list(_pool.map(lambda item: self._write_blob(*item), new.items()))
-                fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
+                with self.referencing():  # until the file is written: no collection deletes what it reuses
+                    skeleton = tree.map_tensors(content, to_ref)
+                    # Written and fsynced a few at a time: the file system commits their fsyncs together.
+                    list(_pool.map(lambda item: self._write_blob(*item), new.items()))
+                    fsync_dir(self.blobs)  # every renamed blob durable before the file that names them
+                    envelope._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs, **where}},
+                                         digested=digests)  # (raises CheckpointError, not OSError)
             except OSError as err:
-                raise faults.CheckpointError(
-                    f"Could not write checkpoint {path}: storing its tensors in {self.blobs} failed: "
-                    f"{err.strerror or err}. The previous checkpoint is untouched; free disk space or "
-                    "fix permissions, then rerun to resume.") from err
-            envelope._write_file(Path(path), {**skeleton, 'blobs': {'refs': refs}}, digested=digests)
+                raise self._failed(path, err) from err
         self.last = stats
         return digests
 
+    def _failed(self, path: Path, err: OSError) -> faults.CheckpointError:
+        return faults.CheckpointError(
+            f"Could not write checkpoint {path}: storing its tensors in {self.blobs} failed: "
+            f"{err.strerror or err}. The previous checkpoint is untouched; free disk space or "
+            "fix permissions, then rerun to resume.")
+
+    def referencing(self) -> StoreLock:
+        """The store's lock, shared: held by whatever adds or moves references to its blobs (a
+        save, a rollback moving files aside) so that no collection runs meanwhile."""
+        return StoreLock(self.root)
+
     def check_own(self) -> None:
-        """Refuse a blob folder that is a link: it would be another store (another experiment's,
-        whose blobs a collection here would delete)."""
-        if self.blobs.is_symlink():
-            raise faults.CheckpointError(
-                f"{self.blobs} is a symbolic link (to {os.readlink(self.blobs)}): refused, since writing or "
-                "collecting blobs there would change another store. Replace it with a folder of its own "
-                "(copy the blobs in, or `solver export` each checkpoint).")
+        """Refuse a blob folder that is a link: it would be another store (another Dora folder's
+        or experiment's, whose blobs a collection here would delete)."""
+        for blobs in dict.fromkeys([self.blobs, self.folder / BLOBS]):
+            if blobs.is_symlink():
+                raise faults.CheckpointError(
+                    f"{blobs} is a symbolic link (to {os.readlink(blobs)}): refused, since writing or "
+                    "collecting blobs there would change another store. Replace it with a folder of its own "
+                    "(copy the blobs in, or `solver export` each checkpoint).")
 
     def _stored(self, key: str) -> bool:
         """Whether blob `key` is on disk and intact (checked once per process: `_trusted`)."""
         target = self.blobs / key
         if key in self._trusted and target.exists():
             return True
-        if target.exists() and _intact(target, key, self.folder):
+        if target.exists() and _intact(target, key, self.root):
             self._trusted.add(key)
             return True
         return False
@@ -152,7 +192,7 @@ class IncrementalStore:
         """Make blob `key` hold `tensor`'s bytes (durable once the folder is fsynced)."""
         target = self.blobs / key
         flat = flat_bytes(tensor)
-        tmp = self.blobs / f'.{key}.tmp.{os.getpid()}'
+        tmp = self.blobs / f'.{key}.tmp.{os.getpid()}.{threading.get_native_id()}'  # other writers: other names
         try:
             with contextlib.suppress(FileNotFoundError):  # a link planted under this name is not followed
                 os.unlink(tmp)
@@ -169,56 +209,102 @@ class IncrementalStore:
             raise
         self._trusted.add(key)
 
-    def collect(self) -> list[str]:
-        """Remove the blobs no checkpoint file under the folder references; return their keys.
+    def collect(self, wait: float = 0.0) -> list[str]:
+        """Remove the blobs no checkpoint file references (`referenced`); return their keys.
 
-        Runs only with the experiment lock held (by this process, or taken here for the time of
-        the call); refuses while another process holds it. Never runs during a `write`.
+        Runs only with the experiment lock of `folder` held (by this process, or taken here for
+        the time of the call); refuses while another process holds it. Deletes from the shared
+        store only under its lock held exclusive, waiting at most `wait` seconds for the saves and
+        rollbacks holding it (then skipped, with a line in the log: a later collection does it).
         """
         with self._mutex, held_or_taken(self.folder):
             self.check_own()
-            if not self.blobs.is_dir():
-                return []
-            used = referenced(self.folder)
-            if used is None:
-                return []
             removed = []
-            for name in sorted(os.listdir(self.blobs)):
-                if KEY.match(name) and name not in used:
-                    unlink(self.blobs / name, inside=self.folder)  # through no link, even one made meanwhile
-                    self._trusted.discard(name)
-                    removed.append(name)
-            if removed:
-                fsync_dir(self.blobs)
+            own = self.folder / BLOBS
+            if self.shared and own.is_dir():  # the experiment's store of the layout before the shared one
+                removed += self._remove_unused(own, self.folder, referenced(self.folder))
+            if not self.blobs.is_dir():
+                return removed
+            try:
+                with StoreLock(self.root, exclusive=True, wait=wait):
+                    clean_stray_blobs(self.root)  # no save is under way: every temporary file is a killed one's
+                    removed += self._remove_unused(self.blobs, self.root, self.referenced())
+            except StoreBusyError as err:
+                logger.info("Not collecting unused checkpoint blobs now: %s; a later save or `solver prune` "
+                            "will.", err)
             return removed
+
+    def _remove_unused(self, blobs: Path, inside: Path, used: set[str] | None) -> list[str]:
+        if used is None:
+            return []
+        removed = []
+        for name in sorted(os.listdir(blobs)):
+            if KEY.match(name) and name not in used:
+                unlink(blobs / name, inside=inside)  # through no link, even one made meanwhile
+                self._trusted.discard(name)
+                removed.append(name)
+        if removed:
+            fsync_dir(blobs)
+        return removed
+
+    def referenced(self) -> set[str] | None:
+        """Keys of the blobs some checkpoint file that may use this store names (every
+        experiment's of the Dora folder); None when one cannot be read (see `referenced`)."""
+        if self.shared:
+            return referenced(self.root / XPS, shared=True, seen=self._seen)
+        return referenced(self.folder, seen=self._seen)
 
     def nbytes(self) -> int:
         """Bytes of the blobs on disk."""
-        return sum(p.stat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
+        return sum(p.stat().st_size for p in self.blobs.iterdir() if KEY.match(p.name)) if self.blobs.is_dir() else 0
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """Every checkpoint file under an experiment folder, those moved aside included."""
-    return sorted(p for p in Path(folder).rglob('*.th') if p.is_file() and BLOBS not in p.parts)
+    """Every checkpoint file (`*.th`) under a folder (an experiment's, or a Dora folder's `xps/`),
+    those moved aside included; links to folders are not followed."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if name != BLOBS]
+        found += [path for name in files if name.endswith('.th') and (path := Path(parent) / name).is_file()]
+    return sorted(found)
 
 
-def _refs(path: Path) -> list[str]:
-    """The blob keys a checkpoint file names (read without its tensors' bytes)."""
+def _refs(path: Path, shared: bool = False) -> list[str]:
+    """The blob keys a checkpoint file names in the Dora folder's store (`shared`) or in a store
+    of its experiment's (read without its tensors' bytes)."""
     payload = envelope.read_unverified(path)
-    if not is_incremental(payload):
+    if not is_incremental(payload) or is_shared(payload) != shared:
         return []
     return [ref[0] for ref in payload['blobs']['refs'] if ref is not None]
 
 
-def referenced(folder: Path) -> set[str] | None:
-    """Keys of the blobs some checkpoint file under `folder` names; None (and a warning) if a
-    file cannot be read: then nothing may be collected."""
+Seen = dict[Path, tuple[tuple[int, ...], list[str]]]  # a file's identity (device, inode, size, mtime) -> its keys
+
+
+def referenced(folder: Path, shared: bool = False, seen: Seen | None = None) -> set[str] | None:
+    """Keys of the blobs some checkpoint file under `folder` names in the Dora folder's store
+    (`shared`), else in the store of its experiment; None (and a warning) if a file cannot be
+    read: then nothing may be collected. `seen`: the keys of files read before, reused while a
+    file is the same (same inode, size and modification time: every save replaces a file by a
+    new one), so that a collection after each save does not read every file of the Dora folder."""
     used: set[str] = set()
-    for path in checkpoint_files(folder):
+    listed = checkpoint_files(folder)
+    for gone in set(seen or ()) - set(listed):
+        del tp.cast(Seen, seen)[gone]
+    for path in listed:
         try:
-            used.update(_refs(path))
+            info = os.lstat(path)
+            identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            known = seen.get(path) if seen is not None else None
+            keys = known[1] if known is not None and known[0] == identity else _refs(path, shared)
+            if seen is not None:
+                seen[path] = (identity, keys)
+            used.update(keys)
         except Exception as err:  # damaged or foreign: its references are unknown
-            logger.warning("Not collecting unused checkpoint blobs: %s cannot be read (%s).", path, err)
+            if not os.path.lexists(path):  # deleted since it was listed (a prune): it names nothing now
+                continue
+            logger.warning("Not collecting unused checkpoint blobs: %s cannot be read (%s). Inspect it "
+                           "(python -m solver.checkpointing.examine FILE), then repair or remove it.", path, err)
             return None
     return used
 
