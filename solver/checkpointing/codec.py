@@ -24,6 +24,7 @@ import os
 import typing as tp
 from pathlib import Path
 
+import numpy as np
 import torch
 import zstandard
 
@@ -103,10 +104,9 @@ def _decode_tensor(frame: torch.Tensor, encoding: str, dtype: torch.dtype, shape
     raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=nbytes)
     if len(raw) != nbytes:
         raise ValueError(f"its frame decodes to {len(raw)} bytes, its entry says {nbytes}")
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    if encoding == 'zstd+shuffle':
-        flat = flat.view(dtype.itemsize, -1).t().contiguous().reshape(-1)
-    return flat.view(dtype).reshape(shape)
+    planes = np.frombuffer(raw, dtype=np.uint8)  # one copy below: unshuffled, or made writable
+    flat = planes.reshape(dtype.itemsize, -1).T.copy() if encoding == 'zstd+shuffle' else planes.copy()
+    return torch.from_numpy(flat).reshape(-1).view(dtype).reshape(shape)
 
 
 def physical_memory() -> int:
