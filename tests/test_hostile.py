@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+import zstandard
 from helpers import SOLVER
 
 from solver.checkpointing import archive, codec, dcp_reader, envelope, faults, sharded
@@ -653,6 +654,8 @@ def _lie_in_header(ref, frame):  # the entry and the frame agree on half the rea
 @pytest.mark.parametrize('mutate, why', [
     (lambda ref, frame: (ref, torch.frombuffer(bytearray(frame_with_content_size(frame.numpy().tobytes(), 1000)),
                                                dtype=torch.uint8)), 'its frame declares 1000 bytes, its entry 160000'),
+    (lambda ref, frame: (ref, torch.frombuffer(bytearray(zstandard.ZstdCompressor(write_content_size=False).compress(
+        bytes(160000))), dtype=torch.uint8)), 'its frame declares no size, its entry 160000'),
     (_lie_in_header, 'compressed tensor 0: decompression error'),
     (lambda ref, frame: (ref, frame[:frame.numel() // 2].clone()), 'compressed tensor 0: decompression error'),
     (lambda ref, frame: ((ref[0], ref[1], (2**38,), 2**40), frame), 'more than a frame of'),
@@ -660,8 +663,8 @@ def _lie_in_header(ref, frame):  # the entry and the frame agree on half the rea
      "bytes of this machine's memory"),
     (lambda ref, frame: ((ref[0], 'torch.float32', (1,), 8), frame), 'declares 8 bytes for a torch.float32'),
     (lambda ref, frame: (('zstd', ref[1], ref[2], ref[3]), frame), 'does not go with torch.float32'),
-], ids=['content size lies', 'decodes beyond the size declared', 'truncated frame', 'more than the file holds',
-        'more than memory', 'shape and size disagree', 'encoding of another dtype'])
+], ids=['content size lies', 'no content size', 'decodes beyond the size declared', 'truncated frame',
+        'more than the file holds', 'more than memory', 'shape and size disagree', 'encoding of another dtype'])
 def test_a_compressed_tensor_that_lies_is_refused_as_damaged_naming_the_file(tmp_path: Path, mutate, why,
                                                                              monkeypatch):
     monkeypatch.setattr(codec, 'physical_memory', lambda: 2**31)  # so that 'more than memory' is small to forge
