@@ -19,10 +19,11 @@ batches (or `--checkpoint`, read with the project's verified reader); the big st
 
 The writer/reader part builds a checkpoint-shaped state from the same floats (a model, its Adam
 moments, its best state: 1/4, 1/2, 1/4 of the bytes) and, `--repeats` times in alternating order,
-writes it with `envelope.write_checkpoint` (the run's writer: O_DIRECT, digests) as a full file
-and as the weights-only file `weights.reduce_file` makes of it (the best state alone, bf16), and
-reads each back with `envelope.read_checkpoint` (digests verified), cold (the file evicted from
-the page cache first); printed: bytes and median times, `uptime`'s load, and the bf16 file's
+writes it with `envelope.write_checkpoint` (the run's writer: O_DIRECT, digests) as a full file,
+compressed (`compress='zstd'`, what `checkpoint.compress=zstd` writes: `codec`) and as the
+weights-only file `weights.reduce_file` makes of it (the best state alone, bf16), and reads each
+back with `envelope.read_checkpoint` (digests verified), cold (the file evicted from the page
+cache first); printed: bytes and median times, `uptime`'s load, and the bf16 file's
 max and RMS relative error against its float32 source, read back through the verified reader.
 """
 
@@ -32,6 +33,7 @@ import argparse
 import lzma
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import typing as tp
@@ -151,10 +153,12 @@ def measure_archive(name: str, data: np.ndarray, repeats: int, folder: Path) -> 
 
     state = checkpoint_state(data)
     meta = {'epoch': 1, 'step': 1}
-    full, reduced = folder / 'full.th', folder / 'reduced.th'
-    times: dict[str, list[float]] = {key: [] for key in ('save full', 'save weights-only bf16',
+    full, reduced, packed = folder / 'full.th', folder / 'reduced.th', folder / 'zstd.th'
+    times: dict[str, list[float]] = {key: [] for key in ('save full', 'save full, compress=zstd',
+                                                         'save weights-only bf16',
                                                          'reduce (read full, cast, write)',
-                                                         'load full, cold', 'load weights-only bf16, cold')}
+                                                         'load full, cold', 'load full, compress=zstd, cold',
+                                                         'load weights-only bf16, cold')}
 
     def timed(key: str, action: tp.Callable[[], tp.Any]) -> tp.Any:
         start = time.perf_counter()
@@ -171,17 +175,20 @@ def measure_archive(name: str, data: np.ndarray, repeats: int, folder: Path) -> 
 
     for repeat in range(repeats):
         steps = [lambda: timed('save full', lambda: envelope.write_checkpoint(full, state, meta)),
+                 lambda: timed('save full, compress=zstd', lambda: envelope.write_checkpoint(
+                     packed, state, meta, compress='zstd')),
                  lambda: timed('save weights-only bf16', lambda: envelope.write_checkpoint(
                      reduced, {'best_state': {'metric': 1.0, 'states': weights.cast(
                          state['best_state']['states'], torch.bfloat16)}}, {**meta, 'weights_only': 'bf16'}))]
         for step in steps if repeat % 2 == 0 else steps[::-1]:
             step()
-        fs.evict(full, reduced)
+        fs.evict(full, reduced, packed)
         loads = [lambda: timed('load full, cold', lambda: envelope.read_checkpoint(full)),
+                 lambda: timed('load full, compress=zstd, cold', lambda: envelope.read_checkpoint(packed)),
                  lambda: timed('load weights-only bf16, cold', lambda: envelope.read_checkpoint(reduced))]
         for step in loads if repeat % 2 == 0 else loads[::-1]:
             step()
-    sizes = {'full': full.stat().st_size}
+    sizes = {'full': full.stat().st_size, 'full, compress=zstd': packed.stat().st_size}
     for _ in range(max(1, repeats // 2)):
         reduce()
     sizes['weights-only bf16'] = reduced.stat().st_size
@@ -190,7 +197,7 @@ def measure_archive(name: str, data: np.ndarray, repeats: int, folder: Path) -> 
     nonzero = source != 0
     relative = np.abs(back[nonzero] - source[nonzero]) / np.abs(source[nonzero])
     print(f"\n{name}, through envelope.write_checkpoint / read_checkpoint: medians of {repeats} "
-          f"(alternating), load average {os.getloadavg()[0]:.2f}")
+          f"(alternating), uptime: {uptime()}")
     print(f"| {'file':<34} | {'bytes':>15} | {'x full':>6} |\n|{'-' * 36}|{'-' * 17}|{'-' * 8}|")
     for key, size in sizes.items():
         print(f"| {key:<34} | {size:>15,} | {size / sizes['full']:>6.3f} |")
@@ -202,6 +209,14 @@ def measure_archive(name: str, data: np.ndarray, repeats: int, folder: Path) -> 
         print(f"| {key:<34} | {median:>15.4f} | {ratio:>6.3f} |")
     print(f"bf16 weights-only file against its float32 source ({source.size:,} values read back through the "
           f"verified reader): relative error max {relative.max():.3g}, RMS {np.sqrt(np.mean(relative ** 2)):.3g}")
+
+
+def uptime() -> str:
+    """What `uptime` says (the load averages: the timings are only as good as the machine was idle)."""
+    try:
+        return subprocess.run(['uptime'], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"load average {os.getloadavg()[0]:.2f}"
 
 
 def main() -> None:

@@ -2,12 +2,13 @@
 memory, time or traceback.
 
 Starts from real checkpoints written by this code (a single file, an incremental file with its
-blobs, a sharded file with its DCP folder), mutates a copy (bit flips, truncation, inserted and
-deleted bytes, swapped records, pickle opcodes replaced or inserted, integers of the pickle --
-sizes, strides, offsets, numels -- changed, files replaced by a FIFO or a link to /dev/zero or
-to a sibling), with the digests recomputed for the mutated content so that the reader cannot
-lean on them (tried for half the structural mutations of single and sharded files; done where
-torch's own loader still loads the mutated file: `+digests` in the report), and feeds it to `read_checkpoint`, `solver
+blobs, a sharded file with its DCP folder, a compressed file: `checkpoint.compress=zstd`), mutates
+a copy (bit flips, truncation, inserted and deleted bytes, swapped records, pickle opcodes replaced
+or inserted, integers of the pickle -- sizes, strides, offsets, numels -- changed, files replaced
+by a FIFO or a link to /dev/zero or to a sibling), with the digests recomputed for the mutated
+content so that the reader cannot lean on them (tried for half the structural mutations of single
+and sharded files; done where torch's own loader still loads the mutated file: `+digests` in the
+report), and feeds it to `read_checkpoint`, `solver
 verify` and a resume (`load_newest_intact`). Each case runs in a forked child under a memory
 bound (RLIMIT_AS; peak RSS checked) and a time bound. The rule, for every case:
 
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 
 from solver import cli
-from solver.checkpointing import envelope, faults, naming, recovery, sharded, store
+from solver.checkpointing import codec, envelope, faults, naming, recovery, sharded, store
 
 MEMORY_BOUND = 512 << 20   # peak resident bytes a case may add: the seeds are a few hundred KiB
 ADDRESS_SLACK = 2 << 30    # RLIMIT_AS above the child's start: the safety net under the bound
@@ -74,12 +75,13 @@ def seed_state() -> tuple[dict[str, tp.Any], dict[str, tp.Any]]:
 
 
 def make_seeds(root: Path) -> dict[str, Path]:
-    """The seed folders: 'single', 'incremental', 'sharded', each holding `checkpoint.th`."""
+    """The seed folders: 'single', 'incremental', 'sharded', 'compressed', each holding `checkpoint.th`."""
     state, meta = seed_state()
-    seeds = {name: root / name for name in ('single', 'incremental', 'sharded')}
+    seeds = {name: root / name for name in ('single', 'incremental', 'sharded', 'compressed')}
     for folder in seeds.values():
         folder.mkdir(parents=True)
     envelope.write_checkpoint(seeds['single'] / naming.LATEST, state, meta)
+    envelope.write_checkpoint(seeds['compressed'] / naming.LATEST, state, meta, compress='zstd')
     store.IncrementalStore(seeds['incremental']).write(seeds['incremental'] / naming.LATEST, state, meta)
     _write_sharded(seeds['sharded'] / naming.LATEST, state, meta)
     return seeds
@@ -205,12 +207,18 @@ def mutate(rng: random.Random, folder: Path) -> dict[str, tp.Any]:
     return case
 
 
+def torch_reads(path: Path) -> tp.Any:
+    """What torch's weights-only loader reads from `path`, a compressed file's tensors decoded."""
+    payload = torch.load(path, map_location='cpu', weights_only=True)
+    return codec.decode(path, payload) if codec.is_compressed(payload) else payload
+
+
 def recompute_digests(path: Path) -> bool:
     """Rewrite the digests recorded in `path` as those of what torch's loader reads from it
     (strings of the same length replaced in the pickle): a forgery a reader cannot tell by its
-    digests. False when torch's loader does not load it."""
+    digests. False when torch's loader does not load it (or its frames do not decode)."""
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
+        payload = torch_reads(path)
         recorded = payload['digests']
         actual = envelope.digests(envelope._covered(payload))
     except Exception:
@@ -287,7 +295,7 @@ def check(folder: Path, case: dict[str, tp.Any], expected: tuple[tp.Any, tp.Any]
     reference = expected
     if case.get('recomputed'):
         try:
-            payload = torch.load(path, map_location='cpu', weights_only=True)
+            payload = torch_reads(path)
             reference = (_placed(payload['state'], expected[0]), payload['meta'])
         except Exception:
             reference = None

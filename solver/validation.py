@@ -64,6 +64,14 @@ def check_config(cfg: tp.Any) -> None:
     if keep_dtype is not None and lookup(cfg, 'fsdp.use'):
         raise ConfigError("checkpoint.keep_dtype cannot reduce sharded (fsdp.use=true) checkpoints: "
                           "set checkpoint.keep_dtype=null, or export the kept files (solver export --dtype bf16).")
+    compress = lookup(cfg, 'checkpoint.compress')
+    if compress is not None and compress not in checkpoint_config.COMPRESS:
+        raise ConfigError(f"checkpoint.compress={compress!r}: expected one of {', '.join(checkpoint_config.COMPRESS)} "
+                          "(or null: tensors stored as they are).")
+    for other in ('checkpoint.incremental', 'fsdp.use'):
+        if compress is not None and lookup(cfg, other):
+            raise ConfigError(f"checkpoint.compress={compress} cannot be combined with {other}=true: "
+                              f"set one of them off (checkpoint.compress=null or {other}=false).")
     if lookup(cfg, 'checkpoint.incremental') and lookup(cfg, 'fsdp.use'):  # [incremental]
         raise ConfigError("checkpoint.incremental=true cannot store sharded (fsdp.use=true) checkpoints: "
                           "set one of them to false.")

@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+import zstandard
 from helpers import SOLVER
 
-from solver.checkpointing import archive, dcp_reader, envelope, faults, sharded
+from solver.checkpointing import archive, codec, dcp_reader, envelope, faults, sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -614,3 +615,66 @@ def test_a_solver_like_state_loads_through_the_restricted_unpickler_not_torchs(t
     # parameters, both Adam moments and Adam's step count, for each parameter
     assert ckpt.meta['config'] == {'a': [1, 2.0, None, 'x']} and len(ckpt.live) == len(list(model.parameters())) * 4
     assert ckpt.state['rng'].keys() == state['rng'].keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed checkpoints (checkpoint.compress=zstd): an entry or a frame that lies
+
+
+def frame_with_content_size(frame: bytes, size: int) -> bytes:
+    """`frame` with the content size its header declares replaced by `size` (same field width)."""
+    descriptor = frame[4]
+    single, dict_flag, fcs_flag = descriptor >> 5 & 1, descriptor & 3, descriptor >> 6
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    value = size - 256 if width == 2 else size
+    return frame[:at] + value.to_bytes(width, 'little') + frame[at + width:]
+
+
+Mutation = tp.Callable[[list[tp.Any], torch.Tensor], tuple[tp.Any, torch.Tensor]]
+
+
+def forge_compressed(path: Path, mutate: Mutation) -> Path:
+    """An honest compressed checkpoint of one tensor whose table entry and frame `mutate` rewrites;
+    its digests left as they were (of the honest tensor)."""
+    envelope.write_checkpoint(path, {'w': torch.arange(40000, dtype=torch.float32)}, {'epoch': 1}, compress='zstd')
+    payload = torch.load(path, weights_only=True)
+    ref, payload['state']['w'] = mutate(list(payload['compressed']['refs'][0]), payload['state']['w'])
+    payload['compressed']['refs'][0] = tuple(ref)
+    with open(path, 'wb') as f:
+        archive.save(payload, f)
+    return path
+
+
+def _lie_in_header(ref, frame):  # the entry and the frame agree on half the real size
+    return (ref[0], ref[1], (20000,), 80000), torch.frombuffer(
+        bytearray(frame_with_content_size(frame.numpy().tobytes(), 80000)), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize('mutate, why', [
+    (lambda ref, frame: (ref, torch.frombuffer(bytearray(frame_with_content_size(frame.numpy().tobytes(), 1000)),
+                                               dtype=torch.uint8)), 'its frame declares 1000 bytes, its entry 160000'),
+    (lambda ref, frame: (ref, torch.frombuffer(bytearray(zstandard.ZstdCompressor(write_content_size=False).compress(
+        bytes(160000))), dtype=torch.uint8)), 'its frame declares no size, its entry 160000'),
+    (_lie_in_header, 'compressed tensor 0: decompression error'),
+    (lambda ref, frame: (ref, frame[:frame.numel() // 2].clone()), 'compressed tensor 0: decompression error'),
+    (lambda ref, frame: ((ref[0], ref[1], (2**38,), 2**40), frame), 'more than a frame of'),
+    (lambda ref, frame: ((ref[0], ref[1], (2**30,), 2**32), torch.zeros(2**32 // codec.MAX_RATIO, dtype=torch.uint8)),
+     "bytes of this machine's memory"),
+    (lambda ref, frame: ((ref[0], 'torch.float32', (1,), 8), frame), 'declares 8 bytes for a torch.float32'),
+    (lambda ref, frame: (('zstd', ref[1], ref[2], ref[3]), frame), 'does not go with torch.float32'),
+], ids=['content size lies', 'no content size', 'decodes beyond the size declared', 'truncated frame',
+        'more than the file holds', 'more than memory', 'shape and size disagree', 'encoding of another dtype'])
+def test_a_compressed_tensor_that_lies_is_refused_as_damaged_naming_the_file(tmp_path: Path, mutate, why,
+                                                                             monkeypatch):
+    monkeypatch.setattr(codec, 'physical_memory', lambda: 2**31)  # so that 'more than memory' is small to forge
+    path = forge_compressed(tmp_path / 'checkpoint.th', mutate)
+    with pytest.raises(faults.CorruptCheckpointError) as err:
+        envelope.read_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and 'damaged' in message and why in message and '\n' not in message
+
+
+def test_an_honest_compressed_file_rewritten_by_the_forger_still_loads(tmp_path: Path):
+    path = forge_compressed(tmp_path / 'checkpoint.th', lambda ref, frame: (ref, frame))
+    assert torch.equal(envelope.read_checkpoint(path).state['w'], torch.arange(40000, dtype=torch.float32))

@@ -515,7 +515,8 @@ def test_a_short_fuzz_run_finds_no_input_that_breaks_the_rule(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report['mutations'] == 200 and report['rule_broken'] == 0
-    assert {kind.split('/')[0] for kind in report['by_seed_and_kind']} == {'single', 'incremental', 'sharded'}
+    assert {kind.split('/')[0] for kind in report['by_seed_and_kind']} == {'single', 'incremental', 'sharded',
+                                                                              'compressed'}
     assert not (tmp_path / 'failures').exists()
 
 

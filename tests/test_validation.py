@@ -145,3 +145,15 @@ def test_keep_dtype_is_refused_naming_the_key_for_a_dtype_it_does_not_reduce_to_
     with pytest.raises(ConfigError) as err:
         builders.check_config(config(*overrides))
     assert message in str(err.value) and '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (('checkpoint.compress=lz4',), "checkpoint.compress='lz4': expected one of zstd"),
+    (('checkpoint.compress=zstd', 'checkpoint.incremental=true'),
+     'checkpoint.compress=zstd cannot be combined with checkpoint.incremental=true'),
+    (('checkpoint.compress=zstd', 'fsdp.use=true'), 'checkpoint.compress=zstd cannot be combined with fsdp.use=true'),
+])
+def test_compress_is_refused_naming_the_keys_for_an_unknown_codec_incremental_or_sharded_states(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        builders.check_config(config(*overrides))
+    assert message in str(err.value) and '\n' not in str(err.value)

@@ -9,6 +9,7 @@ but `solver.errors` (tests/test_imports.py); ranks reach it as an argument (`ran
     envelope     one file: header, digests, atomic write, safe read     faults  its errors
     listing      a folder's epoch files and their metrics                recovery  newest intact
     archive      the fast torch-zip writer/reader;  directio  O_DIRECT and flush-behind sinks
+    codec        checkpoint.compress: tensors as zstd frames, and their bounded decoding
     unpickler    the restricted unpickler a checkpoint from elsewhere is read with
     sharded      DCP shard folders for FSDP;  dcp_reader  the hardened reader of such folders
     writer       sync/async saving, staging buffers

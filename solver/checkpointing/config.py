@@ -27,6 +27,7 @@ class Rule:
 
 
 KEEP_DTYPES = ('bf16', 'fp16')  # the values of `checkpoint.keep_dtype` (`weights`)
+COMPRESS = ('zstd',)            # the values of `checkpoint.compress` (`codec.ENCODINGS`)
 AT_LEAST_0 = Rule('null or an integer >= 0', lambda v: v >= 0, integer=True)
 AT_LEAST_1 = Rule('null or an integer >= 1', lambda v: v >= 1, integer=True)
 
@@ -60,6 +61,7 @@ class CheckpointConfig:
     strict: bool = key(True)
     async_save: bool = key(True)
     incremental: bool = key(False)
+    compress: str | None = key(None)
     staging_max_mb: float | None = key(None)
     every_steps: int | None = key(None, AT_LEAST_1, saving=True)
     every_minutes: float | None = key(None, Rule('null or a number > 0', lambda v: v > 0), saving=True)

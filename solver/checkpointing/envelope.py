@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import archive, blobs, sharded, tree, unpickler
+from . import archive, blobs, codec, sharded, tree, unpickler
 from .digest import tensor_digest
 from .faults import CheckpointError, CorruptCheckpointError, DamagedIntoLiveError, UnsafeCheckpointError
 from .fs import UnsafeFileError, atomic_open, open_file
@@ -145,13 +145,25 @@ def _covered(payload: dict[str, tp.Any]) -> dict[str, tp.Any]:
 
 
 def write_checkpoint(path: Path, state: dict[str, tp.Any], meta: dict[str, tp.Any],
-                     ranks: Ranks = DEFAULT_RANKS) -> dict[str, tp.Any] | None:
+                     ranks: Ranks = DEFAULT_RANKS, compress: str | None = None) -> dict[str, tp.Any] | None:
     """Write `state` and `meta` to `path` atomically, with digests of the state.
 
     A state with DTensors is sharded: every rank of `ranks` must call this (a collective). Each
     writes its shards; rank 0 then writes the file, and no rank returns before it is durable.
+    `compress='zstd'` stores the state's tensors compressed (`codec`); not for a sharded state.
     Returns the digests recorded in the file (None for a sharded state).
     """
+    if compress is not None and compress not in codec.ENCODINGS:
+        raise CheckpointError(f"Cannot write {path}: compress={compress!r}, expected one of {codec.ENCODINGS} or None.")
+    if compress is not None and sharded.has_dtensors(state):
+        raise CheckpointError(f"Cannot write {path} compressed: the state is sharded (FSDP). Set "
+                              "checkpoint.compress=null for sharded runs.")
+    if compress is not None:
+        content = {'meta': meta, 'state': state}
+        tree.skeleton(content, [])  # a value that cannot be saved raises here, before anything is encoded
+        recorded = digests(content)  # of the state itself: checked on the decoded tensors
+        frames, table = codec.encode(state)
+        return _write_file(path, {'meta': meta, 'state': frames, 'compressed': table}, digested=recorded)
     if not sharded.has_dtensors(state):
         return _write_file(path, {'meta': meta, 'state': state})
     try:
@@ -265,7 +277,8 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
     refused: Exception | None = None
     try:  # tensors read in file order by another thread, each hashed as soon as it is read
         unpickler.check_records(f)  # before either unpickler inflates anything
-        targets = (lambda payload: _live_pairs(payload.get('state'), into)) if into is not None else None
+        targets = (lambda payload: () if codec.is_compressed(payload)  # frames are never read into live tensors
+                   else _live_pairs(payload.get('state'), into)) if into is not None else None
         f.seek(0)
         payload, reading = archive.load(f, targets)
     except unpickler.Refused as err:  # a tensor changed after it was built, too large a view: no second try
@@ -282,6 +295,10 @@ def _read_payload(path: Path, f: tp.BinaryIO, into: tp.Any = None) -> tuple[tp.A
     try:
         if blobs.is_incremental(payload):
             payload = blobs.resolve(path, payload)
+        if codec.is_compressed(payload):  # every entry checked before its frame is decompressed
+            if reading is not None:
+                reading.wait()
+            payload = codec.decode(path, payload)
         ckpt = verify(path, payload, reading.ready if reading is not None else None)
         if reading is not None:
             reading.wait()  # every tensor was hashed, hence read: this only makes sure

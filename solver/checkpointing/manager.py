@@ -128,7 +128,7 @@ class CheckpointManager:
         self.agree = agree
         self.policies = policy.from_config(cfg, lower_is_better)
         self.writer = CheckpointWriter(SaveMode.ASYNC if cfg.async_save else SaveMode.SYNC,
-                                       staging_max_mb=cfg.staging_max_mb, ranks=ranks)
+                                       staging_max_mb=cfg.staging_max_mb, ranks=ranks, compress=cfg.compress)
         self.writer.listeners.append(self._after_durable)
         if cfg.keep_dtype is not None:  # [keep_dtype] refused here too for a manager made without validation
             weights.check_dtype(cfg.keep_dtype)

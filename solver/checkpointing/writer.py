@@ -178,8 +178,9 @@ def background_priority() -> None:
 
 class CheckpointWriter:
     def __init__(self, mode: SaveMode | str = SaveMode.SYNC, staging_max_mb: float | None = None,
-                 ranks: Ranks = DEFAULT_RANKS) -> None:
+                 ranks: Ranks = DEFAULT_RANKS, compress: str | None = None) -> None:
         self.mode = SaveMode(mode)
+        self.compress = compress  # checkpoint.compress: the files' tensors as zstd frames (`codec`)
         self.ranks = ranks  # who saves together (see `ranks`)
         self.staging_max_mb = staging_max_mb
         self.staging = StagingBuffers()
@@ -244,7 +245,7 @@ class CheckpointWriter:
     def _write(self, state: dict[str, tp.Any], targets: dict[Path, tp.Sequence[str] | None],
                meta: dict[str, tp.Any], begin: float, staged: bool = False) -> None:
         write = (self.store.write if self.store is not None  # [incremental]
-                 else functools.partial(envelope.write_checkpoint, ranks=self.ranks))
+                 else functools.partial(envelope.write_checkpoint, ranks=self.ranks, compress=self.compress))
         full: dict[Path, tp.Any] = {}
         for path, names in targets.items():
             if names:
