@@ -96,6 +96,7 @@ def throughput(size_mib: int, work: Path) -> None:
 
 def training(args: argparse.Namespace, work: Path) -> None:
     from solver import builders
+    from solver.checkpointing.manager import Moment
     from solver.train import main as dora_main
     dora_main.dora.dir = work / 'dora'
     overrides = ['solver=drum_rnn', 'logging.log_updates=1000000', *args.overrides]
@@ -103,7 +104,7 @@ def training(args: argparse.Namespace, work: Path) -> None:
     with xp.enter():
         solver = builders.get_solver(xp.cfg)
         solver.cfg.optim.updates_per_epoch = args.steps
-        solver.writer.prepare(solver.full_state())
+        solver.manager.prepare(solver.full_state)
         mirror = remote.RemoteMirror(f's3://{BUCKET}/train', solver.folder)
         params = sum(p.numel() for p in solver.model.parameters())
 
@@ -112,6 +113,7 @@ def training(args: argparse.Namespace, work: Path) -> None:
             solver.run_stage('train', solver.train)
             elapsed = time.perf_counter() - begin
             solver._start_epoch()  # nothing is committed here
+            solver.progress.new_epoch()
             return elapsed
 
         epoch()  # warm-up
@@ -119,19 +121,19 @@ def training(args: argparse.Namespace, work: Path) -> None:
         overlapped, uploads = [], []
         for _ in range(args.pairs):
             for variant in ('without', 'with'):
-                solver.save_checkpoints()
-                solver.writer.wait()
+                solver.save_checkpoint(Moment.EPOCH_END)
+                solver.manager.wait()
                 begin = time.perf_counter()
                 if variant == 'with':
-                    mirror.notify([solver.checkpoint_path])
+                    mirror.notify([solver.manager.latest_path])
                 times[variant].append(epoch())
                 if variant == 'with':
                     overlapped.append(mirror.flush(0))
                     assert mirror.flush(600)
                     uploads.append(time.perf_counter() - begin)
         mirror.close()
-        solver.writer.close()
-    size = solver.checkpoint_path.stat().st_size / 2**20
+        solver.manager.close()
+    size = solver.manager.latest_path.stat().st_size / 2**20
     step = {k: statistics.median(v) / args.steps for k, v in times.items()}
     print(f"drum RNN {solver.cfg.model.num_layers}x{solver.cfg.model.hidden_size} ({params / 1e6:.1f}M parameters), "
           f"checkpoint {size:.0f} MiB, {args.steps} steps per epoch, {args.pairs} pairs, "
