@@ -17,7 +17,7 @@ from pathlib import Path
 from .checkpointing import blobs, envelope, faults, lock, manager, naming, policy, remote, store
 from .checkpointing.config import CheckpointConfig
 from .checkpointing.fs import atomic_open, fsync_dir
-from .experiment import ROLLED_BACK, CheckpointFile, Experiment, ExperimentError, shard_folders
+from .experiment import CheckpointFile, Experiment, ExperimentError, rolled_back_folder, shard_folders
 
 COLLECT_WAIT = 60.0  # seconds prune waits for the saves and rollbacks of other experiments to let it collect
 
@@ -57,9 +57,7 @@ def rollback(xp: Experiment, to: str) -> Rollback:
         except faults.CheckpointError as err:
             raise ExperimentError(f"Cannot roll back to epoch {epoch}: {err}") from None
         history = xp.history
-        dest = xp.folder / ROLLED_BACK / time.strftime('%Y%m%d-%H%M%S')
-        while dest.exists():
-            dest = dest.with_name(dest.name + '+')
+        dest = rolled_back_folder(xp.folder)
         moved: list[Path] = []
         abandoned = [c.path for c in reversed(files) if c.path != chosen.path and _after(c, epoch)]
         if (xp.config.get('checkpoint') or {}).get('remote'):  # before the moves: a kill between leaves

@@ -18,6 +18,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,14 @@ class CheckpointFile:
             return f"weights only ({self.meta['weights_only']}), not resumable"
         partial = self.meta.get('partial')
         return f"only {','.join(map(str, partial))}" if partial else 'full'
+
+
+def rolled_back_folder(folder: Path) -> Path:
+    """A new `<folder>/rolled_back/<time>/` (not made yet) for what a rollback sets aside."""
+    dest = folder / ROLLED_BACK / time.strftime('%Y%m%d-%H%M%S')
+    while dest.exists():
+        dest = dest.with_name(dest.name + '+')
+    return dest
 
 
 def shard_folders(path: Path) -> list[Path]:

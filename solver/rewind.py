@@ -134,9 +134,7 @@ def rollback_partial(xp: Experiment, to: str, only: str | tp.Sequence[str]) -> P
 def _aside(folder: Path, paths: tp.Sequence[Path], text: str) -> Path:
     """Hard links (copies where links fail) of `paths` that exist in a new
     `<folder>/rolled_back/<time>/`, with a note; durable before the originals are replaced."""
-    dest = folder / experiment.ROLLED_BACK / time.strftime('%Y%m%d-%H%M%S')
-    while dest.exists():
-        dest = dest.with_name(dest.name + '+')
+    dest = experiment.rolled_back_folder(folder)
     dest.mkdir(parents=True)
     for path in dict.fromkeys(paths):
         if path.is_file() and not path.is_symlink():
