@@ -30,7 +30,7 @@ from .checkpointing.partial import LoadReport
 from .divergence import LossWatch
 from .early_stop import EarlyStop
 from .ema import ModuleDictEMA
-from .errors import DivergenceError, SolverError
+from .errors import ConfigError, DivergenceError, SolverError
 from .logs import ProgressLog, describe_modules, replay_history, write_history
 from .preemption import PreemptionHandler, StopRequested
 from .progress import Progress
@@ -75,6 +75,9 @@ class StandardSolver(flashy.BaseSolver):
         startup.reached('data')
         self.build_model()
         self.freeze.check()
+        self.lr_scheduler = self.build_lr_scheduler()
+        if self.lr_scheduler is not None:
+            self.register_stateful('lr_scheduler')
         startup.reached('model')
         self.register_stateful('best_state', 'rng', 'progress')
 
@@ -116,6 +119,24 @@ class StandardSolver(flashy.BaseSolver):
         return find_pretrained(name, locations.pretrained_dir())
 
     # -- registration and swaps ---------------------------------------------------------------
+
+    def build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The `schedule.*` scheduler of `self.optimizer`, stepped after each training update and
+        saved with the run as the state 'lr_scheduler' (None without `schedule.lr_scheduler`). A
+        task with several optimizers overrides this, or builds its schedulers in `build_model`."""
+        schedule = self.cfg.get('schedule')
+        name = schedule.get('lr_scheduler') if schedule else None
+        if not name:
+            return None
+        optimizer = getattr(self, 'optimizer', None)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"schedule.lr_scheduler={name}: {type(self).__name__} has no `self.optimizer` to "
+                              "schedule; set schedule.lr_scheduler=null, or build the scheduler in the solver.")
+        total = self.cfg.optim.epochs * (self.cfg.optim.updates_per_epoch or len(self.dataloaders['train']))
+        scheduler = builders.get_lr_scheduler(optimizer, schedule, total)
+        logger.info("Learning rate: %s from %g over %d updates%s.", name, self.cfg.optim.lr, total,
+                    f", {schedule.warmup} of warmup" if schedule.get('warmup') else '')
+        return scheduler
 
     def registered(self, name: str) -> tp.Any:
         """The object registered as `name` (a dotted attribute path of the solver)."""
@@ -296,6 +317,8 @@ class StandardSolver(flashy.BaseSolver):
 
     def after_train_step(self, done: int, total: int) -> None:
         """Bookkeeping after an optimizer step; mid-epoch checkpoint or preemption save."""
+        if self.lr_scheduler is not None:  # before any save below: the saved state has this update
+            self.lr_scheduler.step()
         self.progress.stepped(done)
         startup.first_step()  # logs where the start of the run went, once
         if self.ema is not None:

@@ -54,6 +54,7 @@ def check_config(cfg: tp.Any) -> None:
     number(cfg, 'early_stop.min_delta', 'a number >= 0', lambda v: v >= 0, optional=True)
     number(cfg, 'cache.max_mb', 'a number > 0 (cache.use=false turns the data cache off)', lambda v: v > 0,
            optional=True)
+    check_schedule(cfg)
     stage = cfg.get('execute_only')
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"execute_only={stage!r}: expected one of {', '.join(STAGES)} (or null).")
@@ -79,6 +80,22 @@ def check_config(cfg: tp.Any) -> None:
         raise ConfigError("checkpoint.incremental=true with checkpoint.remote: the mirror copies checkpoint "
                           "files, not the blobs they name; set checkpoint.incremental=false to mirror.")
     check_saves_something(cfg)
+
+
+SCHEDULERS = ('cosine', 'step')  # schedule.lr_scheduler (builders.get_lr_scheduler)
+
+
+def check_schedule(cfg: tp.Any) -> None:
+    """schedule.*: a known scheduler and the numbers it needs (counted in training updates)."""
+    name = lookup(cfg, 'schedule.lr_scheduler')
+    if name is not None and name not in SCHEDULERS:
+        raise ConfigError(f"schedule.lr_scheduler={name!r}: expected one of {', '.join(SCHEDULERS)} (or null: "
+                          "a constant optim.lr).")
+    number(cfg, 'schedule.warmup', 'null or an integer >= 0 (updates of linear warmup)', lambda v: v >= 0,
+           integer=True, optional=True)
+    number(cfg, 'schedule.step_size', 'an integer >= 1 (updates between decays)', lambda v: v >= 1, integer=True,
+           optional=name != 'step')
+    number(cfg, 'schedule.gamma', 'a number > 0 (the factor of each decay)', lambda v: v > 0, optional=True)
 
 
 def check_saves_something(cfg: tp.Any) -> None:

@@ -93,3 +93,13 @@ class FaultySolver(RegressionSolver):
             self.check_stop()
             self.slow('generate', idx)
         return super().generate()
+
+
+class NoOptimizerSolver(RegressionSolver):
+    """The regression solver with its optimizer under another name (`self.adam`): a task the
+    framework cannot build `schedule.lr_scheduler` for."""
+
+    def build_model(self) -> None:
+        super().build_model()
+        self.adam = self.optimizer
+        del self.optimizer

@@ -59,6 +59,9 @@ def test_the_shipped_configs_pass(solver):
     ('early_stop.patience=-1', 'null or an integer >= 0'),
     ('early_stop.min_delta=-0.5', 'a number >= 0'),
     ('optim.updates_per_epoch=0', 'null or an integer >= 1'),
+    ('schedule.lr_scheduler=linear', 'one of cosine, step'),
+    ('schedule.warmup=-5', 'an integer >= 0'),
+    ('schedule.gamma=0', 'a number > 0'),
 ])
 def test_an_impossible_value_is_refused_naming_key_value_and_what_is_allowed(override, allowed):
     key, value = override.split('=')
@@ -66,6 +69,12 @@ def test_an_impossible_value_is_refused_naming_key_value_and_what_is_allowed(ove
         builders.check_config(config(override))
     assert f"{key}=" in str(err.value) and allowed in str(err.value)
     assert value.lower() in str(err.value).lower()
+
+
+def test_a_step_schedule_without_step_size_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r'schedule.step_size=None .*updates between decays'):
+        builders.check_config(config('schedule.lr_scheduler=step'))
+    builders.check_config(config('schedule.lr_scheduler=step', 'schedule.step_size=10'))
 
 
 def test_base_yaml_holds_exactly_the_checkpoint_keys_and_defaults_of_their_definition():
