@@ -132,7 +132,7 @@ class StandardSolver(flashy.BaseSolver):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"schedule.lr_scheduler={name}: {type(self).__name__} has no `self.optimizer` to "
                               "schedule; set schedule.lr_scheduler=null, or build the scheduler in the solver.")
-        total = self.cfg.optim.epochs * (self.cfg.optim.updates_per_epoch or len(self.dataloaders['train']))
+        total = self.cfg.optim.epochs * (self.cfg.optim.updates_per_epoch or len(self.dataloaders['train']))  # type: ignore[arg-type]
         scheduler = builders.get_lr_scheduler(optimizer, schedule, total)
         logger.info("Learning rate: %s from %g over %d updates%s.", name, self.cfg.optim.lr, total,
                     f", {schedule.warmup} of warmup" if schedule.get('warmup') else '')
