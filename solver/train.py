@@ -16,7 +16,7 @@ import torch
 from dora import get_xp, hydra_main
 from omegaconf import DictConfig
 
-from . import builders, distrib, locations, preemption, slurm, startup
+from . import builders, distrib, locations, preemption, slurm, startup, threads
 from .checkpointing.fs import UnsafeFileError
 from .checkpointing.lock import ExperimentLock
 from .checkpointing.objectstore import secret_in
@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> None:
         slurm.log_job()
         distrib.init(cfg)
         seed_everything(cfg.seed)
-        if cfg.get('num_threads'):
-            torch.set_num_threads(cfg.num_threads)
+        threads.warn_if_busy(threads.apply(cfg.get('num_threads')))
         builders.check_config(cfg)
         if distrib.is_rank_zero():
             with ExperimentLock(xp.folder):
