@@ -21,6 +21,7 @@ not the FLOPs a lookup would need (8*H*I_1 per token of the forward would go).
     python scripts/bench_flops.py                          # the default model, threads 1 and 2
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_flops.py  # idle OpenMP threads sleep, not spin
     python scripts/bench_flops.py --threads 2 --batch 64 128 --dtype float32 bfloat16
+    python scripts/bench_flops.py --profile --threads 2 --batch 32 --dtype float32  # where a step's time goes
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ def main() -> None:
     parser.add_argument('--layers', type=int, default=3)
     parser.add_argument('--steps', type=int, default=5, help='timed steps per variant and round')
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--profile', action='store_true',
+                        help="instead: where a step's CPU time goes (torch.profiler), for the first of each option")
     args = parser.parse_args()
+    if args.profile:
+        profile(Step(args.batch[0], args.window, args.hidden, args.layers, args.dtype[0]), args.threads[0], args.steps)
+        return
 
     variants = list(itertools.product(args.threads, args.batch, args.dtype))
     steps = {(b, d): Step(b, args.window, args.hidden, args.layers, d) for _, b, d in variants}
@@ -122,6 +128,22 @@ def main() -> None:
         print(f"step   {threads} thread(s) {dtype:>8} batch {batch:4d}: {1 / seconds:6.2f} steps/s "
               f"{batch * (args.window - 1) / seconds:8.0f} tokens/s  {flops / 1e9:5.1f} GFLOP/step "
               f"{flops / seconds / 1e9:7.1f} GFLOP/s = {flops / seconds / peak:6.1%} of the {peak_dtype} matmul peak")
+
+
+def profile(step: Step, threads: int, steps: int) -> None:
+    """Print the operators of `steps` training steps by their share of the self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+    torch.set_num_threads(threads)
+    step()  # warm-up
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        repeat(step, steps)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{steps} steps, {threads} thread(s), self CPU time {total / 1e6:.2f} s "
+          f"({total / 1e6 / steps:.3f} s per step, summed over threads)")
+    for event in events[:15]:
+        print(f"{event.self_cpu_time_total / total:6.1%}  {event.count / steps:6.0f} calls/step  {event.key}")
 
 
 def repeat(step: Step, times: int) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from solver import builders
+from solver import builders, threads
 from solver.drums import data
 from solver.drums.encoding import NUM_EVENTS
 
@@ -52,8 +52,12 @@ def solver_loop(solver: tp.Any, steps: int) -> float:
     solver.cfg.optim.updates_per_epoch = steps
     begin = time.perf_counter()
     solver.run_stage('train', solver.train)
+    elapsed = time.perf_counter() - begin
+    if solver.progress.epoch_step != steps:  # the stage stopped short: the figure would mean nothing
+        raise RuntimeError(f"the solver's train stage made {solver.progress.epoch_step} of {steps} steps")
     solver._start_epoch()  # forget the stage's metrics: nothing is committed here
-    return time.perf_counter() - begin
+    solver.progress.new_epoch()  # and its position in the epoch, so that the next repeat trains again
+    return elapsed
 
 
 def main() -> None:
@@ -66,8 +70,7 @@ def main() -> None:
     from solver.train import main as dora_main
     dora_main.dora.dir = Path(os.environ.get('SOLVER_DORA_DIR') or tempfile.mkdtemp(prefix='bench-training-'))
     xp = dora_main.get_xp(['solver=drum_rnn', 'logging.log_updates=1000000', *args.overrides])
-    if xp.cfg.get('num_threads'):  # as `dora run` sets them (solver/train.py)
-        torch.set_num_threads(xp.cfg.num_threads)
+    threads.apply(xp.cfg.get('num_threads'))  # as `dora run` sets them (solver/train.py)
     with xp.enter():
         solver = builders.get_solver(xp.cfg)
         cfg = solver.cfg

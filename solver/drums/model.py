@@ -308,7 +308,8 @@ def sequence_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None = None)
     keep = labels != IGNORE_INDEX
     if mask is not None:
         keep = keep & mask.reshape(-1).bool()
-    logits, labels = logits[keep], labels[keep]
+    if not bool(keep.all()):  # a training batch skips nothing: no gather, and no scatter in backward
+        logits, labels = logits[keep], labels[keep]
     correct = logits.argmax(-1) == labels
     event = labels != NO_EVENT
     return {

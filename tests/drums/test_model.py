@@ -195,6 +195,21 @@ def test_metrics_skip_ignored_labels_and_masked_positions():
         assert int(sums['count']) == 2
 
 
+def test_metrics_of_a_batch_that_skips_nothing_are_bitwise_those_of_the_gathered_positions():
+    # A training batch keeps every position, and then the positions are not gathered (nor their
+    # gradient scattered back): the loss and its gradient must be the very bits of the gathered path.
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 63, NUM_EVENTS, generator=generator)
+    labels = torch.randint(0, NUM_EVENTS, (4, 63), generator=generator)
+    fast, gathered = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = sequence_metrics(fast, labels)['loss_sum']
+    keep = torch.ones(4 * 63, dtype=torch.bool)
+    reference = F.cross_entropy(gathered.reshape(-1, NUM_EVENTS)[keep], labels.reshape(-1)[keep], reduction='sum')
+    loss.backward()
+    reference.backward()
+    assert torch.equal(loss, reference) and torch.equal(fast.grad, gathered.grad)
+
+
 def test_metrics_add_up_over_batches():
     logits, labels = hand_made_logits()
     halves = [sequence_metrics(logits[:, :2], labels[:, :2]), sequence_metrics(logits[:, 2:], labels[:, 2:])]
