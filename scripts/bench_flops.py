@@ -18,7 +18,7 @@ softmax, Adam: a few per cent). Per token (B*(W-1) of them; the model predicts W
 The first layer's input is one-hot: the kernel multiplies it densely, so these are the FLOPs done,
 not the FLOPs a lookup would need (8*H*I_1 per token of the forward would go).
 
-    python scripts/bench_flops.py                          # the default model, threads 1 and 2
+    python scripts/bench_flops.py                          # the default run's step (batch 16), threads 1 and 2
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_flops.py  # idle OpenMP threads sleep, not spin
     python scripts/bench_flops.py --threads 2 --batch 64 128 --dtype float32 bfloat16
     python scripts/bench_flops.py --profile --threads 2 --batch 32 --dtype float32  # where a step's time goes
@@ -86,7 +86,7 @@ class Step:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--threads', type=int, nargs='+', default=[1, 2])
-    parser.add_argument('--batch', type=int, nargs='+', default=[64])
+    parser.add_argument('--batch', type=int, nargs='+', default=[16], help='batch sizes (16: the default run)')
     parser.add_argument('--dtype', nargs='+', default=['float32', 'bfloat16'], choices=['float32', 'bfloat16'])
     parser.add_argument('--window', type=int, default=64)
     parser.add_argument('--hidden', type=int, default=256)

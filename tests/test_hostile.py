@@ -389,8 +389,11 @@ def test_a_full_disk_at_start_stops_in_one_line(dora_tools, tmp_path: Path):
 
 @pytest.mark.integration
 def test_ctrl_c_stops_in_one_line_with_130_and_the_checkpoint_intact(dora_tools, dora_dir: Path):
+    # 100 epochs: minutes of training, so that the signal lands mid-run even when a loaded machine
+    # lets this test notice the second save late (3 epochs took 3 s, and once ended first).
     overrides = ('solver=regression', 'model.hidden_size=512', 'dataset.dim=256', 'dataset.batch_size=256',
-                 'dataset.train_size=24576', 'checkpoint.every_steps=4', 'checkpoint.async_save=true')
+                 'dataset.train_size=24576', 'checkpoint.every_steps=4', 'checkpoint.async_save=true',
+                 'optim.epochs=100')
     with dora_tools.start(dora_dir, *overrides) as run:
         run.wait_for(lambda: run.output().count(' - Checkpoint checkpoint.th') >= 2, 'two saves')
         run.send(2)  # SIGINT, what Ctrl-C sends
