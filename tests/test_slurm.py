@@ -53,6 +53,10 @@ def release_requeued(job: str, timeout: float = 60) -> float:
         assert time.monotonic() < deadline, f"job {job} not requeued after {timeout}s: {squeue(job)}"
         time.sleep(0.05)
     requeued = time.monotonic()
+    # slurmd refuses a credential made in the same second as the kill that revoked the job's last one
+    # ("Killing non-startable batch JobId=N: Job credential revoked": it compares whole seconds), so a
+    # release within that second fails the job. Wait for the next second but one.
+    time.sleep(2)
     subprocess.run(['scontrol', 'update', f'jobid={job}', 'StartTime=now'], check=True)
     return requeued
 
