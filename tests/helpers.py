@@ -171,6 +171,14 @@ def copy_xp(source: SimpleNamespace, tmp_path: Path) -> SimpleNamespace:
     return SimpleNamespace(dora_dir=dora_dir, folder=dora_dir / 'xps' / source.folder.name)
 
 
+def back_to_epoch_1(folder: Path, epochs: int = 3) -> None:
+    """Leave an experiment of `epochs` epochs with `save_every=1` as if it had stopped after epoch 1:
+    its epoch-1 checkpoint as the latest, the later epoch files gone. A rerun then resumes there."""
+    shutil.copyfile(folder / 'checkpoint_1.th', folder / 'checkpoint.th')
+    for epoch in range(2, epochs + 1):
+        (folder / f'checkpoint_{epoch}.th').unlink()
+
+
 def temporary_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob('.checkpoint*.tmp.*'))
 

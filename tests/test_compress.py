@@ -4,13 +4,12 @@ Forged entries and frames: tests/test_hostile.py."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REGRESSION, SOLVER, copy_xp, history, run_dora, run_xp, without_durations
+from helpers import REGRESSION, SOLVER, back_to_epoch_1, copy_xp, history, run_dora, run_xp, without_durations
 
 from solver.checkpointing import archive, codec, envelope
 from solver.checkpointing.faults import CheckpointError
@@ -93,9 +92,7 @@ def test_a_run_with_compressed_checkpoints_resumes_and_ends_as_the_uninterrupted
     ckpt = torch.load(trained.folder / 'checkpoint.th', weights_only=True)
     assert codec.is_compressed(ckpt)  # written compressed, by the async writer (the default)
     xp = copy_xp(trained, tmp_path / 'copy')
-    shutil.copyfile(xp.folder / 'checkpoint_1.th', xp.folder / 'checkpoint.th')
-    for epoch in (2, 3):
-        (xp.folder / f'checkpoint_{epoch}.th').unlink()
+    back_to_epoch_1(xp.folder)
     code, output = run_dora(xp.dora_dir, 'run', *COMPRESSED)
     assert code == 0, output
     assert f"Resumed from {xp.folder / 'checkpoint.th'} (epoch 1," in output

@@ -22,6 +22,7 @@ from helpers import (
     REGRESSION,
     SOLVER,
     BackgroundRun,
+    back_to_epoch_1,
     copy_xp,
     history,
     last_lines,
@@ -75,9 +76,7 @@ def test_rerun_of_a_finished_experiment_changes_nothing(dora_tools, trained, tmp
 def resumed(dora_tools, trained, tmp_path_factory) -> SimpleNamespace:
     """The trained experiment cut back to its epoch-1 checkpoint, then rerun."""
     xp = copy_xp(trained, tmp_path_factory.mktemp('resumed'))
-    shutil.copyfile(xp.folder / 'checkpoint_1.th', xp.folder / 'checkpoint.th')
-    for epoch in (2, 3):
-        (xp.folder / f'checkpoint_{epoch}.th').unlink()
+    back_to_epoch_1(xp.folder)
     xp.code, xp.output = dora_tools.run(xp.dora_dir, 'run', *TRAINED)
     return xp
 

@@ -3,11 +3,9 @@ that resumes mid-schedule ending exactly where the uninterrupted one did."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from helpers import REGRESSION, assert_same_run, copy_xp, history, run_dora, run_xp, without_durations
+from helpers import REGRESSION, assert_same_run, back_to_epoch_1, copy_xp, history, run_dora, run_xp, without_durations
 from omegaconf import OmegaConf
 
 from solver import builders
@@ -81,9 +79,7 @@ def test_the_schedule_changes_the_training(scheduled, tmp_path):
 @pytest.mark.integration
 def test_a_run_resumed_mid_schedule_ends_as_the_uninterrupted_run(scheduled, tmp_path):
     xp = copy_xp(scheduled, tmp_path)
-    shutil.copyfile(xp.folder / 'checkpoint_1.th', xp.folder / 'checkpoint.th')
-    for epoch in (2, 3):
-        (xp.folder / f'checkpoint_{epoch}.th').unlink()
+    back_to_epoch_1(xp.folder)
     code, output = run_dora(xp.dora_dir, 'run', *COSINE)
     assert code == 0, output
     assert f"Resumed from {xp.folder / 'checkpoint.th'} (epoch 1," in output
