@@ -149,7 +149,8 @@ def get_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig | No
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if name == 'step':
         return torch.optim.lr_scheduler.StepLR(optimizer, schedule.step_size, schedule.get('gamma', 0.1))
-    raise ConfigError(f"schedule.lr_scheduler={name!r} is unknown; use null, cosine or step.")
+    raise ConfigError(f"schedule.lr_scheduler={name!r} is unknown; use null or one of "
+                      f"{', '.join(validation.SCHEDULERS)}.")
 
 
 def get_train_loader(dataset: Dataset, cfg: DictConfig, seed: int,
